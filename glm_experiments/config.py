@@ -28,8 +28,8 @@ class TinyModelConfig:
     intermediate_size: int = 344
     vocab_size: int = 2500  # BPE pieces learned from the demo corpus (specials added on top)
     max_position_embeddings: int = 512
-    pretrain_steps: int = 400
-    pretrain_batch_size: int = 32
+    pretrain_steps: int = 200
+    pretrain_batch_size: int = 16
     pretrain_lr: float = 3e-3
     pretrain_seq_len: int = 96
 

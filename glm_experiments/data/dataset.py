@@ -1,0 +1,131 @@
+"""Samples -> token ids, labels and prompts; cached by fingerprint; the training collator."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset, load_from_disk
+
+from glm_experiments.data.formats import DataError, Sample, load_samples
+from glm_experiments.data.templates import IGNORE_INDEX, truncate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SplitStats:
+    records: int = 0
+    skipped: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    tokens_dropped: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_data_path(path: str) -> Path:
+    """Relative paths are tried against the working directory, then the project root (shipped demo sets)."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        resolved = candidate
+    else:
+        resolved = PROJECT_ROOT / candidate
+    if not resolved.is_file():
+        raise DataError(f"data file not found: {path} (looked in {Path.cwd()} and {PROJECT_ROOT})")
+    return resolved.resolve()
+
+
+def tokenize_samples(samples: list[Sample], tokenizer, template, data_cfg) -> tuple[dict[str, list], SplitStats]:
+    stats = SplitStats(records=len(samples))
+    columns: dict[str, list] = {"input_ids": [], "labels": []}
+    for sample in samples:
+        encoded = template.encode(tokenizer, sample.messages)
+        ids, labels, was_truncated = truncate(encoded, data_cfg.max_source_length, data_cfg.max_target_length)
+        stats.truncated += was_truncated
+        stats.tokens += len(ids)
+        stats.tokens_dropped += len(encoded.input_ids) - len(ids)
+        columns["input_ids"].append(ids)
+        columns["labels"].append(labels)
+    return columns, stats
+
+
+def fingerprint(path: Path, tokenizer, template, data_cfg) -> str:
+    digest = hashlib.sha256(path.read_bytes())
+    settings = {
+        "template": template.name,
+        "format": data_cfg.format,
+        "columns": [data_cfg.prompt_column, data_cfg.response_column, data_cfg.history_column],
+        "lengths": [data_cfg.max_source_length, data_cfg.max_target_length],
+        "on_error": data_cfg.on_error,
+        "version": 1,
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(tokenizer.backend_tokenizer.to_str().encode() if tokenizer.is_fast else str(tokenizer.get_vocab()).encode())
+    return digest.hexdigest()[:16]
+
+
+def load_split(path: str, tokenizer, template, data_cfg, cache_dir: Path) -> tuple[Dataset, list[Sample], SplitStats]:
+    """Read, validate and tokenise one file; the tokenised table is cached so a sweep tokenises once."""
+    resolved = resolve_data_path(path)
+    samples, report = load_samples(resolved, data_cfg)
+    key = fingerprint(resolved, tokenizer, template, data_cfg)
+    cached = cache_dir / f"{resolved.stem}-{key}"
+    stats_file = cached / "glm_stats.json"
+    if stats_file.exists():
+        dataset = load_from_disk(str(cached))
+        stats = SplitStats(**json.loads(stats_file.read_text()))
+    else:
+        columns, stats = tokenize_samples(samples, tokenizer, template, data_cfg)
+        dataset = Dataset.from_dict(columns)
+        dataset.save_to_disk(str(cached))
+        stats_file.write_text(json.dumps(stats.__dict__))
+    stats.skipped, stats.errors = report.skipped, list(report.errors)
+    return dataset, samples, stats
+
+
+class CausalCollator:
+    """Pads a batch to its own longest sample (not to max length): the padding waste the seeds pay is avoided."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id, self.multiple = pad_token_id, pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.multiple:
+            longest = -(-longest // self.multiple) * self.multiple
+        input_ids, labels, mask = [], [], []
+        for f in features:
+            pad = longest - len(f["input_ids"])
+            input_ids.append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+            mask.append([1] * len(f["input_ids"]) + [0] * pad)
+        return {
+            "input_ids": torch.tensor(input_ids),
+            "labels": torch.tensor(labels),
+            "attention_mask": torch.tensor(mask),
+        }
+
+
+def eval_prompts(samples: list[Sample], tokenizer, template, data_cfg) -> tuple[list[list[int]], list[str], list[str]]:
+    """(prompt ids, prompt text, reference) per sample: the conversation up to its last reply is the prompt."""
+    prompts, inputs, references = [], [], []
+    for sample in samples:
+        *context, last = sample.messages
+        if last["role"] != "assistant":
+            continue
+        ids = template.prompt(tokenizer, context)
+        if len(ids) > data_cfg.max_source_length:
+            head = getattr(template, "prefix", lambda _t: [])(tokenizer)
+            keep = data_cfg.max_source_length - len(head)
+            ids = ids[: len(head)] + ids[len(ids) - keep :]
+        prompts.append(ids)
+        inputs.append(context[-1]["content"] if context else "")
+        references.append(last["content"])
+    return prompts, inputs, references

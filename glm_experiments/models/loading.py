@@ -1,0 +1,51 @@
+"""Build (model, tokenizer) for the chosen model config, whatever the family."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from glm_experiments.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise UserError(f"model.dtype={name!r}: expected one of auto, {', '.join(dtypes)}")
+    if name == "float16":
+        warnings.warn(
+            "model.dtype=float16: GLM-4 and P-Tuning v2 are known to produce NaN losses in fp16; prefer bfloat16",
+            stacklevel=2,
+        )
+    return dtypes[name]
+
+
+def load_model_and_tokenizer(model_cfg, quantization_config=None):
+    dtype = resolve_dtype(model_cfg.dtype)
+    family = model_cfg.family
+    if family == "tiny":
+        from glm_experiments.models.tiny import ensure_tiny_checkpoint
+
+        path = ensure_tiny_checkpoint(model_cfg.tiny)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    elif family in ("chatglm", "chatglm2", "chatglm3", "glm4", "hf"):
+        if not model_cfg.path or not Path(model_cfg.path).is_dir():
+            raise UserError(f"model={model_cfg.name} needs model.path=<checkpoint directory>; got {model_cfg.path!r}")
+        from glm_experiments.models.thudm import load_checkpoint
+
+        model, tokenizer = load_checkpoint(model_cfg.path, family, dtype)
+    else:
+        raise UserError(f"model.family={family!r}: expected tiny, chatglm, chatglm2, chatglm3, glm4 or hf")
+    tokenizer.padding_side = "left"  # batched generation
+    return model, tokenizer
