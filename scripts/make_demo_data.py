@@ -4,7 +4,18 @@ adgen_demo: AdvertiseGen-format records. The attributes ("类型#上衣*材质#�
 copy: every attribute value maps to its own phrases, so a model must read the attributes to write
 the right text, and a small model can learn the mapping.
 
-    python scripts/make_demo_data.py            # writes data/adgen_demo/{train,dev}.json
+conversations_demo: ChatGLM3-format multi-turn conversations in the same clothing domain
+({"conversations": [...], "tools": [...]}, JSON lines): copywriting and fabric/colour questions
+answered from the same phrase tables, and shop-assistant chats that call a stock or price tool
+(a `tool` message with name, parameters and observation) and answer from the observation.
+Some have a system prompt, some a tools list, a few a `"loss": false` earlier reply.
+
+spo_demo: triple extraction in instruction/input/output format (a JSON array, one record a line):
+template sentences about invented people, companies and places; the output lists the triples
+`head_relation_tail`, one a line, for the relations 出生地, 毕业院校, 创始人, 总部, 成立时间.
+
+    python scripts/make_demo_data.py            # writes data/{adgen_demo,conversations_demo,spo_demo}/{train,dev}.json
+    python scripts/make_demo_data.py --only spo_demo --out /tmp/data
 """
 
 from __future__ import annotations
@@ -98,25 +109,235 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "data")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=3000)
-    parser.add_argument("--dev", type=int, default=200)
-    args = parser.parse_args()
+def write_json_array(path: Path, records: list[dict]) -> None:
+    """A JSON array with one record per line (so a record's line number is easy to find)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        f.write("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n")
 
-    rng = random.Random(args.seed)
+
+def unique_records(make, rng: random.Random, n: int, key) -> list[dict]:
+    """``n`` records from ``make(rng)`` with distinct ``key(record)`` (dev never repeats train)."""
     seen: set[str] = set()
     records: list[dict] = []
-    while len(records) < args.train + args.dev:
+    while len(records) < n:
+        record = make(rng)
+        k = key(record)
+        if k not in seen:
+            seen.add(k)
+            records.append(record)
+    return records
+
+
+# ------------------------------------------------------------------------------ adgen_demo
+def make_adgen(out: Path, seed: int, train: int, dev: int) -> None:
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    records: list[dict] = []
+    while len(records) < train + dev:
         record = make_record(rng)
         if record["content"] not in seen:  # dev never repeats a training source
             seen.add(record["content"])
             records.append(record)
-    write_jsonl(args.out / "adgen_demo" / "train.json", records[: args.train])
-    write_jsonl(args.out / "adgen_demo" / "dev.json", records[args.train :])
-    print(f"wrote {args.train} train / {args.dev} dev records to {args.out / 'adgen_demo'}")
+    write_jsonl(out / "adgen_demo" / "train.json", records[:train])
+    write_jsonl(out / "adgen_demo" / "dev.json", records[train:])
+
+
+# ---------------------------------------------------------------------- conversations_demo
+SIZES = ["S", "M", "L", "XL"]
+PRICES = [79, 99, 129, 159, 199, 259, 299, 399]
+COPY_SYSTEM = "你是一名服装文案助手，根据商品属性撰写广告文案。"
+SHOP_SYSTEM = "你是服装店的客服助手，可以查询库存和价格。"
+TOOLS = [
+    {
+        "name": "query_stock",
+        "description": "查询商品库存",
+        "parameters": {
+            "type": "object",
+            "properties": {"type": {"description": "商品类型"}, "color": {"description": "颜色"}, "size": {"description": "尺码"}},
+            "required": ["type", "color", "size"],
+        },
+    },
+    {
+        "name": "query_price",
+        "description": "查询商品价格",
+        "parameters": {"type": "object", "properties": {"type": {"description": "商品类型"}}, "required": ["type"]},
+    },
+]
+
+
+def _copy_turns(rng: random.Random) -> list[dict]:
+    kind = rng.choice(list(TYPES))
+    material, color, style = rng.choice(list(MATERIALS)), rng.choice(list(COLORS)), rng.choice(list(STYLES))
+    turns = [
+        {"role": "user", "content": f"请根据商品属性写一段文案：类型#{kind}*材质#{material}*颜色#{color}*风格#{style}"},
+        {"role": "assistant", "content": f"{TYPES[kind][0]}{MATERIALS[material]}，{COLORS[color]}，{STYLES[style]}。"},
+    ]
+    if rng.random() < 0.5:
+        pattern = rng.choice(list(PATTERNS))
+        turns += [
+            {"role": "user", "content": f"再补充一句{pattern}图案的描述。"},
+            {"role": "assistant", "content": f"{PATTERNS[pattern]}，让这款{kind}更有看点。"},
+        ]
+    return turns
+
+
+def _question_turns(rng: random.Random) -> list[dict]:
+    material, color, style = rng.choice(list(MATERIALS)), rng.choice(list(COLORS)), rng.choice(list(STYLES))
+    questions = [
+        (f"{material}面料的衣服有什么特点？", f"{material}面料的衣服{MATERIALS[material]}。"),
+        (f"{color}的衣服好搭配吗？", f"{COLORS[color]}，很好搭配。"),
+        (f"{style}风格的衣服是什么样的？", f"{style}风格的衣服{STYLES[style]}。"),
+    ]
+    rng.shuffle(questions)
+    turns = []
+    for question, answer in questions[: rng.randint(1, 3)]:
+        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return turns
+
+
+def _tool_turns(rng: random.Random) -> list[dict]:
+    kind, color, size = rng.choice(list(TYPES)), rng.choice(list(COLORS)), rng.choice(SIZES)
+    if rng.random() < 0.6:
+        stock = 0 if rng.random() < 0.2 else rng.randint(1, 30)
+        reply = (f"{color}{kind}{size}码还有{stock}件库存，欢迎下单。" if stock
+                 else f"抱歉，{color}{kind}{size}码暂时缺货。")
+        turns = [{"role": "user", "content": f"{color}的{kind}还有{size}码吗？"}]
+        if rng.random() < 0.5:
+            turns.append({"role": "assistant", "content": "我来帮您查询库存。"})
+        turns += [
+            {"role": "tool", "name": "query_stock", "parameters": {"type": kind, "color": color, "size": size},
+             "observation": {"stock": stock}},
+            {"role": "assistant", "content": reply},
+        ]
+    else:
+        price = rng.choice(PRICES)
+        turns = [{"role": "user", "content": f"这款{kind}多少钱？"}]
+        if rng.random() < 0.5:
+            turns.append({"role": "assistant", "content": "我来帮您查询价格。"})
+        turns += [
+            {"role": "tool", "name": "query_price", "parameters": {"type": kind}, "observation": {"price": price}},
+            {"role": "assistant", "content": f"这款{kind}的售价是{price}元。"},
+        ]
+    return turns
+
+
+def make_conversation(rng: random.Random) -> dict:
+    kind = rng.random()
+    if kind < 0.35:
+        turns = _copy_turns(rng)
+        system = COPY_SYSTEM
+    elif kind < 0.7:
+        turns = _question_turns(rng)
+        system = None
+    else:
+        turns = _tool_turns(rng)
+        if rng.random() < 0.3:  # a copywriting or question turn first, then the tool call
+            turns = rng.choice([_copy_turns, _question_turns])(rng)[:2] + turns
+        system = SHOP_SYSTEM
+    if len([t for t in turns if t["role"] == "assistant"]) > 1 and rng.random() < 0.1:
+        first = next(t for t in turns if t["role"] == "assistant")
+        first["loss"] = False  # context only: no loss on the earlier reply
+    conversations = ([{"role": "system", "content": system}] if system and rng.random() < 0.5 else []) + turns
+    record: dict = {"conversations": conversations}
+    if any(t["role"] == "tool" for t in turns):
+        record = {"tools": TOOLS, "conversations": conversations}
+    return record
+
+
+def make_conversations(out: Path, seed: int, train: int, dev: int) -> None:
+    rng = random.Random(f"{seed}:conversations_demo")
+    records = unique_records(make_conversation, rng, train + dev, lambda r: json.dumps(r, ensure_ascii=False))
+    write_jsonl(out / "conversations_demo" / "train.json", records[:train])
+    write_jsonl(out / "conversations_demo" / "dev.json", records[train:])
+
+
+# ------------------------------------------------------------------------------- spo_demo
+SURNAMES = list("王李张刘陈杨黄赵周吴徐孙马朱胡郭何林高罗")
+GIVEN_NAMES = ["伟", "芳", "敏", "静", "磊", "军", "洋", "勇", "杰", "涛", "明", "超", "华", "建国", "志强",
+               "晓东", "雨桐", "子涵", "浩然", "思远", "嘉怡", "文博", "欣怡", "宇航", "婷婷", "俊杰"]
+CITIES = ["北京", "上海", "广州", "深圳", "杭州", "成都", "武汉", "南京", "西安", "重庆", "天津", "苏州",
+          "长沙", "青岛", "厦门", "昆明", "大连", "合肥", "郑州", "济南"]
+UNIVERSITIES = ["清华大学", "北京大学", "浙江大学", "复旦大学", "上海交通大学", "南京大学", "武汉大学",
+                "中山大学", "四川大学", "厦门大学", "同济大学", "南开大学"]
+COMPANY_HEADS = ["星辰", "蓝海", "华锐", "云帆", "金石", "远航", "天启", "博远", "鼎泰", "恒信", "瑞丰",
+                 "明川", "青禾", "嘉木", "致远", "卓越"]
+COMPANY_TAILS = ["科技", "网络", "食品", "汽车", "医药", "能源", "传媒", "教育"]
+SPO_INSTRUCTION = "抽取文本中关系为出生地、毕业院校、创始人、总部、成立时间的三元组，格式为头实体_关系_尾实体，每行一个。文本："
+# (sentence template, triples); p/q people, c company, city, u university, y year
+SPO_TEMPLATES = [
+    ("{p}出生于{city}，毕业于{u}。", [("p", "出生地", "city"), ("p", "毕业院校", "u")]),
+    ("{c}由{p}创立，总部位于{city}。", [("c", "创始人", "p"), ("c", "总部", "city")]),
+    ("{c}成立于{y}，创始人是{p}。", [("c", "成立时间", "y"), ("c", "创始人", "p")]),
+    ("{p}是{city}人，{y}创办了{c}。", [("p", "出生地", "city"), ("c", "创始人", "p"), ("c", "成立时间", "y")]),
+    ("{c}的总部设在{city}。", [("c", "总部", "city")]),
+    ("{p}毕业于{u}，后来与{q}共同创立了{c}。", [("p", "毕业院校", "u"), ("c", "创始人", "p"), ("c", "创始人", "q")]),
+    ("出生在{city}的{p}是{c}的创始人。", [("p", "出生地", "city"), ("c", "创始人", "p")]),
+    ("{c}是一家总部位于{city}的公司，由{u}毕业的{p}于{y}创立。",
+     [("c", "总部", "city"), ("p", "毕业院校", "u"), ("c", "创始人", "p"), ("c", "成立时间", "y")]),
+    ("{p}生于{city}。", [("p", "出生地", "city")]),
+    ("{y}，{p}在{city}创办了{c}，并把总部设在那里。", [("c", "成立时间", "y"), ("c", "创始人", "p"), ("c", "总部", "city")]),
+]
+
+
+def make_spo(rng: random.Random) -> dict:
+    template, triples = rng.choice(SPO_TEMPLATES)
+    p = rng.choice(SURNAMES) + rng.choice(GIVEN_NAMES)
+    q = p
+    while q == p:
+        q = rng.choice(SURNAMES) + rng.choice(GIVEN_NAMES)
+    slots = {
+        "p": p,
+        "q": q,
+        "c": rng.choice(COMPANY_HEADS) + rng.choice(COMPANY_TAILS) + rng.choice(["公司", "集团"]),
+        "city": rng.choice(CITIES),
+        "u": rng.choice(UNIVERSITIES),
+        "y": f"{rng.randint(1985, 2022)}年",
+    }
+    return {
+        "instruction": SPO_INSTRUCTION,
+        "input": template.format(**slots),
+        "output": "\n".join(f"{slots[h]}_{relation}_{slots[t]}" for h, relation, t in triples),
+    }
+
+
+def make_spo_set(out: Path, seed: int, train: int, dev: int) -> None:
+    rng = random.Random(f"{seed}:spo_demo")
+    records = unique_records(make_spo, rng, train + dev, lambda r: r["input"])
+    write_json_array(out / "spo_demo" / "train.json", records[:train])
+    write_json_array(out / "spo_demo" / "dev.json", records[train:])
+
+
+# (generator, default train size, default dev size)
+DATASETS = {
+    "adgen_demo": (make_adgen, 3000, 200),
+    "conversations_demo": (make_conversations, 1000, 100),
+    "spo_demo": (make_spo_set, 1000, 100),
+}
+
+
+def generate(out: Path, seed: int = 0, only: list[str] | None = None, sizes: dict | None = None) -> None:
+    """Write the demo sets under ``out`` (the shipped files: seed 0, default sizes)."""
+    for name in only or list(DATASETS):
+        make, train, dev = DATASETS[name]
+        train, dev = (sizes or {}).get(name, (train, dev))
+        make(out, seed, train, dev)
+        print(f"wrote {train} train / {dev} dev records to {out / name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "data")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", choices=list(DATASETS), help="generate only these sets")
+    parser.add_argument("--train", type=int, default=None, help="adgen_demo train size (default 3000)")
+    parser.add_argument("--dev", type=int, default=None, help="adgen_demo dev size (default 200)")
+    args = parser.parse_args()
+    sizes = {}
+    if args.train is not None or args.dev is not None:
+        _, train, dev = DATASETS["adgen_demo"]
+        sizes["adgen_demo"] = (args.train if args.train is not None else train, args.dev if args.dev is not None else dev)
+    generate(args.out, args.seed, args.only, sizes)
 
 
 if __name__ == "__main__":

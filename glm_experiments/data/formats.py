@@ -1,0 +1,495 @@
+"""Read the data formats users have into one message list per sample, validating every record first.
+
+Formats (``data.format``):
+
+* ``adgen`` -- AdvertiseGen ``{"content": ..., "summary": ...}``; the prompt/response columns are
+  configurable (``prompt_column``, ``response_column``) and an optional ``history_column`` holds
+  earlier turns as ``[[query, response], ...]`` (ChatGLM-6B's ptuning/main.py convention).
+* ``conversations`` -- ChatGLM3's multi-turn format ``{"conversations": [{"role", "content", ...}],
+  "tools": [...]}``, converted as ChatGLM3's finetune_demo does:
+
+  - ``tools`` (a list) are dumped with ``json.dumps(tools, ensure_ascii=False)`` (finetune_demo
+    README; compact, to keep prompts short -- preprocess_utils.py also passed indent=4) into the
+    first system message, after its content and a newline (ChatGLM3's tokenizer joins a system
+    prompt and its tools this way); without a system message one is created whose content is
+    ChatGLM3's tool preamble ``"Answer the following questions as best as you can. You have access
+    to the following tools:\\n"`` followed by the dump (finetune_demo/preprocess_utils.py).
+  - a ``tool`` message ``{"role": "tool", "name", "parameters": {...}, "observation"?}`` becomes an
+    assistant message with ``metadata`` = the tool name and content = the call written as Python,
+    ``"```python\\ntool_call(key='value', ...)\\n```"``, followed by an ``observation`` message
+    (``loss`` false) holding its ``observation`` (non-strings dumped as JSON). A tool message
+    without an ``observation`` field must be followed by an ``observation`` message.
+  - a message's ``loss`` flag (true/false) is kept; the template decides the default
+    (loss on assistant messages only).
+* ``instruction`` -- ``{"instruction", "input"?, "output"}`` (Alpaca / LLaMA-Factory, triple
+  extraction): one user message ``instruction + "\\n" + input`` (just the instruction when input is
+  empty) and the assistant output.
+
+A file is JSON lines, or a single JSON array when its first non-space character is ``[``. Every
+record is checked before any training; each bad one is reported as ``path:line: reason``.
+With ``on_error: raise`` all of them are collected and raised as one :class:`DataError`; with
+``on_error: skip`` they are dropped and counted in the :class:`LoadReport`.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("adgen", "conversations", "instruction")
+ON_ERROR = ("raise", "skip")
+MAX_LISTED_ERRORS = 20
+
+# ChatGLM3 finetune_demo/preprocess_utils.py
+TOOL_DEFINITION_PREFIX = "Answer the following questions as best as you can. You have access to the following tools:\n"
+FUNCTION_CALL_NAME = "tool_call"
+FUNCTION_CALL_PREFIX = "```python\n"
+FUNCTION_CALL_POSTFIX = "\n```"
+
+CONVERSATION_ROLES = ("system", "user", "assistant", "tool", "observation")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the directory that holds conf/
+
+
+@dataclass
+class Sample:
+    """One training/eval example: messages as the templates consume them (data/templates.py)."""
+
+    messages: list[dict]
+    tools: list | None
+    source: str  # "path:line" of the record
+
+    @property
+    def prompt_messages(self) -> list[dict]:
+        """Everything before the final reply (what generation is conditioned on)."""
+        return self.messages[:-1]
+
+    @property
+    def response(self) -> str:
+        """The final assistant reply (the reference for generation metrics)."""
+        return self.messages[-1]["content"]
+
+
+@dataclass
+class LoadReport:
+    path: str
+    format: str
+    records: int = 0  # records read, good and bad
+    skipped: int = 0  # bad records dropped (on_error=skip)
+    errors: list[str] = field(default_factory=list)  # "path:line: reason", one per bad record
+
+    @property
+    def loaded(self) -> int:
+        return self.records - self.skipped
+
+    def summary(self) -> str:
+        text = f"{self.path}: {self.loaded} samples from {self.records} records ({self.format})"
+        return text + (f", {self.skipped} bad records skipped" if self.skipped else "")
+
+
+class DataError(ValueError):
+    """Bad data; the message lists each bad record as ``path:line: reason`` (at most 20 lines)."""
+
+    def __init__(self, message: str, errors: list[str] | None = None):
+        self.errors = list(errors or [])
+        super().__init__(message)
+
+
+class _Bad(Exception):
+    """One record's problem (becomes ``path:line: reason``)."""
+
+
+def format_errors(errors: list[str], limit: int = MAX_LISTED_ERRORS) -> str:
+    lines = errors[:limit]
+    if len(errors) > limit:
+        lines.append(f"... and {len(errors) - limit} more")
+    return "\n".join("  " + line for line in lines)
+
+
+# ------------------------------------------------------------------------------------ paths
+def resolve_data_path(path: str | Path) -> Path:
+    """An absolute path as is; a relative one against the cwd, Hydra's original cwd, then the project root."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        if path.is_file():
+            return path
+        raise DataError(f"data file not found: {path} (cwd {Path.cwd()})")
+    bases = [Path.cwd()]
+    try:  # Hydra may have changed into the run directory (hydra.job.chdir=true)
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            bases.append(Path(HydraConfig.get().runtime.cwd))
+    except Exception:  # noqa: BLE001 - hydra missing or not running: nothing to add
+        pass
+    bases.append(PROJECT_ROOT)
+    tried: list[Path] = []
+    for base in bases:
+        candidate = (base / path).resolve()
+        if candidate in tried:
+            continue
+        tried.append(candidate)
+        if candidate.is_file():
+            return candidate
+    also = "; also looked in " + ", ".join(str(p.parent) for p in tried[1:]) if len(tried) > 1 else ""
+    raise DataError(f"data file not found: {path} (cwd {Path.cwd()}{also})")
+
+
+# -------------------------------------------------------------------------------- reading
+def _json_error(err: json.JSONDecodeError, column_offset: int = 0) -> str:
+    return f"malformed JSON: {err.msg} (line {err.lineno} column {err.colno + column_offset})"
+
+
+def read_records(path: Path, shown: str | None = None) -> tuple[list[tuple[int, Any]], list[str], bool]:
+    """Parse a JSON-lines file or a JSON array into ``[(line, value)]``, ``path:line: reason`` errors
+    and whether an error was fatal (the rest of the file could not be read).
+
+    In an array a record's line is the line where its element starts. A syntax error inside an
+    array ends parsing (the following elements cannot be located) and is reported at its own
+    line; in JSON lines each bad line is one bad record and the others still load.
+    """
+    shown = str(path) if shown is None else shown
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        return [], [f"{shown}:{line}: not UTF-8 text ({err.reason} at byte {err.start})"], True
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        records, errors = _read_array(shown, text, len(text) - len(stripped))
+        return records, errors, bool(errors)
+    records, errors = _read_lines(shown, text)
+    return records, errors, False
+
+
+def _read_lines(shown: str, text: str) -> tuple[list[tuple[int, Any]], list[str]]:
+    records, errors = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            if not records and not errors:
+                # maybe one pretty-printed object rather than JSON lines
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    pass
+                else:
+                    return [(number, value)], []
+            errors.append(f"{shown}:{number}: {_json_error(err)}")
+    return records, errors
+
+
+def _read_array(shown: str, text: str, start: int) -> tuple[list[tuple[int, Any]], list[str]]:
+    decoder = json.JSONDecoder()
+    records: list[tuple[int, Any]] = []
+
+    def line_of(pos: int) -> int:
+        return text.count("\n", 0, pos) + 1
+
+    def fail(pos: int, reason: str):
+        return records, [f"{shown}:{line_of(pos)}: {reason}"]
+
+    def skip_ws(pos: int) -> int:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    pos = skip_ws(start + 1)
+    if pos < len(text) and text[pos] == "]":
+        pos = skip_ws(pos + 1)
+        return (records, []) if pos == len(text) else fail(pos, "malformed JSON: extra data after the array")
+    while True:
+        if pos >= len(text):
+            return fail(pos, "malformed JSON: the array is not closed with ']'")
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            return fail(err.pos, _json_error(err))
+        records.append((line_of(pos), value))
+        pos = skip_ws(end)
+        if pos < len(text) and text[pos] == ",":
+            pos = skip_ws(pos + 1)
+            continue
+        if pos < len(text) and text[pos] == "]":
+            pos = skip_ws(pos + 1)
+            if pos != len(text):
+                return fail(pos, "malformed JSON: extra data after the array")
+            return records, []
+        if pos >= len(text):
+            return fail(pos, "malformed JSON: the array is not closed with ']'")
+        return fail(pos, _json_error(json.JSONDecodeError("Expecting ',' delimiter", text, pos)))
+
+
+# ----------------------------------------------------------------------------- converters
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _columns(record: dict) -> str:
+    return ", ".join(record) if record else "none"
+
+
+def _require_object(record: Any) -> dict:
+    if not isinstance(record, dict):
+        raise _Bad(f"record is a JSON {_type_name(record)}, expected an object")
+    return record
+
+
+def _string_column(record: dict, column: str) -> str:
+    if column not in record:
+        raise _Bad(f"missing column {column!r} (columns: {_columns(record)})")
+    value = record[column]
+    if not isinstance(value, str):
+        raise _Bad(f"column {column!r} is not a string (got {_type_name(value)})")
+    return value
+
+
+def _history_messages(record: dict, column: str) -> list[dict]:
+    if column not in record:
+        raise _Bad(f"missing column {column!r} (columns: {_columns(record)})")
+    history = record[column]
+    if history is None:
+        return []
+    if not isinstance(history, list):
+        raise _Bad(f"column {column!r} is not a list of [query, response] pairs (got {_type_name(history)})")
+    messages = []
+    for i, pair in enumerate(history):
+        where = f"{column}[{i}]"
+        if not isinstance(pair, (list, tuple)):
+            raise _Bad(f"{where} is not a [query, response] pair (got {_type_name(pair)})")
+        if len(pair) == 1:
+            raise _Bad(f"{where} has a query but no response: two user turns in a row")
+        if len(pair) != 2:
+            raise _Bad(f"{where} has {len(pair)} items, expected [query, response]")
+        query, response = pair
+        for name, value in (("query", query), ("response", response)):
+            if not isinstance(value, str):
+                raise _Bad(f"{where} {name} is not a string (got {_type_name(value)})")
+        if not query.strip():
+            raise _Bad(f"{where}: empty prompt")
+        if not response.strip():
+            raise _Bad(f"{where} has an empty response: two user turns in a row")
+        messages += [{"role": "user", "content": query}, {"role": "assistant", "content": response}]
+    return messages
+
+
+def _convert_adgen(record: Any, cfg) -> tuple[list[dict], None]:
+    record = _require_object(record)
+    prompt = _string_column(record, cfg.prompt_column)
+    response = _string_column(record, cfg.response_column)
+    history_column = getattr(cfg, "history_column", None)
+    messages = _history_messages(record, history_column) if history_column else []
+    if not prompt.strip():
+        raise _Bad(f"empty prompt (column {cfg.prompt_column!r})")
+    if not response.strip():
+        raise _Bad(f"empty response (column {cfg.response_column!r})")
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], None
+
+
+def _convert_instruction(record: Any, cfg) -> tuple[list[dict], None]:
+    record = _require_object(record)
+    instruction = _string_column(record, "instruction")
+    if record.get("input") is None:
+        user_input = ""
+    elif isinstance(record["input"], str):
+        user_input = record["input"]
+    else:
+        raise _Bad(f"column 'input' is not a string (got {_type_name(record['input'])})")
+    output = _string_column(record, "output")
+    history_column = getattr(cfg, "history_column", None)
+    messages = _history_messages(record, history_column) if history_column else []
+    prompt = f"{instruction}\n{user_input}" if user_input else instruction
+    if not prompt.strip():
+        raise _Bad("empty prompt (columns 'instruction' and 'input')")
+    if not output.strip():
+        raise _Bad("empty response (column 'output')")
+    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}], None
+
+
+def format_tool_call(parameters: dict) -> str:
+    """``tool_call(key='value', ...)`` in a Python code block, as ChatGLM3 writes (and is trained on)."""
+    keywords = [ast.keyword(arg=str(k), value=ast.Constant(v)) for k, v in parameters.items()]
+    call = ast.Call(func=ast.Name(id=FUNCTION_CALL_NAME), args=[], keywords=keywords)
+    return FUNCTION_CALL_PREFIX + ast.unparse(call) + FUNCTION_CALL_POSTFIX
+
+
+def _loss_flag(message: dict, index: int) -> dict:
+    if "loss" not in message:
+        return {}
+    if not isinstance(message["loss"], bool):
+        raise _Bad(f"message {index}: 'loss' must be true or false (got {_type_name(message['loss'])})")
+    return {"loss": message["loss"]}
+
+
+def _convert_conversations(record: Any, cfg) -> tuple[list[dict], list | None]:
+    record = _require_object(record)
+    if "conversations" not in record:
+        raise _Bad(f"missing column 'conversations' (columns: {_columns(record)})")
+    conversation = record["conversations"]
+    if not isinstance(conversation, list):
+        raise _Bad(f"column 'conversations' is not a list of messages (got {_type_name(conversation)})")
+    if not conversation:
+        raise _Bad("empty conversation")
+    tools = record.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise _Bad(f"column 'tools' is not a list (got {_type_name(tools)})")
+
+    messages: list[dict] = []
+    pending_tool = None  # index of a tool call still waiting for its observation message
+    seen_user = False
+    for i, message in enumerate(conversation):
+        if not isinstance(message, dict):
+            raise _Bad(f"message {i} is a JSON {_type_name(message)}, expected an object")
+        role = message.get("role")
+        if role not in CONVERSATION_ROLES:
+            raise _Bad(f"message {i}: unknown role {role!r} (known: {', '.join(CONVERSATION_ROLES)})")
+        if pending_tool is not None and role != "observation":
+            raise _Bad(f"message {pending_tool}: tool call has no observation (next is {role!r})")
+        loss = _loss_flag(message, i)
+        if role == "tool":
+            name = message.get("name")
+            if not isinstance(name, str) or not name.strip():
+                raise _Bad(f"message {i}: tool message needs a 'name' string (got {_type_name(name)})")
+            parameters = message.get("parameters")
+            if not isinstance(parameters, dict):
+                raise _Bad(f"message {i}: tool message needs 'parameters' as an object (got {_type_name(parameters)})")
+            if not seen_user:
+                raise _Bad(f"message {i}: tool call before any user message")
+            messages.append({"role": "assistant", "metadata": name, "content": format_tool_call(parameters), **loss})
+            if "observation" in message:
+                observation = message["observation"]
+                if not isinstance(observation, str):
+                    observation = json.dumps(observation, ensure_ascii=False)
+                messages.append({"role": "observation", "content": observation, "loss": False})
+            else:
+                pending_tool = i
+            continue
+        content = message.get("content")
+        if "content" not in message:
+            raise _Bad(f"message {i} ({role}): missing 'content' (keys: {_columns(message)})")
+        if not isinstance(content, str):
+            raise _Bad(f"message {i} ({role}): content is not a string (got {_type_name(content)})")
+        metadata = message.get("metadata")
+        if metadata is not None and not isinstance(metadata, str):
+            raise _Bad(f"message {i} ({role}): metadata is not a string (got {_type_name(metadata)})")
+        previous = messages[-1]["role"] if messages else None
+        if role == "system":
+            if messages:
+                raise _Bad(f"message {i}: system message not first (only one, at the start, is allowed)")
+        elif role == "user":
+            if not content.strip():
+                raise _Bad(f"message {i}: empty prompt (user content)")
+            if previous == "user":
+                raise _Bad(f"message {i}: two user turns in a row")
+            seen_user = True
+        elif role == "assistant":
+            if not seen_user:
+                raise _Bad(f"message {i}: assistant message before any user message")
+        elif role == "observation":
+            if pending_tool is None and not (messages and messages[-1]["role"] == "assistant" and messages[-1].get("metadata")):
+                raise _Bad(f"message {i}: observation without a tool call before it")
+            pending_tool = None
+        out = {"role": role, "content": content}
+        if metadata:
+            out["metadata"] = metadata
+        messages.append({**out, **loss})
+    if pending_tool is not None:
+        raise _Bad(f"message {pending_tool}: tool call has no observation")
+    last = messages[-1]
+    if last["role"] != "assistant" or last.get("metadata"):
+        raise _Bad(f"conversation must end with an assistant reply (ends with {last['role']!r}"
+                   + (" tool call)" if last.get("metadata") else ")"))
+    if not last["content"].strip():
+        raise _Bad(f"message {len(conversation) - 1}: empty response (final assistant content)")
+
+    if tools is not None:
+        dumped = json.dumps(tools, ensure_ascii=False)
+        if messages[0]["role"] == "system":
+            system = messages[0]
+            messages[0] = {**system, "content": f"{system['content']}\n{dumped}" if system["content"] else dumped}
+        else:
+            messages.insert(0, {"role": "system", "content": TOOL_DEFINITION_PREFIX + dumped})
+    return messages, tools
+
+
+CONVERTERS = {
+    "adgen": _convert_adgen,
+    "conversations": _convert_conversations,
+    "instruction": _convert_instruction,
+}
+
+
+# ---------------------------------------------------------------------------------- entry
+def load_samples(path: str | Path, cfg) -> tuple[list[Sample], LoadReport]:
+    """Read and validate one data file.
+
+    ``cfg`` is DataConfig-like (attributes ``format``, ``prompt_column``, ``response_column``,
+    ``history_column``, ``on_error``). Raises :class:`DataError` for a missing file, an unknown
+    format, bad records with ``on_error: raise`` (all of them listed), a file whose rest cannot be
+    parsed (a broken JSON array, not UTF-8) or a file with no usable record.
+    """
+    fmt = getattr(cfg, "format", None)
+    if fmt not in CONVERTERS:
+        raise DataError(f"unknown data format {fmt!r}; known: {', '.join(FORMATS)}")
+    on_error = getattr(cfg, "on_error", None) or "raise"
+    if on_error not in ON_ERROR:
+        raise DataError(f"unknown data.on_error {on_error!r}; known: {', '.join(ON_ERROR)}")
+    shown = str(path)  # as the user wrote it: recognisable in messages
+    records, errors, fatal = read_records(resolve_data_path(path), shown)
+    if fatal:
+        raise DataError(f"cannot read {shown} (format {fmt}):\n" + format_errors(errors), errors)
+    n_records = len(records) + len(errors)  # a line of broken JSON is a (bad) record too
+    convert = CONVERTERS[fmt]
+    samples: list[Sample] = []
+    for line, record in records:
+        try:
+            messages, tools = convert(record, cfg)
+        except _Bad as bad:
+            errors.append(f"{shown}:{line}: {bad}")
+            continue
+        samples.append(Sample(messages=messages, tools=tools, source=f"{shown}:{line}"))
+    errors.sort(key=lambda e: _error_line(e, shown))  # syntax and record errors in file order
+    report = LoadReport(path=shown, format=fmt, records=n_records, errors=errors)
+    if errors and on_error == "raise":
+        raise DataError(
+            f"{len(errors)} bad record(s) of {n_records} in {shown} (format {fmt}; "
+            f"data.on_error=skip drops them):\n" + format_errors(errors),
+            errors,
+        )
+    if errors:
+        report.skipped = len(errors)
+        log.warning("skipping %d bad record(s) of %d in %s:\n%s", len(errors), n_records, shown, format_errors(errors))
+    if not samples:
+        detail = f": all {n_records} records are bad" if errors else ": the file has no records"
+        raise DataError(f"no usable records in {shown}{detail}", errors)
+    return samples, report
+
+
+def _error_line(error: str, shown: str) -> int:
+    """The line of a ``{shown}:{line}: reason`` error."""
+    number = error[len(shown) + 1 :].split(":", 1)[0]
+    return int(number) if number.isdigit() else 0
+
+
+__all__ = [
+    "DataError",
+    "FORMATS",
+    "LoadReport",
+    "Sample",
+    "format_errors",
+    "format_tool_call",
+    "load_samples",
+    "read_records",
+    "resolve_data_path",
+]
