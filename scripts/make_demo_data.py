@@ -148,21 +148,10 @@ SIZES = ["S", "M", "L", "XL"]
 PRICES = [79, 99, 129, 159, 199, 259, 299, 399]
 COPY_SYSTEM = "你是一名服装文案助手，根据商品属性撰写广告文案。"
 SHOP_SYSTEM = "你是服装店的客服助手，可以查询库存和价格。"
+# ChatGLM3 leaves the tool description format open; short ones keep the system prompt short
 TOOLS = [
-    {
-        "name": "query_stock",
-        "description": "查询商品库存",
-        "parameters": {
-            "type": "object",
-            "properties": {"type": {"description": "商品类型"}, "color": {"description": "颜色"}, "size": {"description": "尺码"}},
-            "required": ["type", "color", "size"],
-        },
-    },
-    {
-        "name": "query_price",
-        "description": "查询商品价格",
-        "parameters": {"type": "object", "properties": {"type": {"description": "商品类型"}}, "required": ["type"]},
-    },
+    {"name": "query_stock", "description": "查询商品库存", "parameters": {"type": "商品类型", "color": "颜色", "size": "尺码"}},
+    {"name": "query_price", "description": "查询商品价格", "parameters": {"type": "商品类型"}},
 ]
 
 
