@@ -141,8 +141,9 @@ def resolve_data_path(path: str | Path) -> Path:
 
 
 # -------------------------------------------------------------------------------- reading
-def _json_error(err: json.JSONDecodeError, column_offset: int = 0) -> str:
-    return f"malformed JSON: {err.msg} (line {err.lineno} column {err.colno + column_offset})"
+def _json_error(err: json.JSONDecodeError) -> str:
+    # reported at the line of the error, so only the column is added
+    return f"malformed JSON: {err.msg} (column {err.colno})"
 
 
 def read_records(path: Path, shown: str | None = None) -> tuple[list[tuple[int, Any]], list[str], bool]:
