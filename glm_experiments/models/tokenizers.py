@@ -1,0 +1,362 @@
+"""Fast (``tokenizers``-backed) tokenizers for the ChatGLM families, built from THUDM's tokenizer files.
+
+No ``trust_remote_code``: the original SentencePiece / tiktoken files are converted into a
+``PreTrainedTokenizerFast`` whose ``encode(text, add_special_tokens=False)`` gives the same ids as the
+original tokenizer, and whose special tokens carry the names and ids of the originals:
+
+* ChatGLM2-6B / ChatGLM3-6B (``tokenizer.model``, SentencePiece): the pieces keep their ids; appended after
+  them, at ``sp_size + k``: [MASK], [gMASK], [sMASK], sop, eop, <|system|>, <|user|>, <|assistant|>,
+  <|observation|> (real model: sp_size = 64789). unk/pad = 0 ("<unk>"), bos = 1 ("<s>"), eos = 2 ("</s>").
+  "sop"/"eop" are plain vocabulary entries (not matched inside text: "isopropyl" must stay text); the
+  bracketed ones are special tokens.
+* ChatGLM-6B (``ice_text.model``, SentencePiece): the specials are pieces of the SentencePiece model itself,
+  so, exactly as the original ``tokenization_chatglm.py`` does (``sp.PieceToId``), their ids are looked up in
+  the model (real model: [MASK] 130000, [gMASK] 130001, <sop> 130004, <eop> 130005, <pad> 3). The original's
+  text preprocessing is reproduced by the normalizer: "\\n" -> "<n>", "\\t" -> "<|tab|>", runs of 80..2
+  spaces -> "<|blank_N|>" (longest first), and reversed by the decoder.
+* GLM-4 (``tokenizer.model``, tiktoken: ``base64(token) rank`` per line): byte-level BPE with GLM-4's split
+  regex; specials appended after the ranks in GLM-4's order (real: <|endoftext|> 151329, [gMASK] 151331,
+  <sop> 151333, <|system|> 151335, <|user|> 151336, <|assistant|> 151337, <|observation|> 151338).
+
+``add_special_tokens=True`` adds the family's prefix/suffix like the originals did
+(v2/v3: ``[gMASK] sop`` + text; GLM-4: ``[gMASK] <sop>`` + text; v1: text + ``[gMASK] <sop>``).
+Padding side is "left", as in all the originals.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+# SentencePiece ModelProto.SentencePiece.Type
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+
+CHATGLM2_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+# tokens that would be matched inside ordinary text if they were added tokens: keep them vocabulary-only
+_BARE_WORD_SPECIALS = {"sop", "eop"}
+
+CHATGLM_V1_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
+CHATGLM_V1_MAX_BLANK = 80
+
+GLM4_SPECIALS = [
+    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
+    "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
+]  # fmt: skip
+GLM4_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# the score given to vocabulary entries a Unigram lattice must never choose (control, byte, appended specials)
+_NEVER = -1e6
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used for the requested family."""
+
+
+# ----------------------------------------------------------------------------------------------- detection
+
+
+def tokenizer_file_kind(path: str | os.PathLike) -> str:
+    """"sentencepiece" (a ModelProto) or "tiktoken" (base64 + rank lines) for a ``tokenizer.model`` file."""
+    path = Path(path)
+    with path.open("rb") as f:
+        head = f.read(4096)
+    first = head.split(b"\n", 1)[0].strip()
+    parts = first.split()
+    if len(parts) == 2 and parts[1].isdigit():
+        try:
+            base64.b64decode(parts[0], validate=True)
+            return "tiktoken"
+        except ValueError:
+            pass
+    proto = _load_sp_proto(path, strict=False)
+    if proto is not None and len(proto.pieces) > 0:
+        return "sentencepiece"
+    raise TokenizerError(f"{path}: neither a SentencePiece model nor a tiktoken rank file")
+
+
+def _load_sp_proto(path: Path, strict: bool = True):
+    from sentencepiece import sentencepiece_model_pb2 as pb2
+
+    proto = pb2.ModelProto()
+    try:
+        proto.ParseFromString(Path(path).read_bytes())
+    except Exception as err:  # protobuf raises DecodeError (not exported consistently)
+        if strict:
+            raise TokenizerError(f"{path}: not a SentencePiece model ({err})") from None
+        return None
+    return proto
+
+
+# ----------------------------------------------------------------------------------------------- SentencePiece
+
+
+def _bpe_merges(pieces) -> list[tuple[str, str]]:
+    """Merges for a SentencePiece BPE model: a pair merges when its concatenation is a normal piece, the
+    higher the piece's score the earlier (what SentencePiece's encoder does)."""
+    normal = {p.piece: (p.score, i) for i, p in enumerate(pieces) if p.type == _NORMAL}
+    merges = []
+    for piece, (score, idx) in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                merges.append((-score, idx, normal[left][1], normal[right][1], left, right))
+    merges.sort()
+    return [(m[4], m[5]) for m in merges]
+
+
+def _sp_backend(
+    proto,
+    appended: list[str] = (),
+    replacements: list[tuple[str, str]] = (),
+    atomic: list[str] = (),
+) -> Tokenizer:
+    """A ``tokenizers.Tokenizer`` reproducing ``SentencePieceProcessor.encode`` of ``proto``.
+
+    ``appended``: vocabulary entries added after the pieces (ids ``len(pieces) + k``), never produced from text.
+    ``replacements``: literal text replacements applied before SentencePiece sees the text (ChatGLM-6B's "<n>").
+    ``atomic``: pieces that must stay whole (besides the model's user-defined pieces).
+    """
+    pieces = list(proto.pieces)
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    byte_fallback = bool(trainer.byte_fallback)
+    user_defined = [p.piece for p in pieces if p.type == _USER_DEFINED]
+    atomic = list(dict.fromkeys(list(user_defined) + [a for a in atomic if a]))
+
+    if trainer.model_type == 2:  # BPE
+        vocab = {p.piece: i for i, p in enumerate(pieces)}
+        for k, token in enumerate(appended):
+            vocab.setdefault(token, len(pieces) + k)
+        model = models.BPE(
+            vocab=vocab,
+            merges=_bpe_merges(pieces),
+            unk_token=pieces[trainer.unk_id].piece,
+            fuse_unk=True,
+            byte_fallback=byte_fallback,
+            ignore_merges=bool(atomic),  # a whole atomic piece is looked up directly
+        )
+    elif trainer.model_type == 1:  # Unigram
+        vocab = [
+            (p.piece, p.score if p.type in (_NORMAL, _USER_DEFINED) else (0.0 if p.type == _UNKNOWN else _NEVER))
+            for p in pieces
+        ]
+        vocab += [(token, _NEVER) for token in appended]
+        model = models.Unigram(vocab, unk_id=trainer.unk_id, byte_fallback=byte_fallback)
+    else:
+        raise TokenizerError(f"SentencePiece model type {trainer.model_type} is not supported (BPE and Unigram are)")
+    tok = Tokenizer(model)
+
+    # normalizer: SentencePiece's own steps, in its order
+    steps = []
+    if norm.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
+    if norm.remove_extra_whitespaces:
+        steps += [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    steps += [normalizers.Replace(src, dst) for src, dst in replacements]
+    if norm.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", "▁"))
+    if norm.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+
+    if atomic:  # user-defined pieces are never split or merged with their neighbours
+        pattern = "|".join(_regex_escape(a) for a in sorted(atomic, key=len, reverse=True))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+
+    dec = [decoders.Replace("▁", " ")]
+    if byte_fallback:
+        dec.append(decoders.ByteFallback())
+    dec.append(decoders.Fuse())
+    if norm.add_dummy_prefix:
+        dec.append(decoders.Strip(" ", 1, 0))
+    dec += [decoders.Replace(dst, src) for src, dst in replacements]
+    tok.decoder = decoders.Sequence(dec)
+    return tok
+
+
+def _regex_escape(text: str) -> str:
+    return "".join("\\" + c if c in r".^$*+?()[]{}|\/" else c for c in text)
+
+
+def _wrap(tok: Tokenizer, **kwargs) -> PreTrainedTokenizerFast:
+    kwargs.setdefault("padding_side", "left")
+    kwargs.setdefault("clean_up_tokenization_spaces", False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+
+
+def chatglm2_tokenizer(model_file: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """ChatGLM2-6B / ChatGLM3-6B tokenizer from the SentencePiece ``tokenizer.model``."""
+    proto = _load_sp_proto(Path(model_file))
+    sp_size = len(proto.pieces)
+    tok = _sp_backend(proto, appended=CHATGLM2_SPECIALS)
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in CHATGLM2_SPECIALS if t not in _BARE_WORD_SPECIALS]
+    )
+    ids = {t: sp_size + k for k, t in enumerate(CHATGLM2_SPECIALS)}
+    for t, i in ids.items():
+        if tok.token_to_id(t) != i:
+            raise TokenizerError(f"{model_file}: special token {t!r} would get id {tok.token_to_id(t)}, expected {i}")
+    gmask, sop = ("[gMASK]", ids["[gMASK]"]), ("sop", ids["sop"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[gMASK] sop $A", pair="[gMASK] sop $A $B", special_tokens=[gmask, sop]
+    )
+    piece = {i: p.piece for i, p in enumerate(proto.pieces)}
+    t = proto.trainer_spec
+    return _wrap(
+        tok,
+        unk_token=piece.get(t.unk_id, "<unk>"),
+        bos_token=piece.get(t.bos_id, "<s>") if t.bos_id >= 0 else None,
+        eos_token=piece.get(t.eos_id, "</s>") if t.eos_id >= 0 else None,
+        pad_token=piece.get(t.unk_id, "<unk>"),  # ChatGLM2/3 pad with id 0
+        mask_token="[MASK]",
+    )
+
+
+def chatglm_v1_tokenizer(model_file: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """ChatGLM-6B tokenizer from ``ice_text.model`` (specials are pieces of the model itself)."""
+    proto = _load_sp_proto(Path(model_file))
+    index = {p.piece: i for i, p in enumerate(proto.pieces)}
+    missing = [t for t in ["[MASK]", "[gMASK]", "<sop>", "<eop>", "<n>"] if t not in index]
+    if missing:
+        raise TokenizerError(f"{model_file}: not a ChatGLM-6B ice_text.model: pieces {missing} are missing")
+    replacements = [("\n", "<n>"), ("\t", "<|tab|>")]
+    replacements += [(" " * n, f"<|blank_{n}|>") for n in range(CHATGLM_V1_MAX_BLANK, 1, -1)]
+    atomic = [dst for _, dst in replacements if dst in index] + [t for t in CHATGLM_V1_SPECIALS if t in index]
+    tok = _sp_backend(proto, replacements=replacements, atomic=atomic)
+    specials = [t for t in CHATGLM_V1_SPECIALS if t in index]
+    pad = "<pad>" if "<pad>" in index else proto.pieces[proto.trainer_spec.unk_id].piece
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + [pad]])
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A [gMASK] <sop>",
+        pair="$A [gMASK] <sop> $B <eop>",
+        special_tokens=[(t, index[t]) for t in ("[gMASK]", "<sop>", "<eop>")],
+    )
+    return _wrap(
+        tok,
+        unk_token=proto.pieces[proto.trainer_spec.unk_id].piece,
+        bos_token="<sop>",
+        eos_token="<eop>",
+        pad_token=pad,
+        mask_token="[MASK]",
+    )
+
+
+# ----------------------------------------------------------------------------------------------- tiktoken
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+            except ValueError:
+                raise TokenizerError(f"{path}:{lineno}: expected 'base64-token rank'") from None
+    return ranks
+
+
+def _tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """Recover the merge that creates each multi-byte token: run tiktoken's BPE on the token with only
+    lower-ranked merges allowed; it stops at exactly two parts."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i : i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            best, best_rank = None, None
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + parts[i + 1])
+                if r is not None and r < rank and (best_rank is None or r < best_rank):
+                    best, best_rank = i, r
+            if best is None:
+                break
+            parts[best : best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) == 2:
+            merges.append((parts[0], parts[1]))
+    return merges
+
+
+def glm4_tokenizer(model_file: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """GLM-4 tokenizer from its tiktoken ``tokenizer.model``."""
+    ranks = read_tiktoken_ranks(model_file)
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{model_file}: tiktoken ranks are not 0..{len(ranks) - 1}")
+    table = _bytes_to_unicode()
+
+    def to_str(b: bytes) -> str:
+        return "".join(table[x] for x in b)
+
+    vocab = {to_str(tok): rank for tok, rank in ranks.items()}
+    merges = [(to_str(a), to_str(b)) for a, b in _tiktoken_merges(ranks)]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GLM4_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    n = len(ranks)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM4_SPECIALS])
+    for k, t in enumerate(GLM4_SPECIALS):
+        if tok.token_to_id(t) != n + k:
+            raise TokenizerError(f"{model_file}: special token {t!r} got id {tok.token_to_id(t)}, expected {n + k}")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[gMASK] <sop> $A",
+        pair="[gMASK] <sop> $A $B",
+        special_tokens=[("[gMASK]", n + 2), ("<sop>", n + 4)],
+    )
+    return _wrap(tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", mask_token="[MASK]")
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def build_tokenizer(directory: str | os.PathLike, family: str) -> PreTrainedTokenizerFast:
+    """The fast tokenizer of a THUDM checkpoint directory for ``family``."""
+    directory = Path(directory)
+    if family == "chatglm":
+        path = directory / "ice_text.model"
+        if not path.is_file():
+            if (directory / "tokenizer.model").is_file():
+                raise TokenizerError(
+                    f"{directory}: has tokenizer.model but no ice_text.model: not a ChatGLM-6B (v1) checkpoint;"
+                    " use family chatglm2/chatglm3/glm4"
+                )
+            raise TokenizerError(f"{directory}: ice_text.model not found (ChatGLM-6B tokenizer)")
+        return chatglm_v1_tokenizer(path)
+    if family not in ("chatglm2", "chatglm3", "glm4"):
+        raise TokenizerError(f"unknown family {family!r}; expected chatglm, chatglm2, chatglm3 or glm4")
+    path = directory / "tokenizer.model"
+    if not path.is_file():
+        hint = " (found ice_text.model: a ChatGLM-6B checkpoint, use family chatglm)" if (directory / "ice_text.model").is_file() else ""
+        raise TokenizerError(f"{path}: tokenizer file not found{hint}")
+    kind = tokenizer_file_kind(path)
+    if family == "glm4":
+        if kind != "tiktoken":
+            raise TokenizerError(f"{path}: is a SentencePiece model, but family glm4 needs GLM-4's tiktoken file")
+        return glm4_tokenizer(path)
+    if kind != "sentencepiece":
+        raise TokenizerError(f"{path}: is a tiktoken (GLM-4) file, but family {family} needs a SentencePiece model")
+    return chatglm2_tokenizer(path)
