@@ -1,0 +1,241 @@
+"""The interface every fine-tuning method implements, and the helpers they share.
+
+A method is a module (``glm_experiments.methods.<name>``) exposing::
+
+    apply(model, cfg) -> model
+        Make ``model`` trainable the method's way (freeze the base, add adapters / prefixes / soft
+        prompts). ``cfg`` is the method config (``conf/method/<name>.yaml``; attribute access).
+    save(model, out_dir: Path, cfg) -> None
+        Write only the trainable part, plus ``method.json`` = {"method": name, "settings": {...}}.
+    load(model, in_dir: Path, cfg=None) -> model
+        Re-apply the method to a fresh base model and load the saved weights. With a ``cfg``,
+        settings that change the saved tensors' meaning (pre_seq_len, r, ...) must equal the saved
+        ones, otherwise a ValueError names both values. Without one, the saved settings are used.
+
+and, where it makes sense, ``merge(model) -> model`` (fold the adapter into the base weights).
+
+The code is generic over "a decoder-only ``PreTrainedModel`` whose config has num_hidden_layers,
+num_key_value_heads and head_dim" (native ``GlmForCausalLM``, and any class with the same shape).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+METHOD_FILE = "method.json"
+FORMAT_VERSION = 1
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What ``get_method(name)`` returns (a module satisfies it structurally)."""
+
+    NAME: str
+
+    def apply(self, model: nn.Module, cfg: Any) -> nn.Module: ...
+
+    def save(self, model: nn.Module, out_dir: Path, cfg: Any) -> None: ...
+
+    def load(self, model: nn.Module, in_dir: Path, cfg: Any = None) -> nn.Module: ...
+
+
+# ----------------------------------------------------------------------------- config access
+def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
+    """``cfg.key`` for a dataclass / DictConfig / namespace, ``cfg[key]`` for a mapping, else default."""
+    if cfg is None:
+        return default
+    if isinstance(cfg, Mapping):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def settings_of(cfg: Any) -> dict[str, Any]:
+    """A plain, JSON-able dict of a method config (DictConfig, dataclass, namespace or mapping)."""
+    if cfg is None:
+        return {}
+    try:  # omegaconf is a dependency of the project, but keep this module importable without it
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return _jsonable(OmegaConf.to_container(cfg, resolve=True))
+    except ImportError:  # pragma: no cover
+        pass
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return _jsonable(dataclasses.asdict(cfg))
+    if isinstance(cfg, Mapping):
+        return _jsonable(dict(cfg))
+    return _jsonable({k: v for k, v in vars(cfg).items() if not k.startswith("_")})
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+# ----------------------------------------------------------------------------- method.json
+def write_method_json(out_dir: Path, name: str, settings: Mapping[str, Any], **extra: Any) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"method": name, "format_version": FORMAT_VERSION, "settings": _jsonable(dict(settings))}
+    payload.update(_jsonable(extra))
+    path = out_dir / METHOD_FILE
+    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def read_method_json(in_dir: Path, expect: Optional[str | Iterable[str]] = None) -> dict[str, Any]:
+    """Read ``in_dir/method.json``; with ``expect``, the saved method must be (one of) it."""
+    path = Path(in_dir) / METHOD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {in_dir} is not a directory written by a method's save()")
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    if expect is not None:
+        allowed = {expect} if isinstance(expect, str) else set(expect)
+        if payload.get("method") not in allowed:
+            raise ValueError(
+                f"{in_dir} holds a method={payload.get('method')} checkpoint, "
+                f"but it is being loaded as method={'/'.join(sorted(allowed))}"
+            )
+    return payload
+
+
+def check_settings(method: str, saved: Mapping[str, Any], cfg: Any, keys: Iterable[str], where: Any = "") -> None:
+    """Raise a ValueError naming both values for every key whose configured value differs from the saved one."""
+    if cfg is None:
+        return
+    diffs = []
+    for key in keys:
+        if key not in saved:
+            continue
+        want = _jsonable(cfg_get(cfg, key, saved[key]))
+        have = saved[key]
+        if _norm(want) != _norm(have):
+            diffs.append(f"{key}: configured {want!r}, saved {have!r}")
+    if diffs:
+        raise ValueError(
+            f"method={method}: the checkpoint {where} was saved with different settings ("
+            + "; ".join(diffs)
+            + "). Load it with the saved settings (or without a method config) or retrain."
+        )
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return [_norm(x) for x in v]
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+# ----------------------------------------------------------------------------- parameters
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, detached, contiguous, on CPU (ready for safetensors)."""
+    return {
+        name: p.detach().to("cpu").contiguous().clone()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def _param_numel(p: torch.Tensor) -> int:
+    n = p.numel()
+    # bitsandbytes packs two 4-bit values per byte: count the logical number of weights
+    if p.__class__.__name__ == "Params4bit":
+        itemsize = getattr(getattr(p, "quant_storage", None), "itemsize", None) or p.element_size()
+        n = n * 2 * itemsize
+    return n
+
+
+def trainable_summary(model: nn.Module) -> dict[str, Any]:
+    """dict(trainable=int, total=int, pct=float) over unique parameters (tied weights count once)."""
+    trainable = total = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = _param_numel(p)
+        total += n
+        if p.requires_grad:
+            trainable += n
+    pct = 100.0 * trainable / total if total else 0.0
+    return {"trainable": trainable, "total": total, "pct": pct}
+
+
+def model_dims(model: nn.Module) -> tuple[int, int, int]:
+    """(num_layers, kv_heads, head_dim) of a decoder-only model, from its config."""
+    config = model.config
+    num_layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(num_layers), int(kv_heads), int(head_dim)
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    emb = model.get_input_embeddings()
+    if emb is None:
+        raise ValueError(f"{type(model).__name__} has no input embeddings")
+    return emb
+
+
+# ----------------------------------------------------------------------------- prefix plumbing
+def real_position_ids(
+    attention_mask: Optional[torch.Tensor],
+    q_len: int,
+    past_real_len: int,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Position ids of the ``q_len`` newest *real* tokens (learned prefixes not counted).
+
+    With a 2D padding mask (covering past + new real tokens, no prefix) positions count only the
+    attended tokens, so a left-padded sample gets the same positions as when it is alone (padding
+    slots get 0, as ``generate`` does). Without a mask they continue from ``past_real_len``.
+    """
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] >= q_len:
+        mask = attention_mask.to(device=device, dtype=torch.long)
+        pos = mask.cumsum(-1) - 1
+        pos = pos.masked_fill(mask == 0, 0)
+        return pos[:, -q_len:]
+    pos = torch.arange(past_real_len, past_real_len + q_len, device=device, dtype=torch.long)
+    return pos.unsqueeze(0).expand(batch_size, -1)
+
+
+def extend_mask_left(attention_mask: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+    """Prepend ``n`` attended positions (ones) to a 2D mask; 4D masks and None pass through."""
+    if attention_mask is None or attention_mask.dim() != 2 or n == 0:
+        return attention_mask
+    ones = torch.ones(attention_mask.shape[0], n, dtype=attention_mask.dtype, device=attention_mask.device)
+    return torch.cat([ones, attention_mask], dim=1)
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found")
+    return load_file(str(path))
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Optional[dict] = None) -> None:
+    from safetensors.torch import save_file
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)

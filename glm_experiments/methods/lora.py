@@ -1,0 +1,119 @@
+"""LoRA through PEFT.
+
+``target_modules``: ``[]`` = the family default (native GLM: q_proj, k_proj, v_proj, o_proj;
+``config.model_type`` "chatglm_v1" / "chatglm": query_key_value), ``["all-linear"]`` = every linear
+layer but the output head, otherwise the module names given.
+
+Saved with PEFT's ``save_pretrained`` (adapter weights + adapter_config.json only) + ``method.json``;
+loaded with ``PeftModel.from_pretrained``; ``merge`` = ``merge_and_unload``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from glm_experiments.methods.base import cfg_get, check_settings, read_method_json, write_method_json
+
+NAME = "lora"
+# checkpoints written by either method hold a plain LoRA adapter
+COMPATIBLE = ("lora", "qlora")
+
+FUSED_QKV_TYPES = ("chatglm_v1", "chatglm")
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in FUSED_QKV_TYPES:
+        return ["query_key_value"]
+    return list(DEFAULT_TARGETS)
+
+
+def resolve_target_modules(model: nn.Module, cfg: Any) -> list[str] | str:
+    targets = list(cfg_get(cfg, "target_modules", None) or [])
+    if not targets:
+        return default_target_modules(model)
+    if targets == ["all-linear"]:
+        return "all-linear"
+    if "all-linear" in targets:
+        raise ValueError(f"method=lora: 'all-linear' must be the only target_modules entry, got {targets}")
+    return targets
+
+
+def lora_config(model: nn.Module, cfg: Any):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=int(cfg_get(cfg, "r", 8)),
+        lora_alpha=int(cfg_get(cfg, "alpha", 16)),
+        lora_dropout=float(cfg_get(cfg, "dropout", 0.05)),
+        target_modules=resolve_target_modules(model, cfg),
+        bias=str(cfg_get(cfg, "bias", "none")),
+    )
+
+
+def apply(model: nn.Module, cfg: Any) -> nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(model, cfg))
+
+
+def _settings(model: nn.Module, cfg: Any) -> dict:
+    targets = resolve_target_modules(_base(model), cfg)
+    return {
+        "r": int(cfg_get(cfg, "r", 8)),
+        "alpha": int(cfg_get(cfg, "alpha", 16)),
+        "dropout": float(cfg_get(cfg, "dropout", 0.05)),
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "bias": str(cfg_get(cfg, "bias", "none")),
+    }
+
+
+def _base(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def save(model: nn.Module, out_dir: Path, cfg: Any, *, name: str = NAME) -> None:
+    if not hasattr(model, "peft_config"):
+        raise ValueError(f"method={name}: save() needs the PeftModel returned by apply()/load()")
+    out_dir = Path(out_dir)
+    model.save_pretrained(str(out_dir))
+    settings = _settings(model, cfg) if cfg is not None else _settings_from_peft(model)
+    write_method_json(out_dir, name, settings)
+
+
+def _settings_from_peft(model: nn.Module) -> dict:
+    pc = model.peft_config["default"]
+    targets = pc.target_modules
+    return {
+        "r": pc.r,
+        "alpha": pc.lora_alpha,
+        "dropout": pc.lora_dropout,
+        "target_modules": targets if isinstance(targets, str) else sorted(targets),
+        "bias": pc.bias,
+    }
+
+
+def load(model: nn.Module, in_dir: Path, cfg: Any = None, *, is_trainable: bool = False, name: str = NAME) -> nn.Module:
+    """Wrap the fresh base ``model`` with the adapter in ``in_dir`` (frozen unless ``is_trainable``)."""
+    from peft import PeftModel
+
+    in_dir = Path(in_dir)
+    saved = read_method_json(in_dir, COMPATIBLE)["settings"]
+    if cfg is not None:
+        want = dict(saved)
+        want.update({k: v for k, v in _settings(model, cfg).items() if k in ("r", "alpha", "bias", "target_modules")})
+        check_settings(name, saved, want, ["r", "alpha", "bias", "target_modules"], where=str(in_dir))
+    return PeftModel.from_pretrained(model, str(in_dir), is_trainable=is_trainable)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold the LoRA weights into the base and return the plain base model."""
+    if not hasattr(model, "merge_and_unload"):
+        raise ValueError("method=lora: merge() needs the PeftModel returned by apply()/load()")
+    return model.merge_and_unload()

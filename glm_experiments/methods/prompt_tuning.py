@@ -1,0 +1,199 @@
+"""Prompt tuning: a learned soft prompt of ``num_virtual_tokens`` vectors at the input embeddings only.
+
+PEFT's PromptTuning ignores position ids, so a left-padded batch is positioned differently from the
+same samples alone and batched greedy decoding changes; this small wrapper does it like
+``ptuning`` instead (no model-class change):
+
+* the soft prompt is the submodule ``model.soft_prompt`` (``SoftPrompt``); the base is frozen;
+* ``model.forward`` is wrapped on the instance. On the first pass (no cache, or the empty cache
+  ``generate`` makes) the soft prompt is put in front of the token embeddings, the 2D attention mask
+  gets ``num_virtual_tokens`` leading ones and the labels ``-100``; the logits of the virtual
+  positions are dropped again, so callers see one logit row per input token. Virtual tokens take
+  positions ``0 .. V-1``, real tokens continue from ``V`` counting only attended tokens, so left
+  padding does not move them. Later decoding steps only extend the mask and shift positions by V.
+
+``init_text`` (optional) initialises the prompt from the embeddings of its tokens (repeated to fill
+``num_virtual_tokens``); it needs the tokenizer: ``apply(model, cfg, tokenizer=tok)``. Without it
+the prompt starts as the embeddings of randomly drawn vocabulary tokens.
+
+Saved: ``soft_prompt.safetensors`` + ``method.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from glm_experiments.methods.base import (
+    cfg_get,
+    check_settings,
+    extend_mask_left,
+    freeze_all,
+    input_embeddings,
+    load_safetensors,
+    read_method_json,
+    real_position_ids,
+    save_safetensors,
+    write_method_json,
+)
+
+NAME = "prompt_tuning"
+PROMPT_ATTR = "soft_prompt"
+WEIGHTS_FILE = "soft_prompt.safetensors"
+
+
+class SoftPrompt(nn.Module):
+    def __init__(self, num_virtual_tokens: int, hidden_size: int, init: Optional[torch.Tensor] = None):
+        super().__init__()
+        if num_virtual_tokens <= 0:
+            raise ValueError(f"method=prompt_tuning: num_virtual_tokens must be > 0, got {num_virtual_tokens}")
+        self.num_virtual_tokens = int(num_virtual_tokens)
+        self.embedding = nn.Embedding(self.num_virtual_tokens, hidden_size)
+        if init is not None:
+            with torch.no_grad():
+                self.embedding.weight.copy_(init)
+
+    def forward(self, batch_size: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        x = self.embedding.weight.unsqueeze(0).expand(batch_size, -1, -1)
+        return x.to(dtype) if dtype is not None else x
+
+
+def _prompt(model: nn.Module) -> SoftPrompt:
+    sp = getattr(model, PROMPT_ATTR, None)
+    if not isinstance(sp, SoftPrompt):
+        raise ValueError(f"method=prompt_tuning has not been applied to this {type(model).__name__}")
+    return sp
+
+
+def _init_vectors(model: nn.Module, n: int, init_text: str, tokenizer: Any) -> torch.Tensor:
+    weight = input_embeddings(model).weight
+    if init_text:
+        if tokenizer is None:
+            raise ValueError("method=prompt_tuning: init_text needs the tokenizer: apply(model, cfg, tokenizer=tok)")
+        ids = tokenizer(init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"method=prompt_tuning: init_text {init_text!r} tokenises to nothing")
+        ids = (ids * (n // len(ids) + 1))[:n]
+        index = torch.tensor(ids, device=weight.device)
+    else:
+        index = torch.randint(0, weight.shape[0], (n,), device=weight.device)
+    return weight.detach()[index].float().clone()
+
+
+def _install_forward(model: nn.Module) -> None:
+    orig = model.forward
+
+    @functools.wraps(orig)
+    def forward(
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        **kwargs: Any,
+    ):
+        sp = _prompt(model)
+        n_virtual = sp.num_virtual_tokens
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("method=prompt_tuning: forward needs input_ids or inputs_embeds")
+        batch, q_len, device = ref.shape[0], ref.shape[1], ref.device
+        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        first = seen == 0
+        past_real = 0 if first else seen - n_virtual
+
+        mask_real = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real_len = past_real + q_len
+            if attention_mask.shape[1] == real_len:
+                mask_real = attention_mask
+                attention_mask = extend_mask_left(attention_mask, n_virtual)
+            elif attention_mask.shape[1] == real_len + n_virtual:
+                mask_real = attention_mask[:, n_virtual:]
+            else:
+                raise ValueError(
+                    f"method=prompt_tuning: attention_mask has {attention_mask.shape[1]} columns; expected "
+                    f"{real_len} (past + new tokens) or {real_len + n_virtual} (with the virtual tokens)"
+                )
+        if position_ids is None:
+            position_ids = real_position_ids(mask_real, q_len, past_real, batch, device)
+        position_ids = position_ids + n_virtual
+
+        if first:
+            if inputs_embeds is None:
+                inputs_embeds = input_embeddings(model)(input_ids)
+            prompt = sp(batch, dtype=inputs_embeds.dtype)
+            inputs_embeds = torch.cat([prompt, inputs_embeds], dim=1)
+            input_ids = None
+            virt_pos = torch.arange(n_virtual, device=device, dtype=position_ids.dtype).unsqueeze(0)
+            position_ids = torch.cat([virt_pos.expand(position_ids.shape[0], -1), position_ids], dim=1)
+            if labels is not None:
+                pad = torch.full((labels.shape[0], n_virtual), -100, dtype=labels.dtype, device=labels.device)
+                labels = torch.cat([pad, labels], dim=1)
+
+        out = orig(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            **kwargs,
+        )
+        if first and isinstance(out, ModelOutput) and out.get("logits") is not None:
+            logits = out["logits"]
+            if logits.shape[1] == n_virtual + q_len:
+                out["logits"] = logits[:, n_virtual:]
+        return out
+
+    model.forward = forward
+
+
+def apply(model: nn.Module, cfg: Any, *, tokenizer: Any = None, init: Optional[torch.Tensor] = None) -> nn.Module:
+    if isinstance(getattr(model, PROMPT_ATTR, None), nn.Module):
+        raise ValueError(f"method=prompt_tuning is already applied to this {type(model).__name__}")
+    n = int(cfg_get(cfg, "num_virtual_tokens", 16))
+    if n <= 0:
+        raise ValueError(f"method=prompt_tuning: num_virtual_tokens must be > 0, got {n}")
+    if init is None:
+        init = _init_vectors(model, n, str(cfg_get(cfg, "init_text", "") or ""), tokenizer)
+    sp = SoftPrompt(n, init.shape[1], init=init).to(input_embeddings(model).weight.device)
+    freeze_all(model)
+    model.add_module(PROMPT_ATTR, sp)
+    _install_forward(model)
+    return model
+
+
+def save(model: nn.Module, out_dir: Path, cfg: Any = None) -> None:
+    sp = _prompt(model)
+    out_dir = Path(out_dir)
+    save_safetensors(sp.state_dict(), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    write_method_json(
+        out_dir,
+        NAME,
+        {
+            "num_virtual_tokens": sp.num_virtual_tokens,
+            "init_text": str(cfg_get(cfg, "init_text", "") or ""),
+            "hidden_size": sp.embedding.weight.shape[1],
+        },
+    )
+
+
+def load(model: nn.Module, in_dir: Path, cfg: Any = None) -> nn.Module:
+    in_dir = Path(in_dir)
+    saved = read_method_json(in_dir, NAME)["settings"]
+    check_settings(NAME, saved, cfg, ["num_virtual_tokens"], where=str(in_dir))
+    hidden = input_embeddings(model).weight.shape[1]
+    if saved.get("hidden_size") not in (None, hidden):
+        raise ValueError(f"method=prompt_tuning: {in_dir} holds a prompt of width {saved['hidden_size']}, the model's is {hidden}")
+    n = int(saved["num_virtual_tokens"])
+    apply(model, {"num_virtual_tokens": n}, init=torch.zeros(n, hidden))
+    _prompt(model).load_state_dict(load_safetensors(in_dir / WEIGHTS_FILE), strict=True)
+    return model

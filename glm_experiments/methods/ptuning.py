@@ -1,0 +1,441 @@
+"""P-Tuning v2 with ChatGLM's ``PrefixEncoder`` semantics, on any decoder-only HF model.
+
+``pre_seq_len`` learned prefix tokens give every layer ``pre_seq_len`` extra key/value pairs:
+
+* without ``prefix_projection``: ``Embedding(pre_seq_len, num_layers * 2 * kv_heads * head_dim)``;
+* with it: ``Embedding(pre_seq_len, kv_dim) -> Linear(kv_dim, prefix_hidden_size) -> Tanh ->
+  Linear(prefix_hidden_size, num_layers * 2 * kv_dim)`` (kv_dim = kv_heads * head_dim; ChatGLM-6B's
+  layout. ChatGLM2's own checkpoints embed into the full ``num_layers * 2 * kv_dim`` instead: the
+  encoder supports both, ``import_thudm_prefix`` reads whichever a checkpoint has).
+
+The output is viewed as ``(batch, pre_seq_len, num_layers * 2, kv_heads, head_dim)``, dropout is
+applied, and layer ``i`` gets key = slot ``2i`` and value = slot ``2i + 1`` (exactly THUDM's
+``permute([2, 1, 0, 3, 4]).split(2)``), shaped ``(batch, kv_heads, pre_seq_len, head_dim)``.
+
+How it is wired (no change to the model class):
+
+* the encoder is registered as the submodule ``model.prefix_encoder`` (so optimizers, ``.to()``,
+  DeepSpeed see it); every base parameter is frozen;
+* ``model.forward`` is wrapped on the instance: it builds the prefix, passes it as the past key
+  values, prepends ``pre_seq_len`` ones to a 2D attention mask, and passes explicit position ids
+  that count only the real tokens (positions start at 0 for the first real token, as in ChatGLM2;
+  left padding is skipped as ``generate`` does). ``model(...)`` and ``model.generate(...)`` both
+  go through it;
+* training and plain forwards use :class:`PrefixKVCache`, a cache whose ``update()`` returns
+  ``cat([prefix, new])`` and stores nothing. Being stateless, it gives the same result when a
+  gradient-checkpointed layer is recomputed in the backward pass, so P-Tuning v2 works with
+  ``model.gradient_checkpointing_enable()`` (the decoder layers are told they may keep this cache
+  under checkpointing). PEFT's PrefixTuning refuses that combination;
+* generation (``use_cache``, eval mode, or a cache handed in by ``generate``) uses an ordinary
+  ``DynamicCache`` pre-filled with the prefix, so decoding is incremental and beam search works.
+
+Only the encoder is saved: ``prefix_encoder.safetensors`` + ``method.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.utils import ModelOutput
+
+from glm_experiments.methods.base import (
+    cfg_get,
+    check_settings,
+    extend_mask_left,
+    freeze_all,
+    input_embeddings,
+    load_safetensors,
+    model_dims,
+    read_method_json,
+    real_position_ids,
+    save_safetensors,
+    write_method_json,
+)
+
+log = logging.getLogger(__name__)
+
+NAME = "ptuning"
+ENCODER_ATTR = "prefix_encoder"
+WEIGHTS_FILE = "prefix_encoder.safetensors"
+THUDM_PREFIX = "transformer.prefix_encoder."
+
+
+# --------------------------------------------------------------------------- encoder
+class PrefixEncoder(nn.Module):
+    """ChatGLM's PrefixEncoder: prefix token ids -> per-layer (key, value) prefixes."""
+
+    def __init__(
+        self,
+        pre_seq_len: int,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        prefix_projection: bool = False,
+        prefix_hidden_size: int = 512,
+        prefix_dropout: float = 0.1,
+        embedding_dim: Optional[int] = None,
+    ):
+        super().__init__()
+        if pre_seq_len <= 0:
+            raise ValueError(f"method=ptuning: pre_seq_len must be > 0, got {pre_seq_len}")
+        self.pre_seq_len = int(pre_seq_len)
+        self.num_layers = int(num_layers)
+        self.kv_heads = int(kv_heads)
+        self.head_dim = int(head_dim)
+        self.prefix_projection = bool(prefix_projection)
+        kv_dim = self.kv_heads * self.head_dim
+        out_dim = self.num_layers * 2 * kv_dim
+        self.out_dim = out_dim
+        if self.prefix_projection:
+            self.prefix_hidden_size = int(prefix_hidden_size)
+            self.embedding_dim = int(embedding_dim or kv_dim)
+            self.embedding = nn.Embedding(self.pre_seq_len, self.embedding_dim)
+            self.trans = nn.Sequential(
+                nn.Linear(self.embedding_dim, self.prefix_hidden_size),
+                nn.Tanh(),
+                nn.Linear(self.prefix_hidden_size, out_dim),
+            )
+        else:
+            if embedding_dim not in (None, out_dim):
+                raise ValueError(
+                    f"method=ptuning: without prefix_projection the embedding width must be "
+                    f"num_layers*2*kv_heads*head_dim = {out_dim}, got {embedding_dim}"
+                )
+            self.prefix_hidden_size = None
+            self.embedding_dim = out_dim
+            self.embedding = nn.Embedding(self.pre_seq_len, out_dim)
+            self.trans = None
+        self.dropout = nn.Dropout(float(prefix_dropout))
+        self.register_buffer("prefix_tokens", torch.arange(self.pre_seq_len), persistent=False)
+
+    def settings(self) -> dict[str, Any]:
+        return {
+            "pre_seq_len": self.pre_seq_len,
+            "prefix_projection": self.prefix_projection,
+            "prefix_hidden_size": self.prefix_hidden_size,
+            "prefix_dropout": self.dropout.p,
+            "embedding_dim": self.embedding_dim,
+            "num_layers": self.num_layers,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+        }
+
+    def forward(self, batch_size: int, dtype: Optional[torch.dtype] = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer keys and values, each ``(batch, kv_heads, pre_seq_len, head_dim)``."""
+        tokens = self.prefix_tokens.unsqueeze(0).expand(batch_size, -1)
+        x = self.embedding(tokens)
+        if self.trans is not None:
+            x = self.trans(x)
+        if dtype is not None:
+            x = x.to(dtype)
+        x = x.view(batch_size, self.pre_seq_len, self.num_layers * 2, self.kv_heads, self.head_dim)
+        x = self.dropout(x)
+        x = x.permute(2, 0, 3, 1, 4)  # (2L, b, kv_heads, P, head_dim)
+        keys = [x[2 * i] for i in range(self.num_layers)]
+        values = [x[2 * i + 1] for i in range(self.num_layers)]
+        return keys, values
+
+
+# --------------------------------------------------------------------------- stateless cache
+class _PrefixLayer(DynamicLayer):
+    """Holds one layer's prefix; ``update`` returns ``cat([prefix, new])`` and stores nothing."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys = torch.cat([self.keys.to(key_states.dtype), key_states], dim=-2)
+        values = torch.cat([self.values.to(value_states.dtype), value_states], dim=-2)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2]
+
+
+class PrefixKVCache(Cache):
+    """A read-only cache holding only the learned prefix (training / plain forward).
+
+    Its ``get_seq_length()`` is ``pre_seq_len`` for every call, so the causal mask is built with the
+    query offset by the prefix; nothing is written, so recomputing a checkpointed layer is exact.
+    It cannot be continued: the wrapped forward treats one handed back to it as "no cache".
+    """
+
+    stateless = True
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        super().__init__(layers=[_PrefixLayer(k, v) for k, v in zip(keys, values)])
+        self.prefix_len = keys[0].shape[-2]
+
+
+def _new_dynamic_cache(config) -> DynamicCache:
+    try:
+        return DynamicCache(config=config)
+    except Exception:  # a config without per-layer info: plain lazily-grown cache
+        return DynamicCache()
+
+
+def _fill(cache: Cache, keys: list[torch.Tensor], values: list[torch.Tensor]) -> Cache:
+    for i, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k.contiguous(), v.contiguous(), i)
+    return cache
+
+
+# --------------------------------------------------------------------------- wiring
+def _encoder(model: nn.Module) -> PrefixEncoder:
+    enc = getattr(model, ENCODER_ATTR, None)
+    if not isinstance(enc, PrefixEncoder):
+        raise ValueError(f"method=ptuning has not been applied to this {type(model).__name__}")
+    return enc
+
+
+def _allow_cache_under_checkpointing(model: nn.Module) -> None:
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # pragma: no cover
+        return
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            # instance attribute: only this model's layers keep the (read-only) prefix cache
+            module._can_checkpoint_with_cache = True
+
+
+def _check_reentrant(model: nn.Module) -> None:
+    func = getattr(model, "_gradient_checkpointing_func", None)
+    if func is None:
+        for module in model.modules():
+            if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+                func = module._gradient_checkpointing_func
+                break
+    if func is not None and getattr(func, "keywords", {}).get("use_reentrant", False) and model.training:
+        raise ValueError(
+            "method=ptuning: reentrant gradient checkpointing (use_reentrant=True) cannot pass gradients to "
+            "the prefix (it travels as a keyword argument); enable it with the default "
+            "gradient_checkpointing_kwargs={'use_reentrant': False}"
+        )
+
+
+def _install_forward(model: nn.Module) -> None:
+    orig = model.forward
+
+    @functools.wraps(orig)
+    def forward(
+        input_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        use_cache: Optional[bool] = None,
+        **kwargs: Any,
+    ):
+        enc = _encoder(model)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("method=ptuning: forward needs input_ids or inputs_embeds")
+        batch, q_len = ref.shape[0], ref.shape[1]
+        device = ref.device
+        dtype = input_embeddings(model).weight.dtype
+        prefix_len = enc.pre_seq_len
+
+        if getattr(past_key_values, "stateless", False):
+            past_key_values = None  # a PrefixKVCache handed back: it holds no tokens
+        stateless = False
+        if past_key_values is None:
+            keys, values = enc(batch, dtype=dtype)
+            if use_cache and not model.training:
+                past_key_values = _fill(_new_dynamic_cache(model.config), keys, values)
+            else:
+                past_key_values = PrefixKVCache(keys, values)
+                stateless = True
+            past_real = 0
+        else:
+            seen = past_key_values.get_seq_length()
+            if seen == 0:  # the empty cache generate() creates: pre-fill the prefix
+                keys, values = enc(batch, dtype=dtype)
+                _fill(past_key_values, keys, values)
+                past_real = 0
+            else:
+                past_real = seen - prefix_len
+                if past_real < 0:
+                    raise ValueError(
+                        f"method=ptuning: the cache holds {seen} positions, fewer than pre_seq_len={prefix_len}"
+                    )
+        if stateless and model.training:
+            _check_reentrant(model)
+
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real_len = past_real + q_len
+            if attention_mask.shape[1] == real_len:
+                mask_real = attention_mask
+                attention_mask = extend_mask_left(attention_mask, prefix_len)
+            elif attention_mask.shape[1] == real_len + prefix_len:
+                mask_real = attention_mask[:, prefix_len:]
+            else:
+                raise ValueError(
+                    f"method=ptuning: attention_mask has {attention_mask.shape[1]} columns; expected {real_len} "
+                    f"(past + new tokens) or {real_len + prefix_len} (with the {prefix_len} prefix positions)"
+                )
+        else:
+            mask_real = None
+        if position_ids is None:
+            position_ids = real_position_ids(mask_real, q_len, past_real, batch, device)
+
+        out = orig(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            labels=labels,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        if stateless and isinstance(out, ModelOutput) and "past_key_values" in out:
+            out["past_key_values"] = None
+        return out
+
+    model.forward = forward
+
+
+# --------------------------------------------------------------------------- method API
+def apply(model: nn.Module, cfg: Any, *, embedding_dim: Optional[int] = None) -> nn.Module:
+    """Freeze ``model`` and give it a trainable prefix encoder (see the module docstring)."""
+    if isinstance(getattr(model, ENCODER_ATTR, None), nn.Module):
+        raise ValueError(f"method=ptuning is already applied to this {type(model).__name__}")
+    num_layers, kv_heads, head_dim = model_dims(model)
+    enc = PrefixEncoder(
+        pre_seq_len=int(cfg_get(cfg, "pre_seq_len", 16)),
+        num_layers=num_layers,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        prefix_projection=bool(cfg_get(cfg, "prefix_projection", False)),
+        prefix_hidden_size=int(cfg_get(cfg, "prefix_hidden_size", 512) or 512),
+        prefix_dropout=float(cfg_get(cfg, "prefix_dropout", 0.1)),
+        embedding_dim=embedding_dim,
+    )
+    freeze_all(model)
+    enc.to(input_embeddings(model).weight.device)  # kept in fp32 whatever the base dtype
+    enc.train(model.training)
+    model.add_module(ENCODER_ATTR, enc)
+    _allow_cache_under_checkpointing(model)
+    _install_forward(model)
+    return model
+
+
+def save(model: nn.Module, out_dir: Path, cfg: Any = None) -> None:
+    enc = _encoder(model)
+    out_dir = Path(out_dir)
+    save_safetensors(enc.state_dict(), out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
+    write_method_json(out_dir, NAME, enc.settings())
+
+
+def load(model: nn.Module, in_dir: Path, cfg: Any = None) -> nn.Module:
+    in_dir = Path(in_dir)
+    saved = read_method_json(in_dir, NAME)["settings"]
+    keys = ["pre_seq_len", "prefix_projection"]
+    if saved.get("prefix_projection"):
+        keys.append("prefix_hidden_size")
+    check_settings(NAME, saved, cfg, keys, where=str(in_dir))
+    _check_model_dims(model, saved, str(in_dir))
+    settings = dict(saved)
+    if cfg is not None and cfg_get(cfg, "prefix_dropout") is not None:
+        settings["prefix_dropout"] = cfg_get(cfg, "prefix_dropout")
+    apply(model, settings, embedding_dim=saved.get("embedding_dim"))
+    _encoder(model).load_state_dict(load_safetensors(in_dir / WEIGHTS_FILE), strict=True)
+    return model
+
+
+def _check_model_dims(model: nn.Module, saved: dict, where: str) -> None:
+    num_layers, kv_heads, head_dim = model_dims(model)
+    have = {"num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim}
+    diffs = [f"{k}: model {v}, checkpoint {saved[k]}" for k, v in have.items() if k in saved and saved[k] != v]
+    if diffs:
+        raise ValueError(f"method=ptuning: the prefix in {where} was trained for another model shape (" + "; ".join(diffs) + ")")
+
+
+# --------------------------------------------------------------------------- THUDM checkpoints
+def read_thudm_prefix(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a THUDM ChatGLM(-2/3) P-Tuning v2 checkpoint.
+
+    ``path`` is the checkpoint directory (``pytorch_model.bin`` or ``model.safetensors`` inside) or
+    the file itself. Returns the encoder state dict (keys ``embedding.weight`` [, ``trans.0.*``,
+    ``trans.2.*``]) and the settings it implies (pre_seq_len, prefix_projection, prefix_hidden_size,
+    embedding_dim, out_dim).
+    """
+    path = Path(path)
+    if path.is_dir():
+        for name in ("pytorch_model.bin", "model.safetensors"):
+            if (path / name).is_file():
+                path = path / name
+                break
+        else:
+            raise FileNotFoundError(f"no pytorch_model.bin or model.safetensors in {path}")
+    if path.suffix == ".safetensors":
+        raw = load_safetensors(path)
+    else:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    state = {}
+    for key, value in raw.items():
+        for prefix in (THUDM_PREFIX, "base_model.model." + THUDM_PREFIX, "prefix_encoder."):
+            if key.startswith(prefix):
+                state[key[len(prefix):]] = value.float()
+                break
+    if "embedding.weight" not in state:
+        sample = ", ".join(sorted(raw)[:5])
+        raise ValueError(f"{path} has no '{THUDM_PREFIX}embedding.weight' (first keys: {sample})")
+    projection = "trans.0.weight" in state
+    expected = {"embedding.weight"} | ({"trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"} if projection else set())
+    missing = expected - set(state)
+    if missing:
+        raise ValueError(f"{path}: prefix encoder keys missing: {sorted(missing)}")
+    state = {k: state[k] for k in expected}
+    pre_seq_len, embedding_dim = state["embedding.weight"].shape
+    settings = {
+        "pre_seq_len": int(pre_seq_len),
+        "prefix_projection": projection,
+        "prefix_hidden_size": int(state["trans.0.weight"].shape[0]) if projection else None,
+        "embedding_dim": int(embedding_dim),
+        "out_dim": int(state["trans.2.weight"].shape[0]) if projection else int(embedding_dim),
+    }
+    return state, settings
+
+
+def import_thudm_prefix(model: nn.Module, path: str | Path, cfg: Any = None) -> nn.Module:
+    """Load a THUDM P-Tuning v2 checkpoint into ``model``'s prefix encoder.
+
+    If ptuning is not applied yet it is, with the settings the checkpoint implies (``cfg`` supplies
+    prefix_dropout and, if given, must agree on pre_seq_len / prefix_projection). If it is applied,
+    the encoder's settings must match the checkpoint. Either way a mismatch raises a ValueError
+    naming both values.
+    """
+    state, found = read_thudm_prefix(path)
+    num_layers, kv_heads, head_dim = model_dims(model)
+    out_dim = num_layers * 2 * kv_heads * head_dim
+    if found["out_dim"] != out_dim:
+        raise ValueError(
+            f"method=ptuning: {path} produces {found['out_dim']} values per prefix token, but this model needs "
+            f"num_layers*2*kv_heads*head_dim = {num_layers}*2*{kv_heads}*{head_dim} = {out_dim}"
+        )
+    keys = ["pre_seq_len", "prefix_projection"] + (["prefix_hidden_size"] if found["prefix_projection"] else [])
+    enc = getattr(model, ENCODER_ATTR, None)
+    if isinstance(enc, PrefixEncoder):
+        check_settings(NAME, found, enc.settings(), keys + ["embedding_dim"], where=str(path))
+    else:
+        check_settings(NAME, found, cfg, keys, where=str(path))
+        settings = {k: found[k] for k in ("pre_seq_len", "prefix_projection", "prefix_hidden_size")}
+        settings["prefix_hidden_size"] = settings["prefix_hidden_size"] or 512
+        settings["prefix_dropout"] = cfg_get(cfg, "prefix_dropout", 0.1)
+        apply(model, settings, embedding_dim=found["embedding_dim"])
+        enc = _encoder(model)
+    enc.load_state_dict({k: v.to(enc.embedding.weight.dtype) for k, v in state.items()}, strict=True)
+    return model
