@@ -428,3 +428,54 @@ def test_prompt_tuning_init_text_and_mismatch(tmp_path):
     pt.save(model, tmp_path, cfg)
     with pytest.raises(ValueError, match="num_virtual_tokens: configured 4, saved 5"):
         pt.load(make_model(), tmp_path, PromptTuningMethodConfig(name="prompt_tuning", num_virtual_tokens=4))
+
+
+# --------------------------------------------------------------------------- ChatGLM-6B (v1) class
+def make_v1_model(seed: int = 0):
+    v1 = pytest.importorskip("glm_experiments.models.chatglm_v1")
+    torch.manual_seed(seed)
+    config = v1.ChatGLMv1Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        intermediate_size=128, bos_token_id=4, eos_token_id=5, mask_token_id=6, gmask_token_id=7, pad_token_id=3,
+    )
+    return v1.ChatGLMv1ForCausalLM(config)
+
+
+def test_ptuning_on_chatglm_v1():
+    model = ptuning.apply(make_v1_model(), PtuningMethodConfig(name="ptuning", pre_seq_len=3))
+    assert model.prefix_encoder.embedding.weight.shape == (3, LAYERS * 2 * HIDDEN)  # v1: kv_dim = hidden
+    ids = torch.tensor([[20, 21, 22, 7, 4, 40, 41, 5], [30, 31, 7, 4, 50, 5, 3, 3]])
+    mask = torch.tensor([[1] * 8, [1] * 6 + [0, 0]])
+    labels = ids.masked_fill(mask == 0, -100)
+    model.train()
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.zero_grad()
+        torch.manual_seed(7)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        grads.append((loss.detach(), model.prefix_encoder.embedding.weight.grad.clone()))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5) and grads[0][1].abs().sum() > 0
+
+    model.gradient_checkpointing_disable()
+    model.eval()
+    a, b = [20, 21, 22, 7, 4], [30, 31, 7, 4]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=3, eos_token_id=None)
+    together = model.generate(input_ids=torch.tensor([a, [3] + b]), attention_mask=torch.tensor([[1] * 5, [0, 1, 1, 1, 1]]), **kw)
+    alone_a = model.generate(input_ids=torch.tensor([a]), **kw)
+    alone_b = model.generate(input_ids=torch.tensor([b]), **kw)
+    assert together[0].tolist() == alone_a[0].tolist()
+    assert together[1, 1:].tolist() == alone_b[0].tolist()
+    with torch.no_grad():
+        logits = model(input_ids=alone_a).logits
+    assert logits[0, 4:-1].argmax(-1).tolist() == alone_a[0, 5:].tolist()
+
+
+def test_v1_lora_default_and_prompt_tuning_refused():
+    model = lora.apply(make_v1_model(), LoraMethodConfig(name="lora", r=2))
+    assert {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n} == {"query_key_value"}
+    with pytest.raises(ValueError, match="prompt_tuning does not support chatglm_v1"):
+        get_method("prompt_tuning").apply(make_v1_model(), PromptTuningMethodConfig(name="prompt_tuning"))

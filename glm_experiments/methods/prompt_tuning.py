@@ -46,6 +46,8 @@ from glm_experiments.methods.base import (
 NAME = "prompt_tuning"
 PROMPT_ATTR = "soft_prompt"
 WEIGHTS_FILE = "soft_prompt.safetensors"
+# model types whose forward needs input_ids (no inputs_embeds path)
+NEEDS_INPUT_IDS = ("chatglm_v1",)
 
 
 class SoftPrompt(nn.Module):
@@ -159,6 +161,12 @@ def _install_forward(model: nn.Module) -> None:
 def apply(model: nn.Module, cfg: Any, *, tokenizer: Any = None, init: Optional[torch.Tensor] = None) -> nn.Module:
     if isinstance(getattr(model, PROMPT_ATTR, None), nn.Module):
         raise ValueError(f"method=prompt_tuning is already applied to this {type(model).__name__}")
+    if getattr(getattr(model, "config", None), "model_type", None) in NEEDS_INPUT_IDS:
+        raise ValueError(
+            f"method=prompt_tuning does not support {model.config.model_type}: its positions and attention "
+            "pattern are computed from the token ids ([gMASK]/<sop>), so a soft prompt cannot be put in front. "
+            "Use method=ptuning (P-Tuning v2) instead."
+        )
     n = int(cfg_get(cfg, "num_virtual_tokens", 16))
     if n <= 0:
         raise ValueError(f"method=prompt_tuning: num_virtual_tokens must be > 0, got {n}")

@@ -288,7 +288,7 @@ def _install_forward(model: nn.Module) -> None:
         else:
             mask_real = None
         if position_ids is None:
-            position_ids = real_position_ids(mask_real, q_len, past_real, batch, device)
+            position_ids = _position_ids(model, input_ids, mask_real, q_len, past_real, batch, device)
 
         out = orig(
             input_ids=input_ids,
@@ -305,6 +305,67 @@ def _install_forward(model: nn.Module) -> None:
         return out
 
     model.forward = forward
+    _install_prepare_inputs(model)
+
+
+def _chatglm_v1_positions(model, input_ids, attention_mask):
+    from glm_experiments.models.chatglm_v1 import chatglm_v1_positions
+
+    return chatglm_v1_positions(input_ids, attention_mask, model.config)[0]
+
+
+# model types whose position ids are not "count the attended tokens" (a model may instead define
+# ``prefix_free_position_ids(input_ids, attention_mask)``); called on a first pass only
+POSITION_IDS_FNS = {"chatglm_v1": _chatglm_v1_positions}
+
+
+def _position_ids(model, input_ids, mask_real, q_len, past_real, batch, device) -> torch.Tensor:
+    own = getattr(model, "prefix_free_position_ids", None)
+    special = POSITION_IDS_FNS.get(getattr(model.config, "model_type", None))
+    if own is not None or special is not None:
+        if past_real:
+            raise ValueError(
+                f"method=ptuning: {type(model).__name__} needs explicit position_ids once tokens are cached "
+                "(generate() passes them)"
+            )
+        if input_ids is None:
+            raise ValueError(f"method=ptuning: {type(model).__name__} computes positions from input_ids")
+        return own(input_ids, mask_real) if own is not None else special(model, input_ids, mask_real)
+    return real_position_ids(mask_real, q_len, past_real, batch, device)
+
+
+class _RealLengthView:
+    """A cache seen without its prefix: ``get_seq_length()`` counts real tokens only."""
+
+    def __init__(self, cache: Cache, prefix_len: int):
+        self._cache, self._prefix_len = cache, prefix_len
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self._cache.get_seq_length(layer_idx) - self._prefix_len, 0)
+
+    def __getattr__(self, name: str):
+        return getattr(self._cache, name)
+
+
+def _install_prepare_inputs(model: nn.Module) -> None:
+    """Models with their own ``prepare_inputs_for_generation`` slice the new tokens by the cache length:
+    show them a cache that does not count the prefix (GenerationMixin's own does not need this)."""
+    from transformers import GenerationMixin
+
+    own = getattr(type(model), "prepare_inputs_for_generation", None)
+    if own is None or own is GenerationMixin.prepare_inputs_for_generation:
+        return
+    orig = model.prepare_inputs_for_generation
+
+    @functools.wraps(orig)
+    def prepare_inputs_for_generation(input_ids, past_key_values=None, **kwargs):
+        if past_key_values is None or getattr(past_key_values, "stateless", False):
+            return orig(input_ids, past_key_values=past_key_values, **kwargs)
+        view = _RealLengthView(past_key_values, _encoder(model).pre_seq_len)
+        inputs = orig(input_ids, past_key_values=view, **kwargs)
+        return {k: (past_key_values if v is view else v) for k, v in inputs.items()}
+
+    model.prepare_inputs_for_generation = prepare_inputs_for_generation
 
 
 # --------------------------------------------------------------------------- method API
