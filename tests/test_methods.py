@@ -479,3 +479,21 @@ def test_v1_lora_default_and_prompt_tuning_refused():
     assert {n.split(".lora_A")[0].split(".")[-1] for n, _ in model.named_parameters() if "lora_A" in n} == {"query_key_value"}
     with pytest.raises(ValueError, match="prompt_tuning does not support chatglm_v1"):
         get_method("prompt_tuning").apply(make_v1_model(), PromptTuningMethodConfig(name="prompt_tuning"))
+
+
+@pytest.mark.parametrize("name", ["ptuning", "prompt_tuning"])
+def test_forward_override_keeps_signature_and_survives_deepcopy(name):
+    import copy
+    import inspect
+
+    cfg = PtuningMethodConfig(name=name, pre_seq_len=3) if name == "ptuning" else PromptTuningMethodConfig(name=name, num_virtual_tokens=3)
+    model = get_method(name).apply(make_model(), cfg)
+    params = inspect.signature(model.forward).parameters
+    assert list(params)[:3] == ["input_ids", "attention_mask", "position_ids"] and "labels" in params
+    clone = copy.deepcopy(model)
+    trainable = next(p for p in clone.parameters() if p.requires_grad)
+    with torch.no_grad():
+        trainable.add_(1.0)  # only the copy changes: its forward must use its own prefix / prompt
+    assert not torch.equal(eval_logits(clone), eval_logits(model))
+    clone_again = copy.deepcopy(model)
+    assert torch.equal(eval_logits(clone_again), eval_logits(model))

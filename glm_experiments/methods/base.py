@@ -239,3 +239,36 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: 
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+# ----------------------------------------------------------------------------- instance overrides
+def override_method(model: nn.Module, name: str, impl) -> None:
+    """Install ``impl(self, original, *args, **kwargs)`` as ``model.<name>`` on this instance only.
+
+    ``original`` is whatever ``model.<name>`` was before (an earlier instance override, else the
+    class's method), bound to the model being called, so ``copy.deepcopy(model)`` gives a copy
+    whose override works on the copy. ``inspect.signature(model.<name>)`` stays the original's
+    (``generate`` and the Trainer read it).
+    """
+    import inspect
+    import types
+
+    previous_key = f"_glm_experiments_previous_{name}"
+    previous = model.__dict__.get(name)
+    object.__setattr__(model, previous_key, previous)
+
+    def method(self, *args, **kwargs):
+        prev = self.__dict__.get(previous_key)
+        original = prev if prev is not None else types.MethodType(getattr(type(self), name), self)
+        return impl(self, original, *args, **kwargs)
+
+    if previous is not None:
+        params = list(inspect.signature(previous).parameters.values())
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        method.__signature__ = inspect.Signature([self_param, *params])
+    else:
+        method.__signature__ = inspect.signature(getattr(type(model), name))
+    original_func = getattr(type(model), name)
+    method.__name__ = getattr(original_func, "__name__", name)
+    method.__doc__ = getattr(original_func, "__doc__", None)
+    object.__setattr__(model, name, types.MethodType(method, model))

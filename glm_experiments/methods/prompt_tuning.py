@@ -21,7 +21,6 @@ Saved: ``soft_prompt.safetensors`` + ``method.json``.
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +36,7 @@ from glm_experiments.methods.base import (
     freeze_all,
     input_embeddings,
     load_safetensors,
+    override_method,
     read_method_json,
     real_position_ids,
     save_safetensors,
@@ -89,73 +89,73 @@ def _init_vectors(model: nn.Module, n: int, init_text: str, tokenizer: Any) -> t
 
 
 def _install_forward(model: nn.Module) -> None:
-    orig = model.forward
+    override_method(model, "forward", _forward)
 
-    @functools.wraps(orig)
-    def forward(
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Cache] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ):
-        sp = _prompt(model)
-        n_virtual = sp.num_virtual_tokens
-        ref = input_ids if input_ids is not None else inputs_embeds
-        if ref is None:
-            raise ValueError("method=prompt_tuning: forward needs input_ids or inputs_embeds")
-        batch, q_len, device = ref.shape[0], ref.shape[1], ref.device
-        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        first = seen == 0
-        past_real = 0 if first else seen - n_virtual
 
-        mask_real = None
-        if attention_mask is not None and attention_mask.dim() == 2:
-            real_len = past_real + q_len
-            if attention_mask.shape[1] == real_len:
-                mask_real = attention_mask
-                attention_mask = extend_mask_left(attention_mask, n_virtual)
-            elif attention_mask.shape[1] == real_len + n_virtual:
-                mask_real = attention_mask[:, n_virtual:]
-            else:
-                raise ValueError(
-                    f"method=prompt_tuning: attention_mask has {attention_mask.shape[1]} columns; expected "
-                    f"{real_len} (past + new tokens) or {real_len + n_virtual} (with the virtual tokens)"
-                )
-        if position_ids is None:
-            position_ids = real_position_ids(mask_real, q_len, past_real, batch, device)
-        position_ids = position_ids + n_virtual
+def _forward(
+    model: nn.Module,
+    orig,
+    input_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    past_key_values: Optional[Cache] = None,
+    inputs_embeds: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    **kwargs: Any,
+):
+    sp = _prompt(model)
+    n_virtual = sp.num_virtual_tokens
+    ref = input_ids if input_ids is not None else inputs_embeds
+    if ref is None:
+        raise ValueError("method=prompt_tuning: forward needs input_ids or inputs_embeds")
+    batch, q_len, device = ref.shape[0], ref.shape[1], ref.device
+    seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+    first = seen == 0
+    past_real = 0 if first else seen - n_virtual
 
-        if first:
-            if inputs_embeds is None:
-                inputs_embeds = input_embeddings(model)(input_ids)
-            prompt = sp(batch, dtype=inputs_embeds.dtype)
-            inputs_embeds = torch.cat([prompt, inputs_embeds], dim=1)
-            input_ids = None
-            virt_pos = torch.arange(n_virtual, device=device, dtype=position_ids.dtype).unsqueeze(0)
-            position_ids = torch.cat([virt_pos.expand(position_ids.shape[0], -1), position_ids], dim=1)
-            if labels is not None:
-                pad = torch.full((labels.shape[0], n_virtual), -100, dtype=labels.dtype, device=labels.device)
-                labels = torch.cat([pad, labels], dim=1)
+    mask_real = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        real_len = past_real + q_len
+        if attention_mask.shape[1] == real_len:
+            mask_real = attention_mask
+            attention_mask = extend_mask_left(attention_mask, n_virtual)
+        elif attention_mask.shape[1] == real_len + n_virtual:
+            mask_real = attention_mask[:, n_virtual:]
+        else:
+            raise ValueError(
+                f"method=prompt_tuning: attention_mask has {attention_mask.shape[1]} columns; expected "
+                f"{real_len} (past + new tokens) or {real_len + n_virtual} (with the virtual tokens)"
+            )
+    if position_ids is None:
+        position_ids = real_position_ids(mask_real, q_len, past_real, batch, device)
+    position_ids = position_ids + n_virtual
 
-        out = orig(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            **kwargs,
-        )
-        if first and isinstance(out, ModelOutput) and out.get("logits") is not None:
-            logits = out["logits"]
-            if logits.shape[1] == n_virtual + q_len:
-                out["logits"] = logits[:, n_virtual:]
-        return out
+    if first:
+        if inputs_embeds is None:
+            inputs_embeds = input_embeddings(model)(input_ids)
+        prompt = sp(batch, dtype=inputs_embeds.dtype)
+        inputs_embeds = torch.cat([prompt, inputs_embeds], dim=1)
+        input_ids = None
+        virt_pos = torch.arange(n_virtual, device=device, dtype=position_ids.dtype).unsqueeze(0)
+        position_ids = torch.cat([virt_pos.expand(position_ids.shape[0], -1), position_ids], dim=1)
+        if labels is not None:
+            pad = torch.full((labels.shape[0], n_virtual), -100, dtype=labels.dtype, device=labels.device)
+            labels = torch.cat([pad, labels], dim=1)
 
-    model.forward = forward
+    out = orig(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        labels=labels,
+        **kwargs,
+    )
+    if first and isinstance(out, ModelOutput) and out.get("logits") is not None:
+        logits = out["logits"]
+        if logits.shape[1] == n_virtual + q_len:
+            out["logits"] = logits[:, n_virtual:]
+    return out
 
 
 def apply(model: nn.Module, cfg: Any, *, tokenizer: Any = None, init: Optional[torch.Tensor] = None) -> nn.Module:

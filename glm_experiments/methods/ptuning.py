@@ -34,7 +34,6 @@ Only the encoder is saved: ``prefix_encoder.safetensors`` + ``method.json``.
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -53,6 +52,7 @@ from glm_experiments.methods.base import (
     input_embeddings,
     load_safetensors,
     model_dims,
+    override_method,
     read_method_json,
     real_position_ids,
     save_safetensors,
@@ -225,87 +225,86 @@ def _check_reentrant(model: nn.Module) -> None:
 
 
 def _install_forward(model: nn.Module) -> None:
-    orig = model.forward
+    override_method(model, "forward", _forward)
 
-    @functools.wraps(orig)
-    def forward(
-        input_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        past_key_values: Optional[Cache] = None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        use_cache: Optional[bool] = None,
-        **kwargs: Any,
-    ):
-        enc = _encoder(model)
-        ref = input_ids if input_ids is not None else inputs_embeds
-        if ref is None:
-            raise ValueError("method=ptuning: forward needs input_ids or inputs_embeds")
-        batch, q_len = ref.shape[0], ref.shape[1]
-        device = ref.device
-        dtype = input_embeddings(model).weight.dtype
-        prefix_len = enc.pre_seq_len
 
-        if getattr(past_key_values, "stateless", False):
-            past_key_values = None  # a PrefixKVCache handed back: it holds no tokens
-        stateless = False
-        if past_key_values is None:
+def _forward(
+    model: nn.Module,
+    orig,
+    input_ids: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    position_ids: Optional[torch.Tensor] = None,
+    past_key_values: Optional[Cache] = None,
+    inputs_embeds: Optional[torch.Tensor] = None,
+    labels: Optional[torch.Tensor] = None,
+    use_cache: Optional[bool] = None,
+    **kwargs: Any,
+):
+    enc = _encoder(model)
+    ref = input_ids if input_ids is not None else inputs_embeds
+    if ref is None:
+        raise ValueError("method=ptuning: forward needs input_ids or inputs_embeds")
+    batch, q_len = ref.shape[0], ref.shape[1]
+    device = ref.device
+    dtype = input_embeddings(model).weight.dtype
+    prefix_len = enc.pre_seq_len
+
+    if getattr(past_key_values, "stateless", False):
+        past_key_values = None  # a PrefixKVCache handed back: it holds no tokens
+    stateless = False
+    if past_key_values is None:
+        keys, values = enc(batch, dtype=dtype)
+        if use_cache and not model.training:
+            past_key_values = _fill(_new_dynamic_cache(model.config), keys, values)
+        else:
+            past_key_values = PrefixKVCache(keys, values)
+            stateless = True
+        past_real = 0
+    else:
+        seen = past_key_values.get_seq_length()
+        if seen == 0:  # the empty cache generate() creates: pre-fill the prefix
             keys, values = enc(batch, dtype=dtype)
-            if use_cache and not model.training:
-                past_key_values = _fill(_new_dynamic_cache(model.config), keys, values)
-            else:
-                past_key_values = PrefixKVCache(keys, values)
-                stateless = True
+            _fill(past_key_values, keys, values)
             past_real = 0
         else:
-            seen = past_key_values.get_seq_length()
-            if seen == 0:  # the empty cache generate() creates: pre-fill the prefix
-                keys, values = enc(batch, dtype=dtype)
-                _fill(past_key_values, keys, values)
-                past_real = 0
-            else:
-                past_real = seen - prefix_len
-                if past_real < 0:
-                    raise ValueError(
-                        f"method=ptuning: the cache holds {seen} positions, fewer than pre_seq_len={prefix_len}"
-                    )
-        if stateless and model.training:
-            _check_reentrant(model)
-
-        if attention_mask is not None and attention_mask.dim() == 2:
-            real_len = past_real + q_len
-            if attention_mask.shape[1] == real_len:
-                mask_real = attention_mask
-                attention_mask = extend_mask_left(attention_mask, prefix_len)
-            elif attention_mask.shape[1] == real_len + prefix_len:
-                mask_real = attention_mask[:, prefix_len:]
-            else:
+            past_real = seen - prefix_len
+            if past_real < 0:
                 raise ValueError(
-                    f"method=ptuning: attention_mask has {attention_mask.shape[1]} columns; expected {real_len} "
-                    f"(past + new tokens) or {real_len + prefix_len} (with the {prefix_len} prefix positions)"
+                    f"method=ptuning: the cache holds {seen} positions, fewer than pre_seq_len={prefix_len}"
                 )
+    if stateless and model.training:
+        _check_reentrant(model)
+
+    if attention_mask is not None and attention_mask.dim() == 2:
+        real_len = past_real + q_len
+        if attention_mask.shape[1] == real_len:
+            mask_real = attention_mask
+            attention_mask = extend_mask_left(attention_mask, prefix_len)
+        elif attention_mask.shape[1] == real_len + prefix_len:
+            mask_real = attention_mask[:, prefix_len:]
         else:
-            mask_real = None
-        if position_ids is None:
-            position_ids = _position_ids(model, input_ids, mask_real, q_len, past_real, batch, device)
+            raise ValueError(
+                f"method=ptuning: attention_mask has {attention_mask.shape[1]} columns; expected {real_len} "
+                f"(past + new tokens) or {real_len + prefix_len} (with the {prefix_len} prefix positions)"
+            )
+    else:
+        mask_real = None
+    if position_ids is None:
+        position_ids = _position_ids(model, input_ids, mask_real, q_len, past_real, batch, device)
 
-        out = orig(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            use_cache=use_cache,
-            **kwargs,
-        )
-        if stateless and isinstance(out, ModelOutput) and "past_key_values" in out:
-            out["past_key_values"] = None
-        return out
-
-    model.forward = forward
-    _install_prepare_inputs(model)
+    out = orig(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        labels=labels,
+        use_cache=use_cache,
+        **kwargs,
+    )
+    if stateless and isinstance(out, ModelOutput) and "past_key_values" in out:
+        out["past_key_values"] = None
+    return out
 
 
 def _chatglm_v1_positions(model, input_ids, attention_mask):
@@ -355,17 +354,15 @@ def _install_prepare_inputs(model: nn.Module) -> None:
     own = getattr(type(model), "prepare_inputs_for_generation", None)
     if own is None or own is GenerationMixin.prepare_inputs_for_generation:
         return
-    orig = model.prepare_inputs_for_generation
+    override_method(model, "prepare_inputs_for_generation", _prepare_inputs_for_generation)
 
-    @functools.wraps(orig)
-    def prepare_inputs_for_generation(input_ids, past_key_values=None, **kwargs):
-        if past_key_values is None or getattr(past_key_values, "stateless", False):
-            return orig(input_ids, past_key_values=past_key_values, **kwargs)
-        view = _RealLengthView(past_key_values, _encoder(model).pre_seq_len)
-        inputs = orig(input_ids, past_key_values=view, **kwargs)
-        return {k: (past_key_values if v is view else v) for k, v in inputs.items()}
 
-    model.prepare_inputs_for_generation = prepare_inputs_for_generation
+def _prepare_inputs_for_generation(model, orig, input_ids, past_key_values=None, **kwargs):
+    if past_key_values is None or getattr(past_key_values, "stateless", False):
+        return orig(input_ids, past_key_values=past_key_values, **kwargs)
+    view = _RealLengthView(past_key_values, _encoder(model).pre_seq_len)
+    inputs = orig(input_ids, past_key_values=view, **kwargs)
+    return {k: (past_key_values if v is view else v) for k, v in inputs.items()}
 
 
 # --------------------------------------------------------------------------- method API
@@ -390,6 +387,7 @@ def apply(model: nn.Module, cfg: Any, *, embedding_dim: Optional[int] = None) ->
     model.add_module(ENCODER_ATTR, enc)
     _allow_cache_under_checkpointing(model)
     _install_forward(model)
+    _install_prepare_inputs(model)
     return model
 
 
