@@ -564,3 +564,24 @@ def test_error_family_mismatch(ckpt):
         load_checkpoint(ckpt["glm4"], "chatglm3", torch.float32)
     with pytest.raises(CheckpointError, match="unknown family"):
         load_checkpoint(ckpt["glm4"], "glm5", torch.float32)
+
+
+def test_v1_prefix_in_cache(loaded):
+    """P-Tuning v2 style: a prefix already in the cache, the whole sequence as input, a mask for the input only."""
+    from transformers.cache_utils import DynamicCache
+
+    model, tok = loaded["chatglm"]
+    cfg = model.config
+    ids = torch.tensor([sample_ids("chatglm", tok)])
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    cache = DynamicCache(config=cfg)
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(cfg.num_hidden_layers):
+        kv = torch.randn(2, 1, cfg.num_attention_heads, 3, hd, generator=gen)
+        cache.update(kv[0], kv[1], layer)
+    with torch.no_grad():
+        out = model(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True).logits
+        plain = model(ids).logits
+    assert out.shape == plain.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, plain)
+    assert cache.get_seq_length() == 3 + ids.shape[1]

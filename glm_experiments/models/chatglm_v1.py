@@ -255,7 +255,10 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
         **kwargs,
     ) -> BaseModelOutputWithPast:
         if input_ids is None:
-            raise ValueError("ChatGLM-6B needs input_ids (positions and masks depend on [gMASK] and <sop>)")
+            raise ValueError(
+                "ChatGLM-6B needs input_ids: its positions and attention mask depend on where [gMASK] and <sop> are"
+                " (inputs_embeds alone, as PEFT prompt tuning passes them, are not supported for this family)"
+            )
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
@@ -267,19 +270,23 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("attention_mask must be 2D (batch, past + new tokens) with 1 = token, 0 = padding")
 
-        # which keys each query may see: padding never; the context (before <sop>) always; the rest causally
-        key_valid = (
-            attention_mask[:, -(past_len + q_len) :].bool()
-            if attention_mask is not None
-            else torch.ones(bsz, past_len + q_len, dtype=torch.bool, device=device)
-        )
-        chunk_mask = key_valid[:, past_len:]
-        if position_ids is None:
-            if past_len:
-                raise ValueError("position_ids are required with past_key_values (prepare_inputs_for_generation builds them)")
-            position_ids, sop_index = chatglm_v1_positions(input_ids, chunk_mask, self.config)
+        # which keys each query may see: padding never; the context (before <sop>) always; the rest causally.
+        # A 2D mask shorter than past + new tokens (e.g. P-Tuning v2 prefixes in the cache) leaves the past visible.
+        total = past_len + q_len
+        if attention_mask is None:
+            key_valid = torch.ones(bsz, total, dtype=torch.bool, device=device)
         else:
-            _, sop_index = chatglm_v1_positions(input_ids, chunk_mask, self.config)
+            key_valid = attention_mask[:, -total:].bool()
+            if key_valid.shape[1] < total:
+                key_valid = torch.cat(
+                    [torch.ones(bsz, total - key_valid.shape[1], dtype=torch.bool, device=device), key_valid], dim=1
+                )
+        chunk_mask = key_valid[:, past_len:]
+        # without explicit position_ids the new tokens are taken as the whole sequence (a prefix in the cache,
+        # as P-Tuning v2 puts there, has no position); generate() passes position_ids built from all tokens
+        computed, sop_index = chatglm_v1_positions(input_ids, chunk_mask, self.config)
+        if position_ids is None:
+            position_ids = computed
         has_sop = sop_index < q_len
         context_end = torch.where(has_sop, sop_index + past_len, torch.full_like(sop_index, q_len if not past_len else 0))
         q_pos = torch.arange(past_len, past_len + q_len, device=device)
@@ -347,24 +354,31 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
     def prepare_inputs_for_generation(
-        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
+        self,
+        input_ids,
+        next_sequence_length=None,
+        past_key_values=None,
+        attention_mask=None,
+        inputs_embeds=None,
+        use_cache=True,
+        **kwargs,
     ):
-        # 2D positions need the whole sequence ([gMASK] and <sop> may lie in the cached part)
+        # 2D positions need the whole sequence ([gMASK] and <sop> may lie in the part already in the cache)
         position_ids, _ = chatglm_v1_positions(input_ids, attention_mask, self.config)
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_len:
-            input_ids = input_ids[:, past_len:]
-            position_ids = position_ids[:, :, past_len:]
+        if next_sequence_length is None and past_key_values is not None and past_key_values.get_seq_length():
+            next_sequence_length = input_ids.shape[1] - past_key_values.get_seq_length()
+        if next_sequence_length is not None:
+            input_ids = input_ids[:, -next_sequence_length:]
+            position_ids = position_ids[:, :, -next_sequence_length:]
         model_inputs = {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
+            "input_ids": input_ids.contiguous(),
+            "position_ids": position_ids.contiguous(),
             "past_key_values": past_key_values,
             "attention_mask": attention_mask,
             "use_cache": use_cache,
         }
-        for key in ("logits_to_keep",):
-            if key in kwargs:
-                model_inputs[key] = kwargs[key]
+        if "logits_to_keep" in kwargs:
+            model_inputs["logits_to_keep"] = kwargs["logits_to_keep"]
         return model_inputs
 
 
