@@ -276,25 +276,16 @@ def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
 
 
 def _tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """Recover the merge that creates each multi-byte token: run tiktoken's BPE on the token with only
-    lower-ranked merges allowed; it stops at exactly two parts."""
+    """tiktoken merges any adjacent pair whose concatenation is a token, lowest rank first: every split of a
+    token into two tokens is a merge, ranked by the token it makes."""
     merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        if len(token) < 2:
-            continue
-        parts = [token[i : i + 1] for i in range(len(token))]
-        while len(parts) > 2:
-            best, best_rank = None, None
-            for i in range(len(parts) - 1):
-                r = ranks.get(parts[i] + parts[i + 1])
-                if r is not None and r < rank and (best_rank is None or r < best_rank):
-                    best, best_rank = i, r
-            if best is None:
-                break
-            parts[best : best + 2] = [parts[best] + parts[best + 1]]
-        if len(parts) == 2:
-            merges.append((parts[0], parts[1]))
-    return merges
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort()
+    return [(m[3], m[4]) for m in merges]
 
 
 def glm4_tokenizer(model_file: str | os.PathLike) -> PreTrainedTokenizerFast:
