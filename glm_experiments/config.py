@@ -43,6 +43,9 @@ class ModelConfig:
     # auto = bf16 where the hardware supports it, fp32 on CPU
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
+    # convert a THUDM checkpoint once into ~/.cache/glm_experiments/converted (sweeps reuse it)
+    # instead of mapping it in memory on every run
+    cache_conversion: bool = True
     # chat template family used to tokenise (defaults to the model family's own)
     template: Optional[str] = None
     tiny: Optional[TinyModelConfig] = None

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset, load_from_disk
 
-from glm_experiments.data.formats import DataError, Sample, load_samples
+from glm_experiments.data.formats import Sample, load_samples, resolve_data_path
 from glm_experiments.data.templates import IGNORE_INDEX, truncate
 
 log = logging.getLogger(__name__)
@@ -27,24 +27,9 @@ class SplitStats:
     errors: list[str] = field(default_factory=list)
 
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def resolve_data_path(path: str) -> Path:
-    """Relative paths are tried against the working directory, then the project root (shipped demo sets)."""
-    candidate = Path(path).expanduser()
-    if candidate.is_absolute() or candidate.exists():
-        resolved = candidate
-    else:
-        resolved = PROJECT_ROOT / candidate
-    if not resolved.is_file():
-        raise DataError(f"data file not found: {path} (looked in {Path.cwd()} and {PROJECT_ROOT})")
-    return resolved.resolve()
-
-
 def tokenize_samples(samples: list[Sample], tokenizer, template, data_cfg) -> tuple[dict[str, list], SplitStats]:
     stats = SplitStats(records=len(samples))
-    columns: dict[str, list] = {"input_ids": [], "labels": []}
+    columns: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     for sample in samples:
         encoded = template.encode(tokenizer, sample.messages)
         ids, labels, was_truncated = truncate(encoded, data_cfg.max_source_length, data_cfg.max_target_length)
@@ -53,6 +38,7 @@ def tokenize_samples(samples: list[Sample], tokenizer, template, data_cfg) -> tu
         stats.tokens_dropped += len(encoded.input_ids) - len(ids)
         columns["input_ids"].append(ids)
         columns["labels"].append(labels)
+        columns["length"].append(len(ids))  # read by the length-grouped sampler
     return columns, stats
 
 

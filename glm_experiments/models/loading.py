@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from glm_experiments.errors import UserError
@@ -36,15 +37,19 @@ def load_model_and_tokenizer(model_cfg, quantization_config=None):
     if family == "tiny":
         from glm_experiments.models.tiny import ensure_tiny_checkpoint
 
-        path = ensure_tiny_checkpoint(model_cfg.tiny)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+        tiny_cfg = OmegaConf.to_object(model_cfg.tiny) if isinstance(model_cfg.tiny, DictConfig) else model_cfg.tiny
+        path = ensure_tiny_checkpoint(tiny_cfg)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, quantization_config=quantization_config
+        )
         tokenizer = AutoTokenizer.from_pretrained(path)
     elif family in ("chatglm", "chatglm2", "chatglm3", "glm4", "hf"):
         if not model_cfg.path or not Path(model_cfg.path).is_dir():
             raise UserError(f"model={model_cfg.name} needs model.path=<checkpoint directory>; got {model_cfg.path!r}")
         from glm_experiments.models.thudm import load_checkpoint
 
-        model, tokenizer = load_checkpoint(model_cfg.path, family, dtype)
+        extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+        model, tokenizer = load_checkpoint(model_cfg.path, family, dtype, cached=model_cfg.cache_conversion, **extra)
     else:
         raise UserError(f"model.family={family!r}: expected tiny, chatglm, chatglm2, chatglm3, glm4 or hf")
     tokenizer.padding_side = "left"  # batched generation

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -147,6 +148,9 @@ def ensure_tiny_checkpoint(cfg: TinyModelConfig, corpus_path: Path = DEMO_CORPUS
         start = time.perf_counter()
         torch.manual_seed(0)
         corpus = read_corpus(corpus_path)
+        # documents shuffled: sources and their copy texts are never adjacent, so the base learns the
+        # language of both but not the mapping between them (that is what fine-tuning must add)
+        random.Random(0).shuffle(corpus)
         tokenizer = train_tokenizer(corpus, cfg.vocab_size)
         model = build_model(cfg, tokenizer)
         losses = pretrain(model, tokenizer, corpus, cfg)

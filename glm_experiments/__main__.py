@@ -1,0 +1,44 @@
+"""``python -m glm_experiments [group=option ...] [key=value ...]``: one training run (or a sweep with --multirun)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import glm_experiments.config  # noqa: F401  (registers the schema before Hydra composes)
+from glm_experiments.errors import UserError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("glm_experiments")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from glm_experiments.data.formats import DataError
+    from glm_experiments.summary import print_summary
+    from glm_experiments.train import run
+
+    try:
+        result = run(cfg)
+    except (UserError, DataError) as exc:
+        # the user's to fix: one clear message, no traceback
+        log.error("%s", exc)
+        if _in_multirun():
+            raise  # the sweeper records this job as failed and goes on with the others
+        raise SystemExit(f"error: {exc}") from None
+    print_summary(cfg, result)
+    # returned for hparams_search (Optuna maximises it)
+    return result.metrics_after.get(cfg.get("optimize_metric", "rouge-l"))
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
+
+if __name__ == "__main__":
+    main()

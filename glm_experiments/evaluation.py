@@ -1,0 +1,87 @@
+"""Generation-based evaluation: batched greedy (by default) generation with left padding, then metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from glm_experiments.metrics import compute_metrics
+
+
+@dataclass
+class EvalSet:
+    prompts: list[list[int]]
+    inputs: list[str]
+    references: list[str]
+
+
+def generation_kwargs(eval_cfg, tokenizer, template) -> dict:
+    kwargs = {
+        "max_new_tokens": eval_cfg.max_new_tokens,
+        "do_sample": eval_cfg.do_sample,
+        "num_beams": eval_cfg.num_beams,
+        "eos_token_id": template.stop_ids(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if eval_cfg.do_sample:
+        kwargs.update(temperature=eval_cfg.temperature, top_p=eval_cfg.top_p)
+    return kwargs
+
+
+@torch.no_grad()
+def generate(model, tokenizer, template, prompts: list[list[int]], eval_cfg, show_progress: bool = True) -> list[str]:
+    """Replies to ``prompts`` (token ids), in the given order. Prompts are sorted by length so each
+    batch pads little; padding is on the left so every reply starts at the same column."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    kwargs = generation_kwargs(eval_cfg, tokenizer, template)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    outputs: dict[int, str] = {}
+    progress = Progress(
+        TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not show_progress, transient=True
+    )
+    with progress:
+        task = progress.add_task("gen", total=len(prompts))
+        for start in range(0, len(order), eval_cfg.batch_size):
+            batch = order[start : start + eval_cfg.batch_size]
+            longest = max(len(prompts[i]) for i in batch)
+            ids = torch.full((len(batch), longest), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), longest), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, longest - len(prompts[i]) :] = 1
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            for row, i in enumerate(batch):
+                text = tokenizer.decode(generated[row, longest:], skip_special_tokens=True)
+                outputs[i] = template.clean_response(text)
+            progress.advance(task, len(batch))
+    model.train(was_training)
+    return [outputs[i] for i in range(len(prompts))]
+
+
+def evaluate_generation(model, tokenizer, template, eval_set: EvalSet, eval_cfg, metrics: list[str]) -> tuple[dict, list[dict]]:
+    """Returns (metric means + timing, one row per sample with input, reference, prediction and scores)."""
+    start = time.perf_counter()
+    predictions = generate(model, tokenizer, template, eval_set.prompts, eval_cfg)
+    seconds = time.perf_counter() - start
+    means, per_sample = compute_metrics(predictions, eval_set.references, metrics)
+    rows = [
+        {"input": inp, "reference": ref, "prediction": pred, **scores}
+        for inp, ref, pred, scores in zip(eval_set.inputs, eval_set.references, predictions, per_sample)
+    ]
+    means["gen_seconds"] = seconds
+    means["gen_samples_per_s"] = len(predictions) / seconds if seconds else 0.0
+    return means, rows
+
+
+def write_predictions(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

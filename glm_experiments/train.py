@@ -1,0 +1,336 @@
+"""One run: build the pieces the config names, evaluate, train, evaluate, save, log."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from glm_experiments.data.dataset import CausalCollator, eval_prompts, load_split
+from glm_experiments.data.templates import get_template
+from glm_experiments.errors import UserError
+from glm_experiments.evaluation import EvalSet, evaluate_generation, write_predictions
+from glm_experiments.methods import get_method, trainable_summary
+from glm_experiments.metrics import DEFINITIONS
+from glm_experiments.models.loading import load_model_and_tokenizer
+from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
+
+log = logging.getLogger(__name__)
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    run_id: str | None
+    metrics_before: dict = field(default_factory=dict)
+    metrics_after: dict = field(default_factory=dict)
+    train_metrics: dict = field(default_factory=dict)
+    trainable: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- memory
+def peak_memory_mib() -> dict[str, float]:
+    """Peak figures, not means: CPU RSS high-water mark, and CUDA max allocated/reserved where there is a GPU."""
+    out = {"perf/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        out["perf/cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        out["perf/cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
+    return out
+
+
+# ---------------------------------------------------------------------------- trainer
+class GlmTrainer(Trainer):
+    """transformers' Trainer plus: non-pad tokens/s, and checkpoints holding only the trainable tensors.
+
+    A checkpoint of an adapter method never contains the frozen base (the seeds' P-Tuning runs wrote
+    12 GB per checkpoint); resuming loads those tensors back bit-exactly, with the optimizer, scheduler,
+    RNG and data position that Trainer saves beside them.
+    """
+
+    def __init__(self, *args, method_cfg=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.method_cfg = method_cfg
+        self.tokens_seen = 0
+        self._window_tokens = 0
+        self._window_start = time.perf_counter()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        tokens = int(inputs["attention_mask"].sum())
+        self.tokens_seen += tokens
+        self._window_tokens += tokens
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:
+            now = time.perf_counter()
+            logs["tokens_per_s"] = self._window_tokens / max(now - self._window_start, 1e-9)
+            logs["tokens_seen"] = self.tokens_seen
+            self._window_tokens, self._window_start = 0, now
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = Path(output_dir or self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(output_dir / TRAINABLE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model or self.model
+        path = Path(resume_from_checkpoint) / TRAINABLE_FILE
+        if not path.exists():
+            raise UserError(f"cannot resume: {path} not found")
+        saved = load_file(str(path))
+        expected = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(saved) != expected:
+            missing, extra = sorted(expected - set(saved))[:5], sorted(set(saved) - expected)[:5]
+            raise UserError(f"cannot resume from {path}: trainable tensors differ (missing {missing}, unexpected {extra}); "
+                            "was it written with another method or model?")
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in saved.items():
+                params[name].copy_(tensor)
+
+    def _load_best_model(self) -> None:  # not used (load_best_model_at_end is off)
+        pass
+
+
+class TrackingCallback(TrainerCallback):
+    """Trainer logs -> MLflow (train/*), plus generation-based evaluation every eval_steps."""
+
+    def __init__(self, tracker: Tracker, evaluate_fn, eval_steps: int):
+        self.tracker, self.evaluate_fn, self.eval_steps = tracker, evaluate_fn, eval_steps
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        metrics = {}
+        for key, value in logs.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                name = key[5:] if key.startswith("eval_") else key
+                metrics[("eval/" if key.startswith("eval_") else "train/") + name] = value
+        metrics.update(peak_memory_mib())
+        self.tracker.log_metrics(metrics, step=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.eval_steps and state.global_step % self.eval_steps == 0 and state.global_step < state.max_steps:
+            self.evaluate_fn(state.global_step)
+
+
+# ------------------------------------------------------------------------------- run
+def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
+    if resume in (None, "", "null", "none", False):
+        return None
+    if str(resume) == "auto":
+        last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+        if last is None:
+            log.warning("resume=auto: no checkpoint in %s, starting from scratch", checkpoint_dir)
+        return last
+    path = checkpoint_dir / f"checkpoint-{resume}"
+    if not path.is_dir():
+        available = sorted(p.name for p in checkpoint_dir.glob("checkpoint-*")) if checkpoint_dir.is_dir() else []
+        raise UserError(f"resume={resume}: {path} does not exist (available: {available or 'none'})")
+    return str(path)
+
+
+def training_arguments(cfg: DictConfig, checkpoint_dir: Path) -> TrainingArguments:
+    t = cfg.train
+    precision = t.precision
+    if precision == "auto":
+        precision = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    deepspeed = OmegaConf.to_container(cfg.deepspeed.config, resolve=True) if cfg.deepspeed.config else None
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="no",
+        gradient_checkpointing=t.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        dataloader_num_workers=t.dataloader_num_workers,
+        bf16=precision == "bfloat16",
+        fp16=precision == "float16",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=not sys.stderr.isatty(),  # progress bars in a terminal, not in CI logs
+        save_only_model=False,
+        deepspeed=deepspeed,
+    )
+
+
+def hydra_tags() -> tuple[dict[str, str], list[str]]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}, []
+    hydra_cfg = HydraConfig.get()
+    tags = {f"hydra.choices.{k}": str(v) for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
+    overrides = list(hydra_cfg.overrides.task)
+    tags["hydra.overrides"] = " ".join(overrides) or "(none)"
+    tags["hydra.mode"] = str(hydra_cfg.mode)
+    return tags, overrides
+
+
+def run(cfg: DictConfig) -> RunResult:
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = run_dir / "checkpoints"
+    set_seed(cfg.seed)
+    resume_from = resolve_resume(cfg.resume, checkpoint_dir)
+
+    method = get_method(cfg.method.name)
+    if hasattr(method, "check_available"):
+        method.check_available()
+
+    tags, overrides = hydra_tags()
+    tracker = Tracker(cfg.tracking)
+    commit = git_commit()
+    tracker.start(run_name(cfg, overrides), {**tags, **({"git.commit": commit} if commit else {})})
+    result = RunResult(run_dir=run_dir, run_id=tracker.run_id)
+    try:
+        _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker, result)
+    except BaseException as exc:
+        tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
+        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.end("FINISHED")
+    return result
+
+
+def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, result: RunResult) -> None:
+    tracker.log_params(flatten_config(cfg))
+    tracker.set_tags({f"metric_definition.{m}": DEFINITIONS[m] for m in cfg.data.metrics if m in DEFINITIONS})
+
+    # ---- model + method
+    start = time.perf_counter()
+    quantization = method.quantization_config(cfg.method) if hasattr(method, "quantization_config") else None
+    model, tokenizer = load_model_and_tokenizer(cfg.model, quantization_config=quantization)
+    template = get_template(cfg.model.template or cfg.model.family)
+    # prompt tuning initialises its soft prompt from text, so it needs the tokenizer
+    wants_tokenizer = "tokenizer" in inspect.signature(method.apply).parameters
+    model = method.apply(model, cfg.method, tokenizer=tokenizer) if wants_tokenizer else method.apply(model, cfg.method)
+    result.trainable = trainable_summary(model)
+    tracker.log_metrics({"model/trainable_params": result.trainable["trainable"],
+                         "model/total_params": result.trainable["total"],
+                         "model/trainable_pct": result.trainable["pct"]}, step=0)
+    log.info("method=%s: %s of %s parameters trainable (%.4f%%)", cfg.method.name,
+             f"{result.trainable['trainable']:,}", f"{result.trainable['total']:,}", result.trainable["pct"])
+
+    # ---- data
+    cache_dir = _data_cache_dir()
+    train_set, _, train_stats = load_split(cfg.data.train_file, tokenizer, template, cfg.data, cache_dir)
+    if cfg.data.max_train_samples:
+        train_set = train_set.select(range(min(cfg.data.max_train_samples, len(train_set))))
+    dev_set = eval_set = None
+    data_metrics = {"data/train_records": train_stats.records, "data/train_skipped": train_stats.skipped,
+                    "data/train_truncated": train_stats.truncated, "data/train_tokens": train_stats.tokens,
+                    "data/train_tokens_dropped": train_stats.tokens_dropped}
+    if cfg.data.dev_file:
+        dev_set, dev_samples, dev_stats = load_split(cfg.data.dev_file, tokenizer, template, cfg.data, cache_dir)
+        data_metrics.update({"data/dev_records": dev_stats.records, "data/dev_skipped": dev_stats.skipped,
+                             "data/dev_truncated": dev_stats.truncated})
+        limit = cfg.eval.max_samples or len(dev_samples)
+        eval_set = EvalSet(*eval_prompts(dev_samples[:limit], tokenizer, template, cfg.data))
+    tracker.log_metrics(data_metrics, step=0)
+    if cfg.sanity_print:
+        _print_sample(train_set[0], tokenizer)
+    result.train_metrics["startup_seconds"] = time.perf_counter() - start
+
+    # ---- generation-based evaluation (before, during, after)
+    predictions_dir = run_dir / "predictions"
+
+    def evaluate(step: int, tag: str | None = None) -> dict:
+        if eval_set is None:
+            return {}
+        means, rows = evaluate_generation(model, tokenizer, template, eval_set, cfg.eval, list(cfg.data.metrics))
+        name = tag or f"step{step}"
+        write_predictions(rows, predictions_dir / f"{name}.jsonl")
+        tracker.log_table(rows, f"predictions/{name}.json")
+        tracker.log_metrics({f"eval/{k}": v for k, v in means.items()}, step=step)
+        log.info("eval @ step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in means.items() if k in cfg.data.metrics))
+        return means
+
+    if cfg.eval.before_training and not resume_from:
+        result.metrics_before = evaluate(0, "before")
+
+    # ---- train
+    trainer = GlmTrainer(
+        model=model,
+        args=training_arguments(cfg, checkpoint_dir),
+        train_dataset=train_set,
+        data_collator=CausalCollator(tokenizer.pad_token_id),
+        callbacks=[TrackingCallback(tracker, evaluate, cfg.train.eval_steps)],
+        method_cfg=cfg.method,
+    )
+    train_start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.perf_counter() - train_start
+    result.train_metrics.update(
+        train_loss=output.training_loss,
+        train_seconds=train_seconds,
+        tokens_per_s=trainer.tokens_seen / train_seconds,
+        final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan")),
+    )
+    final_step = trainer.state.global_step
+    tracker.log_metrics({"perf/train_seconds": train_seconds, "perf/tokens_per_s": result.train_metrics["tokens_per_s"],
+                         "perf/startup_seconds": result.train_metrics["startup_seconds"], **peak_memory_mib()},
+                        step=final_step)
+
+    # ---- evaluate + save
+    if dev_set is not None:
+        loss = trainer.evaluate(dev_set)["eval_loss"]
+        tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}, step=final_step)
+        result.metrics_after["loss"] = loss
+    result.metrics_after.update(evaluate(final_step, "after"))
+    adapter_dir = run_dir / "adapter"
+    method.save(model, adapter_dir, cfg.method)
+    tokenizer.save_pretrained(adapter_dir)
+    (run_dir / "result.json").write_text(json.dumps({
+        "run_id": result.run_id, "metrics_before": result.metrics_before, "metrics_after": result.metrics_after,
+        "train": result.train_metrics, "trainable": result.trainable}, indent=2, default=float))
+    tracker.log_artifacts(run_dir / ".hydra", "hydra")
+    tracker.log_artifacts(predictions_dir, "predictions_jsonl")
+    tracker.log_artifact(run_dir / "result.json")
+    if cfg.tracking.log_adapter:
+        tracker.log_artifacts(adapter_dir, "adapter")
+
+
+def _data_cache_dir() -> Path:
+    from glm_experiments.models.tiny import cache_root
+
+    return cache_root() / "tokenized"
+
+
+def _print_sample(sample: dict, tokenizer) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("position", "token", "id", "label", title="first training sample")
+    for i, (tok_id, label) in enumerate(zip(sample["input_ids"], sample["labels"])):
+        table.add_row(str(i), repr(tokenizer.decode([tok_id])), str(tok_id), str(label))
+    Console().print(table)
