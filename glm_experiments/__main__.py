@@ -19,10 +19,12 @@ log = logging.getLogger("glm_experiments")
 def main(cfg: DictConfig) -> float | None:
     from glm_experiments.data.formats import DataError
     from glm_experiments.summary import print_summary
+    from glm_experiments.launcher import launch, needs_launch
     from glm_experiments.train import run
 
     try:
-        result = run(cfg)
+        # several processes or DeepSpeed: torchrun workers train from the config composed here
+        result = launch(cfg) if needs_launch(cfg) else run(cfg)
     except (UserError, DataError) as exc:
         # the user's to fix: one clear message, no traceback
         log.error("%s", exc)

@@ -178,6 +178,19 @@ class DeepSpeedConfig:
     config: Optional[dict[str, Any]] = None
 
 
+@dataclass
+class LauncherConfig:
+    """How many processes train (glm_experiments/launcher.py): 1 process on 1 node without DeepSpeed runs
+    in-process; anything else composes once and starts torchrun workers."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    # 0 = a free port on one node, 29500 across nodes
+    master_port: int = 0
+
+
 # -------------------------------------------------------------------------- root
 @dataclass
 class Config:
@@ -185,6 +198,7 @@ class Config:
     method: Any = MISSING
     data: DataConfig = MISSING
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -6,6 +6,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import resource
 import sys
 import time
@@ -16,10 +17,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from glm_experiments.data.dataset import CausalCollator, eval_prompts, load_split
 from glm_experiments.data.templates import get_template
+from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
 from glm_experiments.evaluation import EvalSet, evaluate_generation, write_predictions
 from glm_experiments.methods import get_method, trainable_summary
@@ -53,6 +55,26 @@ def peak_memory_mib() -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------- trainer
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' length-grouped order, drawn from ``seed + epoch`` instead of the global RNG.
+
+    transformers' own sampler permutes with the global torch RNG at the start of each epoch, whose state
+    then depends on everything run before (dropout, model init): a resumed run skipped the right number
+    of batches of a *different* order, and its losses left the uninterrupted run's after the checkpoint.
+    """
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Trainer / accelerate before every epoch
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class GlmTrainer(Trainer):
     """transformers' Trainer plus: non-pad tokens/s, and checkpoints holding only the trainable tensors.
 
@@ -83,9 +105,14 @@ class GlmTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if not self.args.should_save:  # Trainer calls this on every rank
+            return
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        # DeepSpeed passes the gathered weights (under ZeRO-3 the model's own tensors are empty partitions)
+        tensors = state_dict if state_dict else dict(self.model.named_parameters())
+        trainable = {n: tensors[n].detach().cpu().contiguous() for n in names}
         save_file(trainable, str(output_dir / TRAINABLE_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -106,6 +133,13 @@ class GlmTrainer(Trainer):
 
     def _load_best_model(self) -> None:  # not used (load_best_model_at_end is off)
         pass
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:  # make the order a function of (seed, epoch): resumable
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
+        return sampler
 
 
 class TrackingCallback(TrainerCallback):
@@ -134,15 +168,18 @@ class TrackingCallback(TrainerCallback):
 def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
     if resume in (None, "", "null", "none", False):
         return None
+    # trainer_state.json is written last: a run killed while saving leaves a checkpoint dir without it
+    complete = sorted((p for p in checkpoint_dir.glob("checkpoint-*") if p.name[11:].isdigit()
+                       and (p / "trainer_state.json").is_file()), key=lambda p: int(p.name[11:]))
     if str(resume) == "auto":
-        last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
-        if last is None:
-            log.warning("resume=auto: no checkpoint in %s, starting from scratch", checkpoint_dir)
-        return last
+        if not complete:
+            log.warning("resume=auto: no complete checkpoint in %s, starting from scratch", checkpoint_dir)
+            return None
+        return str(complete[-1])
     path = checkpoint_dir / f"checkpoint-{resume}"
-    if not path.is_dir():
-        available = sorted(p.name for p in checkpoint_dir.glob("checkpoint-*")) if checkpoint_dir.is_dir() else []
-        raise UserError(f"resume={resume}: {path} does not exist (available: {available or 'none'})")
+    if path not in complete:
+        state = "is incomplete (no trainer_state.json)" if path.is_dir() else "does not exist"
+        raise UserError(f"resume={resume}: {path} {state} (complete checkpoints: {[p.name for p in complete] or 'none'})")
     return str(path)
 
 
@@ -180,6 +217,8 @@ def training_arguments(cfg: DictConfig, checkpoint_dir: Path) -> TrainingArgumen
         disable_tqdm=not sys.stderr.isatty(),  # progress bars in a terminal, not in CI logs
         save_only_model=False,
         deepspeed=deepspeed,
+        # without it accelerate sees no distributed setup on a CPU-only machine (DDP over gloo); DeepSpeed sets up its own
+        use_cpu=not torch.cuda.is_available() and deepspeed is None,
     )
 
 
@@ -187,7 +226,11 @@ def hydra_tags() -> tuple[dict[str, str], list[str]]:
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
-        return {}, []
+        # a torchrun worker: the launcher hands over the Hydra process's tags
+        from glm_experiments.launcher import HYDRA_TAGS_ENV
+
+        saved = json.loads(os.environ.get(HYDRA_TAGS_ENV, '{"tags": {}, "overrides": []}'))
+        return saved["tags"], saved["overrides"]
     hydra_cfg = HydraConfig.get()
     tags = {f"hydra.choices.{k}": str(v) for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
     overrides = list(hydra_cfg.overrides.task)
@@ -208,7 +251,7 @@ def run(cfg: DictConfig) -> RunResult:
         method.check_available()
 
     tags, overrides = hydra_tags()
-    tracker = Tracker(cfg.tracking)
+    tracker = Tracker(cfg.tracking, active=is_main())  # one MLflow run, created by rank 0
     commit = git_commit()
     tracker.start(run_name(cfg, overrides), {**tags, **({"git.commit": commit} if commit else {})})
     result = RunResult(run_dir=run_dir, run_id=tracker.run_id)
@@ -243,7 +286,8 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
 
     # ---- data
     cache_dir = _data_cache_dir()
-    train_set, _, train_stats = load_split(cfg.data.train_file, tokenizer, template, cfg.data, cache_dir)
+    with local_main_first():
+        train_set, _, train_stats = load_split(cfg.data.train_file, tokenizer, template, cfg.data, cache_dir)
     if cfg.data.max_train_samples:
         train_set = train_set.select(range(min(cfg.data.max_train_samples, len(train_set))))
     dev_set = eval_set = None
@@ -251,7 +295,8 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
                     "data/train_truncated": train_stats.truncated, "data/train_tokens": train_stats.tokens,
                     "data/train_tokens_dropped": train_stats.tokens_dropped}
     if cfg.data.dev_file:
-        dev_set, dev_samples, dev_stats = load_split(cfg.data.dev_file, tokenizer, template, cfg.data, cache_dir)
+        with local_main_first():
+            dev_set, dev_samples, dev_stats = load_split(cfg.data.dev_file, tokenizer, template, cfg.data, cache_dir)
         data_metrics.update({"data/dev_records": dev_stats.records, "data/dev_skipped": dev_stats.skipped,
                              "data/dev_truncated": dev_stats.truncated})
         limit = cfg.eval.max_samples or len(dev_samples)
@@ -265,9 +310,12 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
     predictions_dir = run_dir / "predictions"
 
     def evaluate(step: int, tag: str | None = None) -> dict:
-        if eval_set is None:
+        # rank 0 generates alone, except under ZeRO-3 where every forward needs all ranks (generate syncs them)
+        if eval_set is None or not (is_main() or zero3_partitioned(model)):
             return {}
         means, rows = evaluate_generation(model, tokenizer, template, eval_set, cfg.eval, list(cfg.data.metrics))
+        if not is_main():
+            return means
         name = tag or f"step{step}"
         write_predictions(rows, predictions_dir / f"{name}.jsonl")
         tracker.log_table(rows, f"predictions/{name}.json")
@@ -290,16 +338,19 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
     train_start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.perf_counter() - train_start
+    # every rank's tokens and peak memory, on rank 0 (one entry in-process)
+    per_rank = gather_to_main((trainer.tokens_seen, peak_memory_mib())) or []
+    rank_memory = {f"{k}_rank{r}": v for r, (_, mem) in enumerate(per_rank) for k, v in mem.items()} if len(per_rank) > 1 else {}
     result.train_metrics.update(
         train_loss=output.training_loss,
         train_seconds=train_seconds,
-        tokens_per_s=trainer.tokens_seen / train_seconds,
+        tokens_per_s=sum(n for n, _ in per_rank) / train_seconds,
         final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan")),
     )
     final_step = trainer.state.global_step
     tracker.log_metrics({"perf/train_seconds": train_seconds, "perf/tokens_per_s": result.train_metrics["tokens_per_s"],
-                         "perf/startup_seconds": result.train_metrics["startup_seconds"], **peak_memory_mib()},
-                        step=final_step)
+                         "perf/startup_seconds": result.train_metrics["startup_seconds"], **peak_memory_mib(),
+                         **rank_memory}, step=final_step)
 
     # ---- evaluate + save
     if dev_set is not None:
@@ -308,7 +359,9 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
         result.metrics_after["loss"] = loss
     result.metrics_after.update(evaluate(final_step, "after"))
     adapter_dir = run_dir / "adapter"
-    method.save(model, adapter_dir, cfg.method)
+    save_method(method, model, adapter_dir, cfg.method, trainer)
+    if not is_main():
+        return
     tokenizer.save_pretrained(adapter_dir)
     (run_dir / "result.json").write_text(json.dumps({
         "run_id": result.run_id, "metrics_before": result.metrics_before, "metrics_after": result.metrics_after,
@@ -318,6 +371,28 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
     tracker.log_artifact(run_dir / "result.json")
     if cfg.tracking.log_adapter:
         tracker.log_artifacts(adapter_dir, "adapter")
+
+
+def save_method(method, model, out_dir: Path, method_cfg, trainer: Trainer) -> None:
+    """``method.save`` on rank 0. Under ZeRO-3 each rank holds a slice of every weight, so the weights are
+    gathered first (collective: every rank calls this): the trainable ones for adapter methods, the whole
+    model, layer by layer into rank 0's CPU memory, for full fine-tuning."""
+    if not zero3_partitioned(model):
+        if is_main():
+            method.save(model, out_dir, method_cfg)
+        return
+    if method_cfg.name == "full":
+        state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)  # needs stage3_gather_16bit_weights_on_model_save
+        if is_main():
+            from glm_experiments.methods.base import write_method_json
+
+            model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+            write_method_json(out_dir, method_cfg.name, {})
+    else:
+        with gathered([p for p in model.parameters() if p.requires_grad]):
+            if is_main():
+                method.save(model, out_dir, method_cfg)
+    barrier()
 
 
 def _data_cache_dir() -> Path:

@@ -1,0 +1,98 @@
+"""``python -m glm_experiments.worker <resolved_config.yaml>``: one torchrun rank of a multi-process run.
+
+Started by glm_experiments.launcher (never by hand, never through Hydra). Reads the config the Hydra
+process resolved, restores its schema types, joins the process group torchrun describes in the
+environment (NCCL with GPUs, gloo on CPU) and calls ``train.run``. Rank 0 logs to MLflow and writes the
+run products; a user error is written to ``worker_error.txt`` for the launcher to report in one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("glm_experiments")
+
+
+def load_config(path: Path) -> DictConfig:
+    """The resolved YAML merged back into the structured schema (so model.tiny etc. are typed as under Hydra)."""
+    from glm_experiments.config import METHOD_SCHEMAS, Config
+
+    raw = OmegaConf.load(path)
+    schema = OmegaConf.structured(Config)
+    method = raw.get("method", {}).get("name")
+    if method in METHOD_SCHEMAS:
+        schema.method = OmegaConf.structured(METHOD_SCHEMAS[method])
+    OmegaConf.set_struct(schema, False)  # keys an experiment added with `+key=...` stay
+    cfg = OmegaConf.merge(schema, raw)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def init_process_group() -> None:
+    import torch
+    import torch.distributed as dist
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+
+
+def setup_logging(rank: int, run_dir: Path) -> None:
+    fmt = f"[%(asctime)s][rank {rank}][%(name)s][%(levelname)s] - %(message)s"
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=fmt, stream=sys.stderr)
+    if rank == 0:
+        handler = logging.FileHandler(run_dir / "worker.log")
+        handler.setFormatter(logging.Formatter(fmt))
+        logging.getLogger().addHandler(handler)
+    if rank != 0:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m glm_experiments.worker <resolved_config.yaml>  (started by torchrun)", file=sys.stderr)
+        return 2
+    from glm_experiments.launcher import ERROR_FILE, check_deepspeed, deepspeed_dict
+
+    cfg = load_config(Path(argv[0]))
+    run_dir = Path(cfg.output_dir)
+    rank = int(os.environ.get("RANK", 0))
+    setup_logging(rank, run_dir)
+
+    from glm_experiments.data.formats import DataError
+    from glm_experiments.errors import UserError
+
+    import torch.distributed as dist
+
+    try:
+        check_deepspeed(deepspeed_dict(cfg))
+        init_process_group()
+        from glm_experiments.train import run
+
+        run(cfg)
+    except (UserError, DataError) as exc:
+        log.error("%s", exc)
+        try:  # the first rank to fail tells the launcher why
+            with open(run_dir / ERROR_FILE, "x") as f:
+                f.write(f"{exc}\n")
+        except FileExistsError:
+            pass
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
