@@ -48,12 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def predict(args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
 
-    from glm_experiments.data.dataset import eval_prompts
     from glm_experiments.data.formats import load_samples, resolve_data_path
-    from glm_experiments.evaluation import EvalSet, evaluate_generation, write_predictions
     from glm_experiments.run_loading import check_adapter, find_run_dir, load_run, load_run_config
 
-    # everything that can be checked without loading the model, first
+    # everything that can be checked without loading the model (or importing torch), first
     run_dir = find_run_dir(args.run, args.tracking_uri)
     cfg = load_run_config(run_dir)
     check_adapter(run_dir)
@@ -61,6 +59,9 @@ def predict(args: argparse.Namespace) -> dict:
     samples, report = load_samples(input_path, cfg.data)
     if args.max_samples:
         samples = samples[: args.max_samples]
+
+    from glm_experiments.data.dataset import eval_prompts
+    from glm_experiments.evaluation import EvalSet, evaluate_generation, write_predictions
 
     loaded = load_run(run_dir, device=args.device)
     eval_cfg = OmegaConf.create(OmegaConf.to_container(cfg.eval, resolve=True))
