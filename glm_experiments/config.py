@@ -26,7 +26,7 @@ class TinyModelConfig:
     num_key_value_heads: int = 2
     head_dim: int = 32
     intermediate_size: int = 344
-    vocab_size: int = 2500  # BPE pieces learned from the demo corpus (specials added on top)
+    vocab_size: int = 2000  # at most; char-level BPE pieces of <= 2 characters learned from the demo sets
     max_position_embeddings: int = 512
     pretrain_steps: int = 200
     pretrain_batch_size: int = 16
@@ -130,7 +130,7 @@ class TrainConfig:
     max_steps: int = 300
     per_device_train_batch_size: int = 16
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3
     lr_scheduler_type: str = "cosine"
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
@@ -152,7 +152,7 @@ class EvalConfig:
     before_training: bool = True
     max_samples: Optional[int] = 64
     batch_size: int = 16
-    max_new_tokens: int = 96
+    max_new_tokens: int = 64
     do_sample: bool = False
     num_beams: int = 1
     temperature: float = 0.95

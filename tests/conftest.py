@@ -16,9 +16,9 @@ torch.set_num_threads(2)
 def tiny_tokenizer():
     """The tiny model's tokenizer, trained offline on the demo corpus (< 1 s)."""
     from glm_experiments.config import TinyModelConfig
-    from glm_experiments.models.tiny import read_corpus, train_tokenizer
+    from glm_experiments.models.tiny import tokenizer_corpus, train_tokenizer
 
-    return train_tokenizer(read_corpus(), TinyModelConfig().vocab_size)
+    return train_tokenizer(tokenizer_corpus(), TinyModelConfig().vocab_size)
 
 
 def compose(overrides: list[str] | None = None):

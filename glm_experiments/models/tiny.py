@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
 from glm_experiments.config import TinyModelConfig
@@ -41,6 +41,26 @@ def cache_root() -> Path:
     return Path(os.environ.get("GLM_EXPERIMENTS_CACHE", Path.home() / ".cache" / "glm_experiments"))
 
 
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def tokenizer_corpus() -> list[str]:
+    """Every string of the shipped demo training sets, so that all of them tokenise without <unk>."""
+    texts = []
+    for path in sorted((PROJECT_ROOT / "data").glob("*/train.json")):
+        raw = path.read_text(encoding="utf-8").strip()
+        records = json.loads(raw) if raw.startswith("[") else [json.loads(line) for line in raw.splitlines() if line.strip()]
+        texts += _strings(records)
+    return texts
+
+
 def read_corpus(path: Path = DEMO_CORPUS) -> list[str]:
     docs = []
     with path.open(encoding="utf-8") as f:
@@ -52,17 +72,23 @@ def read_corpus(path: Path = DEMO_CORPUS) -> list[str]:
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
+    """Character-level BPE: a few hundred merges on top of the corpus's characters.
+
+    Characters rather than bytes, and few merges, so attribute words ("针织", "连衣裙") stay tokens of
+    their own in both the source and the copy text: a small model can then learn the mapping by copying.
+    Characters the corpus never saw become <unk>.
+    """
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[#*，。、！？：；,.!?:;\s]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=BASE_SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        max_token_length=2,
+        initial_alphabet=[chr(i) for i in range(32, 127)] + ["\n"],  # printable ASCII (JSON of tool calls)
         show_progress=False,
     )
-    # "\n" matters: the ChatGLM3 template puts it after every role token
-    tok.train_from_iterator(corpus + ["\n"] * 10, trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     tok.add_special_tokens(GLM_SPECIALS)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -132,6 +158,8 @@ def pretrain(model: GlmForCausalLM, tokenizer, corpus: list[str], cfg: TinyModel
 def tiny_key(cfg: TinyModelConfig, corpus_path: Path = DEMO_CORPUS) -> str:
     digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
     digest.update(corpus_path.read_bytes())
+    for path in sorted((PROJECT_ROOT / "data").glob("*/train.json")):
+        digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 
 
@@ -151,7 +179,7 @@ def ensure_tiny_checkpoint(cfg: TinyModelConfig, corpus_path: Path = DEMO_CORPUS
         # documents shuffled: sources and their copy texts are never adjacent, so the base learns the
         # language of both but not the mapping between them (that is what fine-tuning must add)
         random.Random(0).shuffle(corpus)
-        tokenizer = train_tokenizer(corpus, cfg.vocab_size)
+        tokenizer = train_tokenizer(tokenizer_corpus(), cfg.vocab_size)
         model = build_model(cfg, tokenizer)
         losses = pretrain(model, tokenizer, corpus, cfg)
         model.save_pretrained(out)
