@@ -1,0 +1,34 @@
+"""OmegaConf resolvers the configs may use (registered once, idempotently).
+
+``${mul:2,${method.r}}`` -> 2 * r (conf/experiment/lora_rank_sweep.yaml sets LoRA alpha = 2r this way).
+
+They must be registered before a config that uses them is resolved. The Hydra callback in
+``glm_experiments.tracking.sweep`` imports this module, and Hydra instantiates callbacks before any job
+runs, so the CLI always has them; code that composes configs itself (tests, notebooks) should call
+``register_resolvers()`` (``glm_experiments.config`` is the natural place to do it once for everyone).
+"""
+
+from __future__ import annotations
+
+import math
+
+from omegaconf import OmegaConf
+
+
+def _number(value):
+    if isinstance(value, str):
+        value = float(value) if any(c in value for c in ".eE") else int(value)
+    return value
+
+
+def _mul(*values):
+    result = math.prod(_number(v) for v in values)
+    return int(result) if isinstance(result, float) and result.is_integer() else result
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", _mul)
+
+
+register_resolvers()

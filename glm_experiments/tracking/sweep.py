@@ -1,0 +1,187 @@
+"""One MLflow parent run per ``--multirun`` sweep; every job of the sweep becomes its child.
+
+Registered in ``conf/hydra/default.yaml`` (``hydra.callbacks.mlflow_sweep``). What it does:
+
+* ``on_multirun_start``: creates the parent run in the experiment the composed config names
+  (``tracking.experiment_name`` in ``tracking.tracking_uri``), tagged with the sweep directory, the sweep's
+  overrides and sweeper params, the sweeper, the git commit; named after the swept params. Its id goes into
+  ``os.environ[PARENT_RUN_ENV]``, which ``Tracker.start`` turns into ``mlflow.parentRunId`` of each job's run
+  (also for launchers that spawn processes: they inherit the environment).
+* ``on_job_end``: counts the job on the parent (``sweep/jobs_completed``, ``sweep/jobs_failed``, the job's
+  return value as ``sweep/objective`` at step = job number); a failed job also gets tags
+  ``job.<num>.status/overrides/error``. The sweep goes on with its other jobs.
+* ``on_multirun_end``: ends the parent FINISHED, or FAILED when any job failed (tag ``sweep.failed_jobs``).
+
+Hydra 1.3's BasicSweeper runs every job of a batch, then re-raises the first failure, so
+``on_multirun_end`` is never called when a job failed (the same for the Optuna sweeper, which stops at the
+first failed trial). The parent is therefore also ended from an ``atexit`` hook: FAILED when jobs failed,
+KILLED when the sweep stopped for another reason (Ctrl-C, a composition error).
+
+With ``tracking.enabled: false`` (``tracking=none``) the callback does nothing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+import glm_experiments.resolvers  # noqa: F401  (configs may use ${mul:...}; registered before any job resolves)
+from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, artifact_root_for, git_commit
+
+log = logging.getLogger(__name__)
+
+ROLE_TAG = "glm_experiments.role"
+SWEEP_PARENT = "sweep_parent"
+MAX_NAME = 200
+
+
+def sweep_overrides(config: DictConfig) -> tuple[list[str], list[str]]:
+    """(swept overrides, fixed overrides) from the command line and ``hydra.sweeper.params``."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = config.hydra.sweeper.get("params") or {}
+    candidates = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    parser = OverridesParser.create()
+    by_key: dict[str, tuple[str, bool]] = {}  # a command-line override replaces the same key's sweeper param
+    for text in candidates:
+        try:
+            override = parser.parse_override(text)
+            key, is_sweep = override.get_key_element(), override.is_sweep_override()
+        except Exception:  # noqa: BLE001 - a sweeper-specific syntax Hydra's parser does not know
+            key, is_sweep = text.partition("=")[0], True
+        by_key.pop(key, None)
+        by_key[key] = (text, is_sweep)
+    swept = [text for text, is_sweep in by_key.values() if is_sweep]
+    fixed = [text for text, is_sweep in by_key.values() if not is_sweep]
+    return swept, fixed
+
+
+def parent_name(config: DictConfig, swept: list[str]) -> str:
+    if config.tracking.get("run_name"):
+        return f"{config.tracking.run_name}-sweep"
+    choices = config.hydra.runtime.get("choices") or {}
+    study = choices.get("experiment") or choices.get("hparams_search")
+    body = " ".join(swept) or "(no swept params)"
+    name = f"{study}: {body}" if study else f"sweep: {body}"
+    return name if len(name) <= MAX_NAME else name[: MAX_NAME - 3] + "..."
+
+
+class MlflowSweepCallback(Callback):
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.client = None
+        self.parent_run_id: str | None = None
+        self.previous_parent: str | None = None
+        self.completed = 0
+        self.failed = 0
+        self._closed = True
+
+    # ------------------------------------------------------------------ multirun
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        tracking = config.get("tracking")
+        if not self.enabled or tracking is None or not tracking.get("enabled", False):
+            return
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking.tracking_uri)
+        experiment = self.client.get_experiment_by_name(tracking.experiment_name)
+        if experiment is None:
+            location = tracking.get("artifact_location") or artifact_root_for(tracking.tracking_uri)
+            experiment_id = self.client.create_experiment(tracking.experiment_name, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+
+        swept, fixed = sweep_overrides(config)
+        choices = config.hydra.runtime.get("choices") or {}
+        tags = {
+            ROLE_TAG: SWEEP_PARENT,
+            "sweep.dir": str(Path(config.hydra.sweep.dir).resolve()),
+            "sweep.params": " ".join(swept) or "(none)",
+            "sweep.fixed_overrides": " ".join(fixed) or "(none)",
+            "sweep.sweeper": str(config.hydra.sweeper.get("_target_", "")),
+            "hydra.overrides": " ".join(config.hydra.overrides.task) or "(none)",
+            "hydra.mode": "RunMode.MULTIRUN",
+            **{f"hydra.choices.{k}": str(v) for k, v in choices.items() if not k.startswith("hydra/")},
+        }
+        commit = git_commit()
+        if commit:
+            tags["git.commit"] = commit
+        self.previous_parent = os.environ.get(PARENT_RUN_ENV)
+        if self.previous_parent:  # a sweep launched from inside another tracked run nests under it
+            tags["mlflow.parentRunId"] = self.previous_parent
+        tags["mlflow.note.content"] = (
+            f"Sweep parent: each job of this --multirun is a child run.\n\n"
+            f"* swept: `{tags['sweep.params']}`\n* fixed: `{tags['sweep.fixed_overrides']}`\n"
+            f"* sweep dir: `{tags['sweep.dir']}`\n\n"
+            f"Compare the children: `python -m glm_experiments.compare --tracking-uri {tracking.tracking_uri} "
+            f"--parent <this run id>`"
+        )
+        run = self.client.create_run(experiment_id, run_name=parent_name(config, swept),
+                                     tags={k: str(v)[:5000] for k, v in tags.items()})
+        self.parent_run_id = run.info.run_id
+        os.environ[PARENT_RUN_ENV] = self.parent_run_id
+        self.completed = self.failed = 0
+        self._closed = False
+        atexit.register(self._end_at_exit)
+        log.info("MLflow sweep parent run %s (experiment '%s')", self.parent_run_id, tracking.experiment_name)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if self.parent_run_id is None or self._closed:
+            return
+        num = OmegaConf.select(config, "hydra.job.num", default=None)
+        num = self.completed + self.failed if num is None else num
+        try:
+            if job_return.status == JobStatus.FAILED:
+                self.failed += 1
+                error = job_return._return_value  # the exception; .return_value would re-raise it
+                self.client.set_tag(self.parent_run_id, f"job.{num}.status", "FAILED")
+                self.client.set_tag(self.parent_run_id, f"job.{num}.overrides",
+                                    " ".join(job_return.overrides or []) or "(none)")
+                self.client.set_tag(self.parent_run_id, f"job.{num}.error", f"{type(error).__name__}: {error}"[:5000])
+                self.client.set_tag(self.parent_run_id, "sweep.failed_jobs", str(self.failed))
+                log.warning("sweep job #%s failed (%s); the sweep goes on", num, type(error).__name__)
+            else:
+                self.completed += 1
+                value = job_return._return_value
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.client.log_metric(self.parent_run_id, "sweep/objective", float(value), step=int(num))
+            step = self.completed + self.failed
+            self.client.log_metric(self.parent_run_id, "sweep/jobs_completed", self.completed, step=step)
+            self.client.log_metric(self.parent_run_id, "sweep/jobs_failed", self.failed, step=step)
+        except Exception:  # noqa: BLE001 - tracking trouble must not stop the sweep
+            log.exception("could not record sweep job #%s on the MLflow parent run", num)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._end("FAILED" if self.failed else "FINISHED")
+
+    # ------------------------------------------------------------------ ending
+    def _end(self, status: str) -> None:
+        if self.parent_run_id is None or self._closed:
+            return
+        self._closed = True
+        try:
+            self.client.set_tag(self.parent_run_id, "sweep.jobs", str(self.completed + self.failed))
+            self.client.set_tag(self.parent_run_id, "sweep.failed_jobs", str(self.failed))
+            self.client.set_terminated(self.parent_run_id, status=status)
+            log.info("MLflow sweep parent run %s ended %s (%d jobs, %d failed)", self.parent_run_id, status,
+                     self.completed + self.failed, self.failed)
+        except Exception:  # noqa: BLE001
+            log.exception("could not end the MLflow sweep parent run %s", self.parent_run_id)
+        finally:
+            if self.previous_parent:
+                os.environ[PARENT_RUN_ENV] = self.previous_parent
+            else:
+                os.environ.pop(PARENT_RUN_ENV, None)
+            atexit.unregister(self._end_at_exit)
+
+    def _end_at_exit(self) -> None:
+        # BasicSweeper re-raises a failed job after its batch, so on_multirun_end never runs then
+        self._end("FAILED" if self.failed else "KILLED")
+

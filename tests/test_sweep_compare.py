@@ -1,0 +1,321 @@
+"""Sweep parent/child runs (the Hydra callback) and the comparison (compare.py) over them.
+
+The fast tests build runs directly with the MLflow client; the slow ones run real sweeps of the tiny model
+through the CLI into a temporary MLflow store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, compose
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def sqlite_uri(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def assert_png(path: Path) -> None:
+    assert path.exists(), path
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 5_000, (path, len(data))
+
+
+# ------------------------------------------------------------------ fast: compare on hand-made runs
+def _make_run(client, experiment_id, parent_id, params, metrics_by_step, status="FINISHED", name=None):
+    tags = {"mlflow.parentRunId": parent_id} if parent_id else {}
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    for key, value in params.items():
+        client.log_param(run.info.run_id, key, value)
+    for key, points in metrics_by_step.items():
+        for step, value in points:
+            client.log_metric(run.info.run_id, key, value, step=step)
+    client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def handmade_store(tmp_path_factory):
+    from mlflow import MlflowClient
+
+    tmp_path = tmp_path_factory.mktemp("store")
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("method_comparison", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    parent = client.create_run(exp, run_name="sweep: method=freeze,lora",
+                               tags={"glm_experiments.role": "sweep_parent"}).info.run_id
+    common = {"seed": "42", "train.learning_rate": "0.002", "data.name": "adgen_demo", "output_dir": "x"}
+    ids = {}
+    for i, (method, extra, pct, bleu) in enumerate([("freeze", {"method.num_last_layers": "2"}, 40.0, 3.0),
+                                                    ("lora", {"method.r": "8", "method.alpha": "16"}, 2.8, 2.0)]):
+        params = {**common, "method.name": method, "output_dir": f"out/{i}", **extra}
+        metrics = {"train/loss": [(2, 3.0 - i), (4, 2.5 - i), (6, 2.0 - i)],
+                   "eval/bleu-4": [(0, 0.1), (6, bleu)], "eval/rouge-1": [(0, 1.0), (6, 10.0 + i)],
+                   "eval/rouge-2": [(0, 0.0), (6, 2.0)], "eval/rouge-l": [(0, 1.0), (6, 8.0 + i)],
+                   "eval/loss": [(6, 2.1)], "model/trainable_pct": [(0, pct)], "perf/peak_rss_mib": [(6, 900.0 + i)],
+                   "perf/train_seconds": [(6, 12.0)], "perf/tokens_per_s": [(6, 5000.0)]}
+        ids[method] = _make_run(client, exp, parent, params, metrics, name=f"{method}-tiny")
+    client.set_terminated(parent, "FINISHED")
+    # a run of the same experiment outside the sweep (selected with --experiment, not with --parent)
+    ids["other"] = _make_run(client, exp, None, {**common, "method.name": "full", "output_dir": "out/9"},
+                             {"eval/bleu-4": [(0, 0.1), (6, 1.0)]}, status="FAILED", name="full-tiny")
+    return uri, client, parent, ids
+
+
+def test_compare_rows_by_parent_and_experiment(handmade_store):
+    from glm_experiments.compare import compare_runs
+
+    uri, _, parent, ids = handmade_store
+    rows = compare_runs(tracking_uri=uri, parent=parent)
+    assert [r["run_id"] for r in rows] == [ids["freeze"], ids["lora"]]
+    # only the method choice varies: method.* details and output_dir are not columns
+    assert rows[0]["method"] == "freeze" and rows[1]["method"] == "lora"
+    assert not any(k.startswith(("method.", "output_dir", "train.")) for k in rows[0])
+    assert rows[0]["trainable %"] == 40.0 and rows[1]["BLEU-4"] == 2.0 and rows[1]["ROUGE-L"] == 9.0
+    assert rows[0]["eval loss"] == 2.1 and rows[1]["RSS peak MiB"] == 901.0
+    assert "F1" not in rows[0] and "GPU peak MiB" not in rows[0]  # no run has them
+
+    rows = compare_runs(tracking_uri=uri, experiment="method_comparison")
+    assert {r["run_id"] for r in rows} == {ids["freeze"], ids["lora"], ids["other"]}  # the parent is left out
+    assert {r["status"] for r in rows} == {"FINISHED", "FAILED"}
+
+    rows = compare_runs(tracking_uri=uri, experiment="method_comparison", filter_string="params.method.name = 'lora'")
+    assert [r["run_id"] for r in rows] == [ids["lora"]]
+
+
+def test_compare_cli_outputs_and_logs_to_parent(handmade_store, tmp_path, capsys):
+    from glm_experiments.compare import main
+
+    uri, client, parent, _ = handmade_store
+    out = tmp_path / "cmp"
+    assert main(["--tracking-uri", uri, "--parent", parent, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "trainable %" in printed and "BLEU-4" in printed and "freeze" in printed
+    assert_png(out / "loss_curves.png")
+    assert_png(out / "final_metrics.png")
+    report = (out / "report.md").read_text()
+    assert "| method | trainable % | RSS peak MiB | BLEU-4 |" in report
+    assert "0.10 -> 3.00" in report  # before / after
+    assert "![training loss](loss_curves.png)" in report and "![final metrics](final_metrics.png)" in report
+    logged = {a.path for a in client.list_artifacts(parent, "comparison")}
+    assert logged == {"comparison/loss_curves.png", "comparison/final_metrics.png", "comparison/report.md"}
+
+
+def test_compare_clear_errors(handmade_store, tmp_path, capsys):
+    from glm_experiments.compare import CompareError, compare_runs, main
+
+    uri, _, parent, _ = handmade_store
+    with pytest.raises(CompareError, match="no runs match"):
+        compare_runs(tracking_uri=uri, parent=parent, filter_string="params.method.name = 'ptuning'")
+    with pytest.raises(CompareError, match="no experiment named 'nope'.*method_comparison"):
+        compare_runs(tracking_uri=uri, experiment="nope")
+    with pytest.raises(CompareError, match="no run with id"):
+        compare_runs(tracking_uri=uri, parent="0" * 32)
+    assert main(["--tracking-uri", sqlite_uri(tmp_path / "missing.db"), "--experiment", "x"]) == 2
+    assert "no MLflow database" in capsys.readouterr().err
+    assert not (tmp_path / "missing.db").exists()
+
+
+# ------------------------------------------------------------------ fast: the callback alone
+def _hydra_cfg(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import glm_experiments.config  # noqa: F401  (the schema)
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def test_sweep_callback_lifecycle(handmade_store, tmp_path, monkeypatch):
+    from hydra.core.utils import JobReturn, JobStatus
+    from omegaconf import open_dict
+
+    from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV
+    from glm_experiments.tracking.sweep import MlflowSweepCallback
+
+    uri, client, _, _ = handmade_store
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    cfg = _hydra_cfg([f"tracking.tracking_uri={uri}", "tracking.experiment_name=callback_test",
+                      f"hydra.sweep.dir={tmp_path}"])
+    with open_dict(cfg):  # what a --multirun of method=lora,freeze composes
+        cfg.hydra.sweeper.params = {"method": "lora,freeze"}
+        cfg.hydra.job.num = 0
+    callback = MlflowSweepCallback()
+    callback.on_multirun_start(cfg)
+    parent_id = os.environ[PARENT_RUN_ENV]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "RUNNING" and parent.info.run_name == "sweep: method=lora,freeze"
+    assert parent.data.tags["sweep.dir"] == str(tmp_path.resolve()) and parent.data.tags["git.commit"]
+    ok = JobReturn(overrides=["method=lora"], status=JobStatus.COMPLETED, _return_value=4.5)
+    bad = JobReturn(overrides=["method=freeze"], status=JobStatus.FAILED, _return_value=FileNotFoundError("gone.json"))
+    callback.on_job_end(cfg, ok)
+    with open_dict(cfg):
+        cfg.hydra.job.num = 1
+    callback.on_job_end(cfg, bad)
+    callback._end_at_exit()  # what runs when BasicSweeper re-raises the failure (on_multirun_end is skipped)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FAILED" and parent.data.tags["sweep.failed_jobs"] == "1"
+    assert parent.data.tags["job.1.error"] == "FileNotFoundError: gone.json"
+    assert parent.data.tags["job.1.overrides"] == "method=freeze" and "job.0.status" not in parent.data.tags
+    assert parent.data.metrics["sweep/objective"] == 4.5 and parent.data.metrics["sweep/jobs_failed"] == 1
+    assert PARENT_RUN_ENV not in os.environ
+    callback.on_multirun_end(cfg)  # ending twice is harmless
+    assert client.get_run(parent_id).info.status == "FAILED"
+
+
+def test_sweep_callback_does_nothing_without_tracking(monkeypatch, tmp_path):
+    from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV
+    from glm_experiments.tracking.sweep import MlflowSweepCallback
+
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    cfg = _hydra_cfg(["tracking=none", f"tracking.tracking_uri=sqlite:///{tmp_path}/never.db"])
+    callback = MlflowSweepCallback()
+    callback.on_multirun_start(cfg)
+    callback.on_multirun_end(cfg)
+    assert PARENT_RUN_ENV not in os.environ and callback.parent_run_id is None
+    assert not (tmp_path / "never.db").exists()
+
+
+# ------------------------------------------------------------------ fast: configs
+@pytest.mark.parametrize("overrides, expected", [
+    (["experiment=source_length_ablation"], {"data.max_source_length": 512, "data.max_target_length": 128}),
+    (["experiment=source_length_ablation", "lengths=src1024_tgt256"],
+     {"data.max_source_length": 1024, "data.max_target_length": 256, "method.name": "lora"}),
+    (["experiment=lora_rank_sweep", "method.r=16"], {"method.r": 16, "method.alpha": 32}),
+    (["experiment=method_comparison", "method=ptuning"], {"method.name": "ptuning"}),
+])
+def test_experiment_configs_compose(overrides, expected):
+    from omegaconf import OmegaConf
+
+    import glm_experiments.resolvers  # noqa: F401  (the CLI gets it through the sweep callback)
+
+    cfg = compose(overrides)
+    for key, value in expected.items():
+        assert OmegaConf.select(cfg, key) == value, key
+    assert cfg.tracking.experiment_name == overrides[0].split("=")[1]
+
+
+def test_sweep_params_and_callback_registered():
+    cfg = _hydra_cfg(["experiment=method_comparison"])
+    assert cfg.hydra.sweeper.params.method == "freeze,lora,ptuning,prompt_tuning,full"
+    assert cfg.hydra.callbacks.mlflow_sweep._target_ == "glm_experiments.tracking.sweep.MlflowSweepCallback"
+    assert cfg.hydra.sweep.dir and cfg.hydra.run.dir  # the original keys are kept
+
+
+# ------------------------------------------------------------------ slow: real sweeps through the CLI
+TINY = ["train.max_steps=2", "train.logging_steps=1", "train.save_steps=0", "train.warmup_ratio=0",
+        "train.per_device_train_batch_size=8", "eval.max_samples=2", "eval.max_new_tokens=4", "eval.batch_size=2",
+        "data.max_train_samples=16", "tracking.log_adapter=false"]
+
+
+def _small_data(tmp_path: Path) -> tuple[Path, Path]:
+    """A few records of the demo set, so that the dev-set loss pass is short too."""
+    src = ROOT / "data" / "adgen_demo"
+    train, dev = tmp_path / "train.json", tmp_path / "dev.json"
+    train.write_text("".join((src / "train.json").read_text(encoding="utf-8").splitlines(True)[:16]), encoding="utf-8")
+    dev.write_text("".join((src / "dev.json").read_text(encoding="utf-8").splitlines(True)[:4]), encoding="utf-8")
+    return train, dev
+
+
+def _sweep(tmp_path: Path, args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    env.pop("GLM_EXPERIMENTS_PARENT_RUN_ID", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "glm_experiments", "--multirun", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _runs(uri: str, experiment: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("glm_experiments.role") == "sweep_parent"]
+    children = [r for r in runs if r.data.tags.get("glm_experiments.role") != "sweep_parent"]
+    return client, parents, children
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sweep_2x2_parent_children_and_compare(tmp_path):
+    train, dev = _small_data(tmp_path)
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    proc = _sweep(tmp_path, ["method=lora,freeze", "train.learning_rate=1e-3,2e-3", *TINY,
+                             f"data.train_file={train}", f"data.dev_file={dev}", f"tracking.tracking_uri={uri}",
+                             "tracking.experiment_name=sweep_test", f"hydra.sweep.dir={tmp_path / 'multirun'}"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    client, parents, children = _runs(uri, "sweep_test")
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep.dir"] == str((tmp_path / "multirun").resolve())
+    assert "method=lora,freeze" in parent.data.tags["sweep.params"]
+    assert "train.learning_rate=1e-3,2e-3" in parent.data.tags["sweep.params"]
+    assert parent.data.tags.get("sweep.failed_jobs") == "0"
+    assert parent.data.metrics["sweep/jobs_completed"] == 4 and parent.data.metrics["sweep/jobs_failed"] == 0
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert all(c.info.status == "FINISHED" for c in children)
+    combos = {(c.data.params["method.name"], float(c.data.params["train.learning_rate"])) for c in children}
+    assert combos == {("lora", 1e-3), ("lora", 2e-3), ("freeze", 1e-3), ("freeze", 2e-3)}
+    assert all(c.data.params["train.max_steps"] == "2" for c in children)
+
+    from glm_experiments.compare import compare_runs, main
+
+    rows = compare_runs(tracking_uri=uri, parent=parent.info.run_id)
+    assert len(rows) == 4
+    assert {(r["method"], float(r["train.learning_rate"])) for r in rows} == combos
+    for row in rows:
+        for col in ("trainable %", "RSS peak MiB", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "eval loss", "train s",
+                    "tokens/s"):
+            assert row[col] is not None, (col, row)
+    out = tmp_path / "cmp"
+    assert main(["--tracking-uri", uri, "--parent", parent.info.run_id, "--out", str(out)]) == 0
+    assert_png(out / "loss_curves.png")
+    assert_png(out / "final_metrics.png")
+    report = (out / "report.md").read_text()
+    assert "| method | train.learning_rate | trainable % |" in report and "Before / after" in report
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")} >= {"comparison/report.md"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sweep_with_a_failing_job_records_all(tmp_path):
+    train, dev = _small_data(tmp_path)
+    missing = tmp_path / "missing.json"
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    proc = _sweep(tmp_path, [f"data.train_file={missing},{train}", *TINY, f"data.dev_file={dev}",
+                             "eval.before_training=false", f"tracking.tracking_uri={uri}",
+                             "tracking.experiment_name=failing_sweep", f"hydra.sweep.dir={tmp_path / 'multirun'}"])
+    assert proc.returncode != 0  # Hydra reports the failed job after running the others
+    client, parents, children = _runs(uri, "failing_sweep")
+    assert len(parents) == 1 and len(children) == 2, proc.stderr[-3000:]
+    parent = parents[0]
+    by_file = {c.data.params["data.train_file"]: c for c in children}
+    assert by_file[str(train)].info.status == "FINISHED"
+    failed = by_file[str(missing)]
+    assert failed.info.status == "FAILED" and "missing.json" in failed.data.tags["error"]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["sweep.failed_jobs"] == "1" and parent.data.tags["job.0.status"] == "FAILED"
+    assert "missing.json" in parent.data.tags["job.0.error"]
+    assert parent.data.metrics["sweep/jobs_completed"] == 1 and parent.data.metrics["sweep/jobs_failed"] == 1
+    # the finished job wrote its results; compare shows both, the failed one without metrics
+    assert json.loads((tmp_path / "multirun" / "1_lora_tiny" / "result.json").read_text())["run_id"]
+    from glm_experiments.compare import compare_runs
+
+    rows = compare_runs(tracking_uri=uri, parent=parent.info.run_id)
+    assert {r["status"] for r in rows} == {"FINISHED", "FAILED"}
