@@ -217,8 +217,8 @@ def training_arguments(cfg: DictConfig, checkpoint_dir: Path) -> TrainingArgumen
         disable_tqdm=not sys.stderr.isatty(),  # progress bars in a terminal, not in CI logs
         save_only_model=False,
         deepspeed=deepspeed,
-        # without it accelerate sees no distributed setup on a CPU-only machine (DDP over gloo); DeepSpeed sets up its own
-        use_cpu=not torch.cuda.is_available() and deepspeed is None,
+        # on a CPU-only machine accelerate sees the torchrun ranks (gloo) only with use_cpu, DeepSpeed included
+        use_cpu=not torch.cuda.is_available(),
     )
 
 
