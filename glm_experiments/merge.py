@@ -100,13 +100,13 @@ def merge_run(run: str, out: Path, tracking_uri: str | None = None, overwrite: b
 
 def _merged_model(run_dir: Path, cfg, method: str):
     from glm_experiments.methods import get_method
-    from glm_experiments.run_loading import ADAPTER_DIR, load_base
+    from glm_experiments.run_loading import ADAPTER_DIR, load_base, method_settings
 
     # never quantised: qlora's adapter is folded into full-precision weights
     model, tokenizer, _ = load_base(cfg, None)
     module = get_method(method)
     try:
-        model = module.load(model, run_dir / ADAPTER_DIR, cfg.method if cfg.method.name == method else None)
+        model = module.load(model, run_dir / ADAPTER_DIR, method_settings(cfg, method))
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(f"cannot load the adapter of {run_dir}: {exc}") from None
     if method in ("lora", "qlora"):

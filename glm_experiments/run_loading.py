@@ -165,6 +165,15 @@ def saved_method(run_dir: Path) -> str:
     return read_method_json(check_adapter(run_dir))["method"]
 
 
+def method_settings(cfg: DictConfig, method: str) -> dict | None:
+    """The run's method config as a plain dict for ``load`` to check the saved settings against (None when
+    the adapter was saved by another method). Plain, because the methods' setting checks compare JSON
+    values and would see an omegaconf ListConfig as its string."""
+    if cfg.method.get("name") != method:
+        return None
+    return OmegaConf.to_container(cfg.method, resolve=True)
+
+
 # ------------------------------------------------------------------------------ the model
 def default_device() -> str:
     import torch
@@ -201,7 +210,7 @@ def load_run(run: str | os.PathLike, tracking_uri: str | None = None, device: st
     model, tokenizer, template = load_base(cfg, method if with_adapter else None)
     if with_adapter:
         try:
-            model = load_saved(model, run_dir / ADAPTER_DIR, cfg.method if cfg.method.name == method else None)
+            model = load_saved(model, run_dir / ADAPTER_DIR, method_settings(cfg, method))
         except (ValueError, FileNotFoundError) as exc:
             raise UserError(f"cannot load the adapter of {run_dir}: {exc}") from None
     device = device or default_device()
