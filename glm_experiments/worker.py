@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -37,11 +38,13 @@ def init_process_group() -> None:
     import torch
     import torch.distributed as dist
 
+    # the Trainer's ddp_timeout default: rank 0 may generate alone (evaluation) while the others wait
+    timeout = timedelta(seconds=1800)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
 
 
 def setup_logging(rank: int, run_dir: Path) -> None:
