@@ -33,7 +33,10 @@ def main(cfg: DictConfig) -> float | None:
         raise SystemExit(f"error: {exc}") from None
     print_summary(cfg, result)
     # returned for hparams_search (Optuna maximises it)
-    return result.metrics_after.get(cfg.get("optimize_metric", "rouge-l"))
+    if cfg.optimize_metric not in result.metrics_after:
+        raise UserError(f"optimize_metric={cfg.optimize_metric} was not computed; this run has "
+                        f"{sorted(result.metrics_after)} (data.metrics decides which)")
+    return result.metrics_after[cfg.optimize_metric]
 
 
 def _in_multirun() -> bool:

@@ -14,6 +14,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+import glm_experiments.resolvers  # noqa: F401  (${mul:...} in conf/, also when tests compose)
+
 
 # --------------------------------------------------------------------------- model
 @dataclass
@@ -209,6 +211,8 @@ class Config:
     resume: Optional[str] = None
     # print the first tokenised sample (token, id, label) before training
     sanity_print: bool = False
+    # the eval metric the run returns to a sweeper (hparams_search=optuna maximises it)
+    optimize_metric: str = "rouge-l"
 
 
 METHOD_SCHEMAS = {

@@ -239,10 +239,21 @@ def hydra_tags() -> tuple[dict[str, str], list[str]]:
     return tags, overrides
 
 
+def reset_peak_memory() -> None:
+    """Sweep jobs share one process: without a reset each job would report the peak of all before it."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: "5" resets the RSS high-water mark that ru_maxrss reports
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def run(cfg: DictConfig) -> RunResult:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = run_dir / "checkpoints"
+    reset_peak_memory()
     set_seed(cfg.seed)
     resume_from = resolve_resume(cfg.resume, checkpoint_dir)
 

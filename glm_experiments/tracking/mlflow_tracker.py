@@ -65,8 +65,8 @@ def run_name(cfg, overrides: list[str]) -> str:
     parts = [cfg.method.name, cfg.model.name, cfg.data.name]
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
-        if "." not in key or key.startswith(("hydra.", "tracking.", "output_dir")):
-            continue
+        if "." not in key or key.startswith(("hydra.", "tracking.", "output_dir")) or "/" in value:
+            continue  # file paths make unreadable names; they are in the params anyway
         leaf = key.rsplit(".", 1)[-1]
         parts.append(f"{SHORT_NAMES.get(leaf, leaf)}{value}")
     return "-".join(parts)
