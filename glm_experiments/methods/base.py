@@ -74,6 +74,13 @@ def settings_of(cfg: Any) -> dict[str, Any]:
 
 
 def _jsonable(obj: Any) -> Any:
+    try:  # a ListConfig/DictConfig value read off a method config is not a list/Mapping
+        from omegaconf import Container, OmegaConf
+
+        if isinstance(obj, Container):
+            obj = OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
     if isinstance(obj, Mapping):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
