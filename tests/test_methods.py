@@ -497,3 +497,16 @@ def test_forward_override_keeps_signature_and_survives_deepcopy(name):
     assert not torch.equal(eval_logits(clone), eval_logits(model))
     clone_again = copy.deepcopy(model)
     assert torch.equal(eval_logits(clone_again), eval_logits(model))
+
+
+def test_reload_with_the_composed_method_config(tmp_path):
+    """The training run hands methods a DictConfig (lists are ListConfig): reload must accept it."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose
+
+    cfg = OmegaConf.merge(compose(["method=freeze"]).method, {"num_last_layers": 1})
+    model = get_method("freeze").apply(make_model(), cfg)
+    get_method("freeze").save(model, tmp_path, cfg)
+    reloaded = get_method("freeze").load(make_model(), tmp_path, cfg)
+    assert torch.equal(eval_logits(reloaded), eval_logits(model))
