@@ -32,6 +32,8 @@ def main(cfg: DictConfig) -> float | None:
             raise  # the sweeper records this job as failed and goes on with the others
         raise SystemExit(f"error: {exc}") from None
     print_summary(cfg, result)
+    if cfg.launcher.node_rank != 0:
+        return None  # multi-node: node 0 (rank 0) has the results
     # returned for hparams_search (Optuna maximises it)
     if cfg.optimize_metric not in result.metrics_after:
         raise UserError(f"optimize_metric={cfg.optimize_metric} was not computed; this run has "
