@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -172,6 +173,10 @@ def ensure_tiny_checkpoint(cfg: TinyModelConfig, corpus_path: Path = DEMO_CORPUS
     with FileLock(str(out) + ".lock"):  # parallel sweep jobs / ranks build it once
         if (out / "done").exists():
             return out
+        # built beside its final place and renamed at the end: a killed build never looks finished
+        staging = out.with_name(out.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
         log.info("pre-training the tiny base model once (cached in %s)", out)
         start = time.perf_counter()
         torch.manual_seed(0)
@@ -182,10 +187,11 @@ def ensure_tiny_checkpoint(cfg: TinyModelConfig, corpus_path: Path = DEMO_CORPUS
         tokenizer = train_tokenizer(tokenizer_corpus(), cfg.vocab_size)
         model = build_model(cfg, tokenizer)
         losses = pretrain(model, tokenizer, corpus, cfg)
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
         stats = {"loss_first": losses[0], "loss_last": sum(losses[-10:]) / 10, "seconds": time.perf_counter() - start}
-        (out / "pretrain.json").write_text(json.dumps(stats, indent=2))
-        (out / "done").write_text("ok\n")
+        (staging / "pretrain.json").write_text(json.dumps(stats, indent=2))
+        (staging / "done").write_text("ok\n")
+        os.replace(staging, out)
         log.info("tiny base pre-trained: loss %.2f -> %.2f in %.0f s", stats["loss_first"], stats["loss_last"], stats["seconds"])
     return out
