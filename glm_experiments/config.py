@@ -159,6 +159,10 @@ class EvalConfig:
     num_beams: int = 1
     temperature: float = 0.95
     top_p: float = 0.7
+    # forgetting probe: a general-ability set generated on before and after fine-tuning (change logged)
+    forgetting_file: Optional[str] = None
+    forgetting_format: str = "instruction"
+    forgetting_metrics: list[str] = field(default_factory=lambda: ["rouge-l"])
 
 
 # ------------------------------------------------------------------------ tracking

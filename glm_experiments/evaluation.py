@@ -85,3 +85,16 @@ def write_predictions(rows: list[dict], path: Path) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def load_eval_set(path: str, data_format: str, tokenizer, template, max_source_length: int, max_samples: int | None) -> EvalSet:
+    """An evaluation set from any supported file (used for the forgetting probe)."""
+    from types import SimpleNamespace
+
+    from glm_experiments.data.dataset import eval_prompts
+    from glm_experiments.data.formats import load_samples, resolve_data_path
+
+    settings = SimpleNamespace(format=data_format, prompt_column="content", response_column="summary",
+                               history_column=None, on_error="raise", max_source_length=max_source_length)
+    samples, _ = load_samples(resolve_data_path(path), settings)
+    return EvalSet(*eval_prompts(samples[: max_samples or len(samples)], tokenizer, template, settings))

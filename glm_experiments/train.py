@@ -23,7 +23,7 @@ from glm_experiments.data.dataset import CausalCollator, eval_prompts, load_spli
 from glm_experiments.data.templates import get_template
 from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
-from glm_experiments.evaluation import EvalSet, evaluate_generation, write_predictions
+from glm_experiments.evaluation import EvalSet, evaluate_generation, load_eval_set, write_predictions
 from glm_experiments.methods import get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
 from glm_experiments.models.loading import load_model_and_tokenizer
@@ -334,6 +334,19 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
         log.info("eval @ step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in means.items() if k in cfg.data.metrics))
         return means
 
+    forgetting_set = None
+    # rank 0 alone (under ZeRO-3 generation needs every rank: not supported); not measurable after a resume
+    if cfg.eval.forgetting_file and is_main() and not zero3_partitioned(model) and not resume_from:
+        forgetting_set = load_eval_set(cfg.eval.forgetting_file, cfg.eval.forgetting_format, tokenizer, template,
+                                       cfg.data.max_source_length, cfg.eval.max_samples)
+
+    def probe_forgetting() -> dict:
+        if forgetting_set is None:
+            return {}
+        means, _ = evaluate_generation(model, tokenizer, template, forgetting_set, cfg.eval, list(cfg.eval.forgetting_metrics))
+        return {m: means[m] for m in cfg.eval.forgetting_metrics}
+
+    forgetting_before = probe_forgetting()
     if cfg.eval.before_training and not resume_from:
         result.metrics_before = evaluate(0, "before")
 
@@ -369,6 +382,12 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
         tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}, step=final_step)
         result.metrics_after["loss"] = loss
     result.metrics_after.update(evaluate(final_step, "after"))
+    for name, after in probe_forgetting().items():
+        # negative change = the general ability the fine-tuning cost
+        change = {f"forgetting/{name}_before": forgetting_before[name], f"forgetting/{name}_after": after,
+                  f"forgetting/{name}_change": after - forgetting_before[name]}
+        tracker.log_metrics(change, step=final_step)
+        result.metrics_after.update({k.replace("/", "_"): v for k, v in change.items()})
     adapter_dir = run_dir / "adapter"
     save_method(method, model, adapter_dir, cfg.method, trainer)
     if not is_main():
