@@ -87,7 +87,7 @@ class ChatGLM3Template:
 def _round_pairs(messages: list[dict]) -> tuple[list[tuple[str, str]], str, str | None]:
     """(history pairs, last query, last reply or None) for the round-based v1/v2 templates."""
     turns = [m for m in messages if m["role"] in ("user", "assistant")]
-    pairs, query, reply = [], None, None
+    pairs, query = [], None
     for message in turns:
         if message["role"] == "user":
             if query is not None:
