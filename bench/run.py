@@ -724,6 +724,8 @@ def bench_memory(args) -> dict:
         methods = ["lora", "lora_r32", "ptuning", "prompt_tuning", "freeze", "full", "qlora"]
     else:
         layers_list = [1] if args.quick else [1, 2]
+        if args.quick:  # each method costs ~3 CPU minutes here: the two ends of the range
+            methods = ["lora", "full"]
         # CPU without AVX512-BF16 runs bf16 matmuls ~4x slower than fp32: keep the token count tiny
         seq, batch, steps, dtype = (8 if args.quick else 64), 1, 2, "bfloat16"
     needed_gib = {"full": 6.5 if 2 not in layers_list else 8.0}
