@@ -23,7 +23,7 @@ from glm_experiments.data.dataset import CausalCollator, eval_prompts, load_spli
 from glm_experiments.data.templates import get_template
 from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
-from glm_experiments.evaluation import EvalSet, evaluate_generation, load_eval_set, write_predictions
+from glm_experiments.evaluation import EvalSet, evaluate_generation, generation_kwargs, load_eval_set, write_predictions
 from glm_experiments.methods import get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
 from glm_experiments.models.loading import load_model_and_tokenizer
@@ -285,6 +285,8 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
     quantization = method.quantization_config(cfg.method) if hasattr(method, "quantization_config") else None
     model, tokenizer = load_model_and_tokenizer(cfg.model, quantization_config=quantization)
     template = get_template(cfg.model.template or cfg.model.family)
+    # what generate() is really called with (stop ids included), beside the eval.* params
+    tracker.set_tags({"eval.generation_kwargs": json.dumps(generation_kwargs(cfg.eval, tokenizer, template))})
     # prompt tuning initialises its soft prompt from text, so it needs the tokenizer
     wants_tokenizer = "tokenizer" in inspect.signature(method.apply).parameters
     model = method.apply(model, cfg.method, tokenizer=tokenizer) if wants_tokenizer else method.apply(model, cfg.method)

@@ -51,6 +51,8 @@ def test_default_run_is_tracked(default_run):
     assert "tracking.tracking_uri=" in tags["hydra.overrides"]
     assert tags["mlflow.runName"] == "lora-tiny-adgen_demo"
     assert "method3" in tags["metric_definition.bleu-4"]
+    generation = json.loads(tags["eval.generation_kwargs"])
+    assert generation["do_sample"] is False and generation["max_new_tokens"] == 64 and len(generation["eos_token_id"]) == 3
 
     metrics = run.data.metrics
     for name in ["train/loss", "eval/rouge-l", "eval/bleu-4", "eval/loss", "model/trainable_params",
