@@ -231,7 +231,7 @@ def bench_padding(args) -> dict:
 
     _, tok = tiny_tokenizer()
     vocab, pad = len(tok), tok.pad_token_id
-    bs, max_len, seed = 16, 64 + 128, 42
+    bs, max_len, seed = 16, args.padding_limits[0] + args.padding_limits[1], 42
     n_all = 3000  # the demo set's size: the sampler's megabatches (50 x bs) as in a real epoch
     lengths = adgen_like_lengths(n_all)
     samples = synth_samples(lengths, vocab)
@@ -927,6 +927,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)),
                    help="torch intra-op threads (default 1 / $OMP_NUM_THREADS: the machine is shared)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--padding-limits", type=int, nargs=2, default=[64, 128], metavar=("SRC", "TGT"),
+                   help="max_source_length max_target_length the seed-style pipeline pads to (THUDM ADGEN: 64 128; "
+                        "the seeds' length ablation: 512 128 / 1024 256)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -976,7 +979,8 @@ def main(argv=None) -> int:
             failed = True
         seconds = time.perf_counter() - start
         result["cpu_seconds"] = _cpu_seconds() - cpu0  # ~ wall time on an idle machine at 1 thread
-        path = write_result(name, machine, args, result, seconds)
+        suffix = "" if name != "padding" or args.padding_limits == [64, 128] else "-{}+{}".format(*args.padding_limits)
+        path = write_result(name + suffix, machine, args, result, seconds)
         for i, row in enumerate(result["rows"]):
             table.add_row(name if i == 0 else "", *[str(c) for c in row])
         table.add_section()
