@@ -275,6 +275,14 @@ def print_table(comparison: Comparison, console=None) -> None:
 
 
 # --------------------------------------------------------------------------- plots
+def legend_label(label: str, width: int = 36, limit: int = 90) -> str:
+    """Runs differing in many params get long labels: shorten and wrap them so the axes keep their room."""
+    import textwrap
+
+    short = label if len(label) <= limit else label[: limit - 1] + "…"
+    return "\n".join(textwrap.wrap(short, width)) or label
+
+
 def plot_loss_curves(comparison: Comparison, path: Path) -> Path | None:
     curves = {label: points for label, points in comparison.loss_curves.items() if points}
     if not curves:
@@ -287,7 +295,7 @@ def plot_loss_curves(comparison: Comparison, path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for label, points in curves.items():
         steps, values = zip(*points)
-        ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=label)
+        ax.plot(steps, values, marker="o" if len(points) < 20 else None, markersize=3, label=legend_label(label))
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -328,7 +336,7 @@ def plot_final_metrics(comparison: Comparison, path: Path) -> Path | None:
         for i, row in enumerate(rows):
             xs = [j + (i - (len(rows) - 1) / 2) * bar for j in range(len(quality))]
             values = [_number(row.get(label)) for label in quality]
-            bars = ax.bar(xs, values, bar, label=row["label"], color=colors[i % len(colors)])
+            bars = ax.bar(xs, values, bar, label=legend_label(row["label"]), color=colors[i % len(colors)])
             if len(rows) * len(quality) <= 40:  # a missing value is a gap, not a zero
                 ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.1f}" for v in values], fontsize=6, padding=1)
         ax.set_xticks(range(len(quality)), quality)
