@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-
-import jieba
-from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
-from rouge_chinese import Rouge
-
-jieba.setLogLevel(logging.WARNING)
+from functools import cache
 
 DEFINITIONS = {
     "bleu-4": "nltk sentence_bleu on characters, 4-gram uniform weights, SmoothingFunction().method3, x100, mean over samples",
@@ -26,23 +21,33 @@ DEFINITIONS = {
     "accuracy": "exact match of stripped prediction and reference, x100",
 }
 
-_SMOOTH = SmoothingFunction().method3
-_ROUGE = Rouge()
+
+@cache
+def _scorers():
+    """nltk, jieba and rouge_chinese cost ~1.5 s to import: only runs that score text pay it."""
+    import jieba
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+    from rouge_chinese import Rouge
+
+    jieba.setLogLevel(logging.WARNING)
+    return jieba, sentence_bleu, SmoothingFunction().method3, Rouge()
 
 
 def bleu4(prediction: str, reference: str) -> float:
     if not prediction or not reference:
         return 0.0
-    return 100.0 * sentence_bleu([list(reference)], list(prediction), smoothing_function=_SMOOTH)
+    _, sentence_bleu, smoothing, _ = _scorers()
+    return 100.0 * sentence_bleu([list(reference)], list(prediction), smoothing_function=smoothing)
 
 
 def rouge(prediction: str, reference: str) -> dict[str, float]:
+    jieba, _, _, scorer = _scorers()
     hyp = " ".join(jieba.cut(prediction)).strip()
     ref = " ".join(jieba.cut(reference)).strip()
     # rouge_chinese raises on an empty hypothesis or reference: that sample scores 0
     if not hyp or not ref:
         return {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
-    scores = _ROUGE.get_scores(hyp, ref)[0]
+    scores = scorer.get_scores(hyp, ref)[0]
     return {name: 100.0 * scores[name]["f"] for name in ("rouge-1", "rouge-2", "rouge-l")}
 
 
