@@ -18,6 +18,7 @@ import sys
 import threading
 
 from glm_experiments.errors import UserError
+from glm_experiments.run_loading import add_run_arguments
 
 log = logging.getLogger("glm_experiments.chat")
 
@@ -26,9 +27,7 @@ COMMANDS = "/reset clears the history, /exit ends"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m glm_experiments.chat", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run directory (holding .hydra/ and adapter/) or MLflow run id")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI for a run id (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    add_run_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=None, help="per reply (default: the run's eval.max_new_tokens)")
     p.add_argument("--max-length", type=int, default=None,
                    help="prompt + reply token budget; older turns are dropped beyond it (default: the model's maximum)")

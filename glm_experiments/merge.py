@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from glm_experiments.errors import UserError
+from glm_experiments.run_loading import add_run_arguments
 
 log = logging.getLogger("glm_experiments.merge")
 
@@ -43,9 +44,7 @@ PROVENANCE_FILE = "glm_experiments_merge.json"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m glm_experiments.merge", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run directory (holding .hydra/ and adapter/) or MLflow run id")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI for a run id (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    add_run_arguments(p)
     p.add_argument("--out", required=True, help="output directory for the standalone checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--max-shard-size", default="5GB", help="save_pretrained shard size (default 5GB)")

@@ -20,15 +20,14 @@ import sys
 from pathlib import Path
 
 from glm_experiments.errors import UserError
+from glm_experiments.run_loading import add_run_arguments
 
 log = logging.getLogger("glm_experiments.predict")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m glm_experiments.predict", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", required=True, help="run directory (holding .hydra/ and adapter/) or MLflow run id")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI for a run id (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    add_run_arguments(p)
     p.add_argument("--input", required=True, help="data file in the run's data format (JSON lines or a JSON array)")
     p.add_argument("--output", default=None,
                    help="predictions file (.jsonl); default: <run>/predictions/predict-<input name>.jsonl")
