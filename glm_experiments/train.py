@@ -131,9 +131,6 @@ class GlmTrainer(Trainer):
             for name, tensor in saved.items():
                 params[name].copy_(tensor)
 
-    def _load_best_model(self) -> None:  # not used (load_best_model_at_end is off)
-        pass
-
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:  # make the order a function of (seed, epoch): resumable
