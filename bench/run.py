@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(BENCH))
 
 import torch  # noqa: E402
 
@@ -224,9 +223,7 @@ def packing_works(model, samples, collator_flat, collator_pad) -> tuple[bool, fl
 
 
 def bench_padding(args) -> dict:
-    from transformers import DataCollatorWithFlattening
-
-    from glm_experiments.data.dataset import CausalCollator
+    from glm_experiments.data.dataset import CausalCollator, PackingCollator
     from glm_experiments.train import EpochSeededLengthGroupedSampler
 
     _, tok = tiny_tokenizer()
@@ -242,13 +239,7 @@ def bench_padding(args) -> dict:
     random_order = torch.randperm(n_all, generator=g).tolist()
     grouped_order = list(EpochSeededLengthGroupedSampler(bs, [s["length"] for s in samples], seed))
     batches_of = lambda order: [order[i:i + bs] for i in range(0, len(order), bs)]  # noqa: E731
-    flat = DataCollatorWithFlattening(return_position_ids=True)
-
-    def flat_collate(features):
-        out = flat([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
-        batch = {k: v for k, v in out.items() if k in ("input_ids", "labels", "position_ids")}
-        # no cache: with a cache object transformers skips packed-sequence detection and the samples attend each other
-        return {**batch, "use_cache": False}
+    flat_collate = PackingCollator()  # train.packing=true
 
     pipelines = {
         "pad_to_max (seeds)": (batches_of(random_order), lambda fs: pad_to_max_collate(fs, pad, max_len)),
@@ -819,7 +810,7 @@ KNOBS = ("baseline", "grad_checkpointing", "eager_attention", "bf16_autocast", "
 
 def knob_step(model, batch, knob: str) -> float:
     """Forward + backward with one knob changed from the baseline (fp32, SDPA, full logits, no checkpointing)."""
-    from chunked_ce import chunked_causal_lm_loss
+    from glm_experiments.losses import chunked_loss
 
     if knob == "grad_checkpointing":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -827,9 +818,9 @@ def knob_step(model, batch, knob: str) -> float:
         model.set_attn_implementation("eager")
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=knob == "bf16_autocast"):
-            if knob == "chunked_ce":
-                hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-                loss = chunked_causal_lm_loss(hidden, model.lm_head.weight, batch["labels"], chunk_size=512)
+            if knob == "chunked_ce":  # what train.loss_chunk_size=512 does inside GlmTrainer.compute_loss
+                with chunked_loss(model, 512):
+                    loss = model(**batch).loss
             else:
                 loss = model(**batch).loss
         loss.backward()

@@ -144,6 +144,13 @@ class TrainConfig:
     save_total_limit: int = 2
     gradient_checkpointing: bool = False
     group_by_length: bool = True
+    # concatenate each batch into one row, positions restarting per sample, no cross-sample attention
+    # (transformers' DataCollatorWithFlattening); lora / qlora / freeze / full only. Pays off with
+    # flash-attention varlen kernels on a GPU; on CPU/SDPA the block-diagonal mask is dense and slower
+    packing: bool = False
+    # 0: transformers' loss over the full batch x seq x vocab logits; N > 0: cross-entropy over the
+    # supervised positions only, N tokens' logits at a time, recomputed in backward (glm_experiments/losses.py)
+    loss_chunk_size: int = 0
     dataloader_num_workers: int = 0
     # auto | float32 | bfloat16 | float16 (mixed precision of the Trainer)
     precision: str = "auto"

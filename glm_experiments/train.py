@@ -19,11 +19,12 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from glm_experiments.data.dataset import CausalCollator, eval_prompts, load_split
+from glm_experiments.data.dataset import eval_prompts, load_split, make_collator
 from glm_experiments.data.templates import get_template
 from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
 from glm_experiments.evaluation import EvalSet, evaluate_generation, generation_kwargs, load_eval_set, write_predictions
+from glm_experiments.losses import chunked_loss
 from glm_experiments.methods import get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
 from glm_experiments.models.loading import load_model_and_tokenizer
@@ -76,25 +77,37 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 
 
 class GlmTrainer(Trainer):
-    """transformers' Trainer plus: non-pad tokens/s, and checkpoints holding only the trainable tensors.
+    """transformers' Trainer plus: non-pad tokens/s, checkpoints holding only the trainable tensors, and the
+    chunked cross-entropy of ``train.loss_chunk_size``.
 
     A checkpoint of an adapter method never contains the frozen base (the seeds' P-Tuning runs wrote
     12 GB per checkpoint); resuming loads those tensors back bit-exactly, with the optimizer, scheduler,
     RNG and data position that Trainer saves beside them.
     """
 
-    def __init__(self, *args, method_cfg=None, **kwargs):
+    def __init__(self, *args, method_cfg=None, loss_chunk_size: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.method_cfg = method_cfg
+        self.loss_chunk_size = loss_chunk_size
         self.tokens_seen = 0
         self._window_tokens = 0
         self._window_start = time.perf_counter()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        tokens = int(inputs["attention_mask"].sum())
+        mask = inputs.get("attention_mask")  # a packed batch has no padding and no mask
+        tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
         self.tokens_seen += tokens
         self._window_tokens += tokens
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.loss_chunk_size:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        unwrapped = self.accelerator.unwrap_model(model)
+        # the class that owns the output head and calls self.loss_function (under PEFT: the wrapped model)
+        causal_lm = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+        with chunked_loss(causal_lm, self.loss_chunk_size):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:
@@ -180,6 +193,23 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
     return str(path)
 
 
+PACKABLE_METHODS = ("lora", "qlora", "freeze", "full")
+
+
+def check_train_options(cfg: DictConfig) -> None:
+    t = cfg.train
+    if t.packing and cfg.method.name not in PACKABLE_METHODS:
+        # virtual tokens / prefix keys would be shared by all samples of the packed row
+        raise UserError(f"train.packing=true works with method={'|'.join(PACKABLE_METHODS)}, not method={cfg.method.name} "
+                        "(its virtual tokens would be shared by every sample packed into a row)")
+    if t.loss_chunk_size < 0:
+        raise UserError(f"train.loss_chunk_size must be 0 (off) or a positive number of tokens, got {t.loss_chunk_size}")
+    stage = ((cfg.deepspeed.config or {}).get("zero_optimization") or {}).get("stage")
+    if t.loss_chunk_size and stage == 3:
+        raise UserError("train.loss_chunk_size does not work under ZeRO-3 (the output head's weight is partitioned "
+                        "outside its forward); use deepspeed=zero2 or train.loss_chunk_size=0")
+
+
 def training_arguments(cfg: DictConfig, checkpoint_dir: Path) -> TrainingArguments:
     t = cfg.train
     precision = t.precision
@@ -254,6 +284,7 @@ def run(cfg: DictConfig) -> RunResult:
     set_seed(cfg.seed)
     resume_from = resolve_resume(cfg.resume, checkpoint_dir)
 
+    check_train_options(cfg)
     method = get_method(cfg.method.name)
     if hasattr(method, "check_available"):
         method.check_available()
@@ -354,9 +385,10 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
         model=model,
         args=training_arguments(cfg, checkpoint_dir),
         train_dataset=train_set,
-        data_collator=CausalCollator(tokenizer.pad_token_id),
+        data_collator=make_collator(cfg.train, tokenizer.pad_token_id),
         callbacks=[TrackingCallback(tracker, evaluate, cfg.train.eval_steps)],
         method_cfg=cfg.method,
+        loss_chunk_size=cfg.train.loss_chunk_size,
     )
     train_start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)

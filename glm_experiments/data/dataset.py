@@ -99,6 +99,28 @@ class CausalCollator:
         }
 
 
+class PackingCollator:
+    """A batch as one row without padding (``train.packing``): transformers' ``DataCollatorWithFlattening``
+    restarts the position ids per sample, from which the model builds a block-diagonal attention mask.
+
+    ``use_cache=False`` goes with every batch: given a cache object, transformers skips the packed-sequence
+    detection and the samples silently attend to each other (measured: loss off by 0.02).
+    """
+
+    def __init__(self):
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_position_ids=True)
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.flatten([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        return {**batch, "use_cache": False}
+
+
+def make_collator(train_cfg, pad_token_id: int):
+    return PackingCollator() if train_cfg.packing else CausalCollator(pad_token_id)
+
+
 def eval_prompts(samples: list[Sample], tokenizer, template, data_cfg) -> tuple[list[list[int]], list[str], list[str]]:
     """(prompt ids, prompt text, reference) per sample: the conversation up to its last reply is the prompt."""
     prompts, inputs, references = [], [], []
