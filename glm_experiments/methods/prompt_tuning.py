@@ -29,6 +29,8 @@ from torch import nn
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
+from glm_experiments.compat import CACHE, pop_cache
+
 from glm_experiments.methods.base import (
     cfg_get,
     check_settings,
@@ -98,11 +100,11 @@ def _forward(
     input_ids: Optional[torch.Tensor] = None,
     attention_mask: Optional[torch.Tensor] = None,
     position_ids: Optional[torch.Tensor] = None,
-    past_key_values: Optional[Cache] = None,
     inputs_embeds: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
     **kwargs: Any,
 ):
+    past_key_values: Optional[Cache] = pop_cache(kwargs)
     sp = _prompt(model)
     n_virtual = sp.num_virtual_tokens
     ref = input_ids if input_ids is not None else inputs_embeds
@@ -146,9 +148,9 @@ def _forward(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
         inputs_embeds=inputs_embeds,
         labels=labels,
+        **{CACHE: past_key_values},
         **kwargs,
     )
     if first and isinstance(out, ModelOutput) and out.get("logits") is not None:

@@ -44,6 +44,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.utils import ModelOutput
 
+from glm_experiments.compat import CACHE, pop_cache
 from glm_experiments.methods.base import (
     cfg_get,
     check_settings,
@@ -234,12 +235,12 @@ def _forward(
     input_ids: Optional[torch.Tensor] = None,
     attention_mask: Optional[torch.Tensor] = None,
     position_ids: Optional[torch.Tensor] = None,
-    past_key_values: Optional[Cache] = None,
     inputs_embeds: Optional[torch.Tensor] = None,
     labels: Optional[torch.Tensor] = None,
     use_cache: Optional[bool] = None,
     **kwargs: Any,
 ):
+    past_key_values: Optional[Cache] = pop_cache(kwargs)
     enc = _encoder(model)
     ref = input_ids if input_ids is not None else inputs_embeds
     if ref is None:
@@ -296,14 +297,14 @@ def _forward(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=past_key_values,
         inputs_embeds=inputs_embeds,
         labels=labels,
         use_cache=use_cache,
+        **{CACHE: past_key_values},
         **kwargs,
     )
-    if stateless and isinstance(out, ModelOutput) and "past_key_values" in out:
-        out["past_key_values"] = None
+    if stateless and isinstance(out, ModelOutput) and CACHE in out:
+        out[CACHE] = None
     return out
 
 
@@ -357,11 +358,12 @@ def _install_prepare_inputs(model: nn.Module) -> None:
     override_method(model, "prepare_inputs_for_generation", _prepare_inputs_for_generation)
 
 
-def _prepare_inputs_for_generation(model, orig, input_ids, past_key_values=None, **kwargs):
+def _prepare_inputs_for_generation(model, orig, input_ids, **kwargs):
+    past_key_values = pop_cache(kwargs)
     if past_key_values is None or getattr(past_key_values, "stateless", False):
-        return orig(input_ids, past_key_values=past_key_values, **kwargs)
+        return orig(input_ids, **{CACHE: past_key_values}, **kwargs)
     view = _RealLengthView(past_key_values, _encoder(model).pre_seq_len)
-    inputs = orig(input_ids, past_key_values=view, **kwargs)
+    inputs = orig(input_ids, **{CACHE: view}, **kwargs)
     return {k: (past_key_values if v is view else v) for k, v in inputs.items()}
 
 

@@ -36,13 +36,15 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from glm_experiments.compat import CACHE, pop_cache
+
 
 class ChatGLMv1Config(PretrainedConfig):
     """Configuration of ChatGLM-6B; defaults are the released model's. THUDM config names are mapped by
     :func:`from_thudm` (num_layers, inner_hidden_size, layernorm_epsilon, max_sequence_length)."""
 
     model_type = "chatglm_v1"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = [CACHE]
 
     vocab_size: int = 130528
     hidden_size: int = 4096
@@ -205,7 +207,7 @@ class ChatGLMv1PreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["ChatGLMv1Block"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE]
     _supports_sdpa = False
     _supports_flash_attn = False
 
@@ -254,6 +256,7 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
+        past_key_values = pop_cache(kwargs, past_key_values)
         if input_ids is None:
             raise ValueError(
                 "ChatGLM-6B needs input_ids: its positions and attention mask depend on where [gMASK] and <sop> are"
@@ -302,7 +305,7 @@ class ChatGLMv1Model(ChatGLMv1PreTrainedModel):
                 hidden_states, rope=rope, allowed=allowed, past_key_values=past_key_values, use_cache=use_cache
             )
         hidden_states = self.final_layernorm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values if use_cache else None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE: past_key_values if use_cache else None})
 
 
 class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
@@ -336,6 +339,7 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        past_key_values = pop_cache(kwargs, past_key_values)
         outputs = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -351,7 +355,7 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE: getattr(outputs, CACHE)})
 
     def prepare_inputs_for_generation(
         self,
@@ -363,6 +367,7 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         use_cache=True,
         **kwargs,
     ):
+        past_key_values = pop_cache(kwargs, past_key_values)
         # 2D positions need the whole sequence ([gMASK] and <sop> may lie in the part already in the cache)
         position_ids, _ = chatglm_v1_positions(input_ids, attention_mask, self.config)
         if next_sequence_length is None and past_key_values is not None and past_key_values.get_seq_length():
@@ -373,7 +378,7 @@ class ChatGLMv1ForCausalLM(ChatGLMv1PreTrainedModel, GenerationMixin):
         model_inputs = {
             "input_ids": input_ids.contiguous(),
             "position_ids": position_ids.contiguous(),
-            "past_key_values": past_key_values,
+            CACHE: past_key_values,
             "attention_mask": attention_mask,
             "use_cache": use_cache,
         }
