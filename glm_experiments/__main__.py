@@ -20,9 +20,10 @@ def main(cfg: DictConfig) -> float | None:
     from glm_experiments.data.formats import DataError
     from glm_experiments.summary import print_summary
     from glm_experiments.launcher import launch, needs_launch
-    from glm_experiments.train import run
+    from glm_experiments.train import check_train_options, run
 
     try:
+        check_train_options(cfg)  # before torchrun workers start: one message, not one per rank
         # several processes or DeepSpeed: torchrun workers train from the config composed here
         result = launch(cfg) if needs_launch(cfg) else run(cfg)
     except (UserError, DataError) as exc:

@@ -28,7 +28,13 @@ IGNORE_INDEX = -100
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+    return F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum", ignore_index=IGNORE_INDEX)
+
+
+def supervised_positions(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the rows that carry a label (bench/memory_trace.py keeps all: its tensors hold no data to select by)."""
+    keep = targets != IGNORE_INDEX
+    return hidden[keep], targets[keep]
 
 
 def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
@@ -36,8 +42,7 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Te
     """Mean next-token cross-entropy of ``hidden_states @ lm_head_weight.T`` against ``labels`` (shifted)."""
     hidden = hidden_states[:, :-1, :].reshape(-1, hidden_states.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
-    keep = targets != IGNORE_INDEX
-    hidden, targets = hidden[keep], targets[keep]
+    hidden, targets = supervised_positions(hidden, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, targets.numel(), chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
