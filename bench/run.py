@@ -479,7 +479,7 @@ def _probe(self, *a, **k):
         self._bench_seen = True
         ru = resource.getrusage(resource.RUSAGE_SELF)
         with open(os.environ["BENCH_FIRST_STEP_FILE"], "a") as f:
-            f.write(json.dumps({"first_step_at": time.time(), "cpu_seconds": ru.ru_utime + ru.ru_stime}) + "\n")
+            f.write(json.dumps({"first_step_at": time.time(), "cpu_seconds": ru.ru_utime + ru.ru_stime}) + "\\n")
     return _orig(self, *a, **k)
 transformers.Trainer.training_step = _probe
 sys.argv = ["glm_experiments", *sys.argv[1:]]
