@@ -11,6 +11,7 @@ Benchmarks: padding, overhead, generation, startup, memory, knobs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import datetime as dt
@@ -628,6 +629,7 @@ def memory_worker(spec: dict) -> dict:
     precise_malloc()
     from transformers import Trainer, TrainingArguments
 
+    from glm_experiments.losses import chunked_loss
     from glm_experiments.methods import get_method, trainable_summary
 
     device = spec["device"]
@@ -659,6 +661,8 @@ def memory_worker(spec: dict) -> dict:
     if spec.get("gradient_checkpointing") and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     model.train()
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    chunk = spec.get("loss_chunk_size", 0)
     summary = trainable_summary(model)
     out["trainable_params"], out["total_params"] = summary["trainable"], summary["total"]
     targs = TrainingArguments(str(Path(tempfile.gettempdir()) / "bench_mem"), report_to="none", use_cpu=device == "cpu",
@@ -683,7 +687,7 @@ def memory_worker(spec: dict) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with autocast:
+        with autocast, (chunked_loss(causal_lm, chunk) if chunk else contextlib.nullcontext()):
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
@@ -769,6 +773,12 @@ def bench_memory(args) -> dict:
             spec = {"method": name, "layers": layers, "seq": seq, "batch": batch, "steps": steps, "dtype": dtype,
                     "device": device, "warmup": 2}
             results[key] = run_worker("memory", spec)
+    if device == "cuda":  # the seeds' settings, plain and with the memory options (memory_trace predicts both)
+        for name, batch_, seq_ in (("lora", 4, 768), ("ptuning", 4, 768), ("qlora", 1, 1024)):
+            for ckpt, chunk in ((False, 0), (True, 256)):
+                spec = {"method": name, "layers": 28, "seq": seq_, "batch": batch_, "steps": steps, "dtype": dtype,
+                        "device": device, "warmup": 2, "gradient_checkpointing": ckpt, "loss_chunk_size": chunk}
+                results[f"{name}@28L bs{batch_}x{seq_}" + (" +ckpt +chunk256" if ckpt else "")] = run_worker("memory", spec)
     if device == "cpu":
         results["qlora"] = {"skipped": "QLoRA needs CUDA + bitsandbytes (4-bit kernels); not measurable on CPU"}
     est = estimate_28_layers(results, layers_list, seq * batch)
@@ -1008,7 +1018,7 @@ def write_result(name: str, machine: dict, args, result: dict, seconds: float) -
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes (the whole suite in ~3 min on an idle 2-core CPU)")
+    p.add_argument("--quick", action="store_true", help="small sizes (~4 min on an idle 2-core CPU without memory, ~3 min per method more with it)")
     p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)),
                    help="torch intra-op threads (default 1 / $OMP_NUM_THREADS: the machine is shared)")
