@@ -6,6 +6,8 @@ checkpoint's own tensors by their THUDM names, independently of the key mapping 
 
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import math
 import shutil
@@ -218,6 +220,27 @@ def test_dtype_and_no_meta_tensors(ckpt):
         assert param.dtype == torch.bfloat16, name
     for name, buf in model.named_buffers():
         assert buf.device.type == "cpu", name
+
+
+def test_attn_implementation_reaches_real_checkpoints(ckpt, monkeypatch, tmp_path):
+    """model.attn_implementation is honoured for THUDM layouts (in memory and via the conversion cache); ChatGLM-6B's
+    own attention ignores it; an unavailable kernel is one UserError naming the setting."""
+    from omegaconf import OmegaConf
+
+    from glm_experiments.errors import UserError
+    from glm_experiments.models.loading import load_model_and_tokenizer
+
+    monkeypatch.setenv("GLM_EXPERIMENTS_CACHE", str(tmp_path))
+    for cached in (False, True):
+        cfg = OmegaConf.create({"name": "chatglm3", "family": "chatglm3", "path": str(ckpt["chatglm3"]), "dtype": "float32",
+                                "attn_implementation": "eager", "cache_conversion": cached, "tiny": None})
+        model, _ = load_model_and_tokenizer(cfg)
+        assert model.config._attn_implementation == "eager"
+    v1 = OmegaConf.merge(cfg, {"name": "chatglm", "family": "chatglm", "path": str(ckpt["chatglm"]), "attn_implementation": "sdpa"})
+    assert type(load_model_and_tokenizer(v1)[0]).__name__ == "ChatGLMv1ForCausalLM"
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(UserError, match="model.attn_implementation=flash_attention_2: .*sdpa, the default"):
+            load_model_and_tokenizer(OmegaConf.merge(cfg, {"attn_implementation": "flash_attention_2"}))
 
 
 # ----------------------------------------------------------------------------------------------- conversion

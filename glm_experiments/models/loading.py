@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -31,7 +32,26 @@ def resolve_dtype(name: str) -> torch.dtype:
     return dtypes[name]
 
 
+@contextmanager
+def _attention_errors_as_user_errors(attn_implementation: str):
+    """transformers refuses an unknown or unavailable attention kernel deep inside from_pretrained; say which
+    setting it was, in one line."""
+    try:
+        yield
+    except (ImportError, ValueError) as exc:
+        message = str(exc)
+        if "attn_implementation" not in message and "FlashAttention" not in message:
+            raise
+        first = message.strip().splitlines()[0]
+        raise UserError(f"model.attn_implementation={attn_implementation}: {first} (sdpa, the default, works everywhere)") from None
+
+
 def load_model_and_tokenizer(model_cfg, quantization_config=None):
+    with _attention_errors_as_user_errors(model_cfg.attn_implementation):
+        return _load(model_cfg, quantization_config)
+
+
+def _load(model_cfg, quantization_config):
     dtype = resolve_dtype(model_cfg.dtype)
     family = model_cfg.family
     if family == "tiny":
@@ -49,7 +69,8 @@ def load_model_and_tokenizer(model_cfg, quantization_config=None):
         from glm_experiments.models.thudm import load_checkpoint
 
         extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
-        model, tokenizer = load_checkpoint(model_cfg.path, family, dtype, cached=model_cfg.cache_conversion, **extra)
+        model, tokenizer = load_checkpoint(model_cfg.path, family, dtype, cached=model_cfg.cache_conversion,
+                                           attn_implementation=model_cfg.attn_implementation, **extra)
     else:
         raise UserError(f"model.family={family!r}: expected tiny, chatglm, chatglm2, chatglm3, glm4 or hf")
     tokenizer.padding_side = "left"  # batched generation

@@ -444,19 +444,19 @@ def load_checkpoint(
     Raises :class:`CheckpointError` naming the file and key for anything it cannot load.
     """
     path = Path(path).expanduser()
-    kind = checkpoint_kind(path)
-    if kind == "native":
-        return _load_native(path, family, dtype, **from_pretrained_kwargs)
+    attn = from_pretrained_kwargs.pop("attn_implementation", None)
+    if family == "chatglm" and attn not in (None, "eager"):
+        log.info("ChatGLM-6B (v1) uses its own attention; attn_implementation=%s ignored", attn)
+        attn = None
+    if checkpoint_kind(path) == "native":
+        return _load_native(path, family, dtype, **from_pretrained_kwargs, **({"attn_implementation": attn} if attn else {}))
     if family == "hf":
         raise CheckpointError(f"{path / 'config.json'}: model_type 'chatglm' is THUDM's layout: use family chatglm, chatglm2, chatglm3 or glm4")
-    attn = from_pretrained_kwargs.pop("attn_implementation", None)
     if cached or from_pretrained_kwargs:
         if attn:
             from_pretrained_kwargs["attn_implementation"] = attn
         return _load_native(converted_path(path, family), family, dtype, **from_pretrained_kwargs)
-    if family == "chatglm" and attn not in (None, "eager"):
-        log.info("ChatGLM-6B (v1) uses its own attention; attn_implementation=%s ignored", attn)
-    return _load_thudm(path, family, dtype, attn if family != "chatglm" else None)
+    return _load_thudm(path, family, dtype, attn)
 
 
 # ----------------------------------------------------------------------------------------------- conversion
