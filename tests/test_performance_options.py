@@ -142,3 +142,23 @@ def test_cli_run_with_packing_and_chunked_loss(tmp_path):
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["train"]["final_loss"] < result["train"]["train_loss"], result  # below the run's mean: it went down
     assert result["train"]["tokens_per_s"] > 0 and "rouge-l" in result["metrics_after"]
+
+
+def test_trainer_gradient_checkpointing_trains_lora_like_without(tmp_path):
+    """train.gradient_checkpointing=true with a frozen base: the adapters inside checkpointed layers still get
+    gradients (a reentrant checkpoint whose inputs need no grad would silently give them none)."""
+    from transformers import TrainingArguments
+
+    results = []
+    for checkpointing in (False, True):
+        model = lora.apply(make_model(), LoraMethodConfig(name="lora", r=4, dropout=0.0))
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+        args = TrainingArguments(output_dir=str(tmp_path / str(checkpointing)), max_steps=3, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none",
+                                 remove_unused_columns=False, use_cpu=True, seed=0, disable_tqdm=True,
+                                 train_sampling_strategy="sequential", gradient_checkpointing=checkpointing)
+        trainer = GlmTrainer(model=model, args=args, train_dataset=tiny_dataset(), data_collator=CausalCollator(0))
+        trainer.train()
+        assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if "lora_A" in n)
+        results.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert results[1] == pytest.approx(results[0], abs=1e-5)
