@@ -60,7 +60,7 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Te
 def chunked_loss(causal_lm, chunk_size: int):
     """Within the block, ``causal_lm(..., labels=...)`` computes its loss with :func:`chunked_causal_lm_loss`.
 
-    ``causal_lm`` is the model class that owns the output head (``GlmForCausalLM``, ``ChatGlmV1ForCausalLM``;
+    ``causal_lm`` is the model class that owns the output head (``GlmForCausalLM``, ``ChatGLMv1ForCausalLM``;
     under PEFT the wrapped base model). Its head is told to record its input and return a 1-wide placeholder
     instead of the full logits, and its ``loss_function`` computes the chunked loss from that input. Every
     wrapper above it (PEFT adapters and virtual tokens, P-Tuning v2's prefix, Trainer's loss scaling for

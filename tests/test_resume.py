@@ -1,7 +1,7 @@
 """resume=auto continues an interrupted run exactly: same optimizer, scheduler, RNG and data order.
 
-Run A trains 12 steps uninterrupted; run B, same config, is SIGKILLed once checkpoint-8 is complete
-(mid-epoch: 3 steps per epoch), then restarted with ``resume=auto`` into the same directory. Both
+Run A trains 12 steps uninterrupted; run B, same config, is SIGKILLed once checkpoint-4 is complete
+(mid-epoch: 3 steps per epoch; 8 steps still to go, so B cannot finish before the kill lands), then restarted with ``resume=auto`` into the same directory. Both
 must log the same per-step losses and end with the same trained tensors.
 """
 
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from conftest import run_cli
 
-MAX_STEPS, SAVE_STEPS, KILL_AFTER = 12, 4, 8
+MAX_STEPS, SAVE_STEPS, KILL_AFTER = 12, 4, 4
 
 
 def common(method: str) -> list[str]:
@@ -31,7 +31,7 @@ def common(method: str) -> list[str]:
         "train.save_total_limit=3",
         "train.logging_steps=1",
         "train.per_device_train_batch_size=8",
-        "data.max_train_samples=24",  # 3 steps per epoch: checkpoint-8 is in the middle of epoch 3
+        "data.max_train_samples=24",  # 3 steps per epoch: checkpoint-4 is in the middle of epoch 2
         "tracking=none",
         "eval.before_training=false",
         "eval.max_samples=2",
@@ -45,6 +45,14 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
+def _complete_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
 def kill_after_checkpoint(args: list[str], run_dir: Path, cwd: Path, step: int, timeout: float = 600) -> None:
     """Start a run and SIGKILL it once ``checkpoint-<step>`` is completely written."""
     done = run_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"  # written last
@@ -52,13 +60,12 @@ def kill_after_checkpoint(args: list[str], run_dir: Path, cwd: Path, step: int, 
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     try:
-        while not done.exists():
+        while not _complete_json(done):
             if proc.poll() is not None:
                 raise AssertionError(f"run B ended (rc {proc.returncode}) before checkpoint-{step}:\n{proc.stderr.read()[-3000:]}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"run B wrote no checkpoint-{step} in {timeout} s")
-            time.sleep(0.05)
-        time.sleep(0.2)  # let the json write finish (it is small: one write call)
+            time.sleep(0.01)
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)

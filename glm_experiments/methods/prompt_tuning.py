@@ -30,7 +30,6 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
-
 from glm_experiments.methods.base import (
     cfg_get,
     check_settings,
