@@ -856,49 +856,60 @@ def estimate_28_layers(results: dict, layers_list: list[int], tokens: int) -> di
 
 
 # =============================================================================== 5b. memory traced at 28 layers
-# (name, method overrides, batch, source, target, gradient checkpointing, loss chunk, in --quick)
+# (name, overrides of the real config, in --quick): method, batch, lengths, gradient checkpointing and loss chunk
+# all come from the composed config, so the "+ both" rows are exactly the conf/experiment/*_lowmem.yaml runs
+_OFF = ["train.gradient_checkpointing=false", "train.loss_chunk_size=0"]
+_LORA, _PT, _QLORA = "experiment=chatglm3_lora_lowmem", "experiment=chatglm3_ptuning_lowmem", "experiment=chatglm2_qlora_lowmem"
+_DEMO = ["model=chatglm3", "data=adgen", "data.max_source_length=256", "data.max_target_length=512",
+         "train.per_device_train_batch_size=4"]
 TRACE_CASES = [
-    ("lora r8, demo limits 256+512 (every sample at max length)", ["method=lora"], 4, 256, 512, False, 0, True),
-    ("  + gradient checkpointing", ["method=lora"], 4, 256, 512, True, 0, True),
-    ("  + chunked CE (train.loss_chunk_size=256)", ["method=lora"], 4, 256, 512, False, 256, True),
-    ("  + both", ["method=lora"], 4, 256, 512, True, 256, True),
-    ("lora r8, AdvertiseGen-typical batch max 48+112", ["method=lora"], 4, 48, 112, False, 0, False),
-    ("  + gradient checkpointing", ["method=lora"], 4, 48, 112, True, 0, False),
-    ("ptuning v2 pre_seq_len 128, 256+512", ["method=ptuning", "method.pre_seq_len=128"], 4, 256, 512, False, 0, True),
-    ("  + gradient checkpointing + chunked CE", ["method=ptuning", "method.pre_seq_len=128"], 4, 256, 512, True, 256, True),
-    ("prompt tuning 16 tokens, 256+512", ["method=prompt_tuning"], 4, 256, 512, False, 0, False),
-    ("freeze (last 2 layers), 256+512", ["method=freeze"], 4, 256, 512, False, 0, False),
-    ("full, 256+512 + gradient checkpointing", ["method=full"], 4, 256, 512, True, 256, False),
-    ("qlora r8 bs1 512+512 (bf16 base traced, nf4 arithmetic)", ["method=lora"], 1, 512, 512, False, 0, True),
-    ("  + gradient checkpointing + chunked CE", ["method=lora"], 1, 512, 512, True, 256, True),
+    ("lora r8, bs 4, 256+512 (every sample at max length)", [_LORA, *_OFF], True),
+    ("  + gradient checkpointing", [_LORA, "train.loss_chunk_size=0"], True),
+    ("  + chunked CE (train.loss_chunk_size=256)", [_LORA, "train.gradient_checkpointing=false"], True),
+    ("  + both = experiment=chatglm3_lora_lowmem", [_LORA], True),
+    ("lora r8, bs 4, AdvertiseGen-typical batch max 48+112", [_LORA, *_OFF, "data.max_source_length=48",
+                                                               "data.max_target_length=112"], False),
+    ("  + gradient checkpointing", [_LORA, "train.loss_chunk_size=0", "data.max_source_length=48",
+                                    "data.max_target_length=112"], False),
+    ("ptuning v2 pre_seq_len 128, bs 4, 256+512", [_PT, *_OFF], True),
+    ("  + both = experiment=chatglm3_ptuning_lowmem", [_PT], True),
+    ("prompt tuning 16 tokens, bs 4, 256+512", [*_DEMO, *_OFF, "method=prompt_tuning"], False),
+    ("freeze (last 2 layers), bs 4, 256+512", [*_DEMO, *_OFF, "method=freeze"], False),
+    ("full, bs 4, 256+512, checkpointing + chunked CE", [*_DEMO, "method=full", "train.gradient_checkpointing=true",
+                                                          "train.loss_chunk_size=256"], False),
+    ("qlora r8 nf4, bs 1, 512+512", [_QLORA, *_OFF], True),
+    ("  + both = experiment=chatglm2_qlora_lowmem", [_QLORA], True),
 ]
 
 
 def bench_memory_trace(args) -> dict:
     from memory_trace import dequant_transient_mib, nf4_saving_mib, trace_training_step
+    from omegaconf import OmegaConf
 
-    config = chatglm3_config(28)
+    config = chatglm3_config(28)  # ChatGLM2-6B has the same shape
     nf4, dequant = nf4_saving_mib(config), dequant_transient_mib(config)
     results, rows = {}, []
-    for name, overrides, batch, src, tgt, ckpt, chunk, in_quick in TRACE_CASES:
+    for name, overrides, in_quick in TRACE_CASES:
         if args.quick and not in_quick:
             continue
-        method_cfg = compose(overrides).method
-        r = trace_training_step(config, method_cfg, batch, src, tgt, gradient_checkpointing=ckpt, loss_chunk_size=chunk)
-        r.update(method=method_cfg.name, batch=batch, source_len=src, target_len=tgt, gradient_checkpointing=ckpt,
-                 loss_chunk_size=chunk)
-        if name.startswith("qlora") or (name.startswith("  ") and rows and rows[-1][0].startswith("qlora")):
+        cfg = compose(overrides)
+        method_cfg, t, d = cfg.method, cfg.train, cfg.data
+        qlora = method_cfg.name == "qlora"
+        if qlora:  # bitsandbytes needs CUDA: trace LoRA on the bf16 base, count the 4-bit weights by arithmetic
+            method_cfg = OmegaConf.merge(method_cfg, {"name": "lora"})
+        r = trace_training_step(config, method_cfg, t.per_device_train_batch_size, d.max_source_length, d.max_target_length,
+                                gradient_checkpointing=t.gradient_checkpointing, loss_chunk_size=t.loss_chunk_size)
+        r.update(overrides=overrides, method=cfg.method.name, batch=t.per_device_train_batch_size,
+                 source_len=d.max_source_length, target_len=d.max_target_length,
+                 gradient_checkpointing=t.gradient_checkpointing, loss_chunk_size=t.loss_chunk_size)
+        if qlora:
             r["peak_mib"] += dequant - nf4
             r["weights_mib"] -= nf4
             r["nf4_saving_mib"], r["dequant_transient_mib"] = nf4, dequant
         results[name] = r
-        ref = ""
-        if r["method"] == "lora" and batch == 4:
-            ref = f"demo {REFERENCE['chatglm3_demo_lora_mib']:,} MiB"
-        elif r["method"] == "ptuning":
-            ref = f"demo {REFERENCE['chatglm3_demo_ptuning_v2_mib']:,} MiB"
-        elif "nf4_saving_mib" in r:
-            ref = f"LLaMA-Factory {REFERENCE['llama_factory_qlora_gb'] * 1000 / 1.048576:,.0f} MiB"
+        ref = {"lora": f"demo {REFERENCE['chatglm3_demo_lora_mib']:,} MiB",
+               "ptuning": f"demo {REFERENCE['chatglm3_demo_ptuning_v2_mib']:,} MiB",
+               "qlora": f"LLaMA-Factory {REFERENCE['llama_factory_qlora_gb'] * 1e9 / 2**20:,.0f} MiB"}.get(r["method"], "")
         rows.append((name, f"{r['peak_mib']:,.0f} MiB peak ({r['weights_mib']:,.0f} weights)", ref, ""))
     return {"how": "FakeTensorMode + a dispatch-mode byte counter (bench/memory_trace.py): the tensor bytes a CUDA run "
                    "would allocate, without CUDA context, workspaces and fragmentation; qlora = the bf16-base trace minus "

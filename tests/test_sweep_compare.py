@@ -194,6 +194,14 @@ def test_sweep_callback_does_nothing_without_tracking(monkeypatch, tmp_path):
      {"data.max_source_length": 1024, "data.max_target_length": 256, "method.name": "lora"}),
     (["experiment=lora_rank_sweep", "method.r=16"], {"method.r": 16, "method.alpha": 32}),
     (["experiment=method_comparison", "method=ptuning"], {"method.name": "ptuning"}),
+    # the memory-lean presets whose peaks bench/run.py --only memory_trace traces
+    (["experiment=chatglm3_lora_lowmem"], {"model.name": "chatglm3", "method.name": "lora", "method.r": 8,
+                                          "data.max_source_length": 256, "data.max_target_length": 512,
+                                          "train.per_device_train_batch_size": 4, "train.gradient_checkpointing": True,
+                                          "train.loss_chunk_size": 256}),
+    (["experiment=chatglm3_ptuning_lowmem"], {"method.name": "ptuning", "method.pre_seq_len": 128, "train.loss_chunk_size": 256}),
+    (["experiment=chatglm2_qlora_lowmem"], {"model.name": "chatglm2", "method.name": "qlora", "data.max_source_length": 512,
+                                           "train.per_device_train_batch_size": 1, "train.gradient_checkpointing": True}),
 ])
 def test_experiment_configs_compose(overrides, expected):
     from omegaconf import OmegaConf
