@@ -401,11 +401,16 @@ def finetuned_default_run() -> Path:
     model whose evaluation the framework really batches. ~1 min of CPU the first time."""
     from glm_experiments.models.tiny import cache_root
 
-    run_dir = cache_root() / "bench" / "default_run"
+    import hashlib
+
+    # keyed on the files that define the default run, so a changed default retrains
+    files = ["train.yaml", "model/tiny.yaml", "method/lora.yaml", "data/adgen_demo.yaml"]
+    key = hashlib.sha256(b"".join((ROOT / "conf" / f).read_bytes() for f in files)).hexdigest()[:12]
+    run_dir = cache_root() / "bench" / f"default_run-{key}"
     if not (run_dir / "result.json").exists():
         cmd = [sys.executable, "-m", "glm_experiments", "tracking=none", "eval.before_training=false",
                "eval.max_samples=8", "train.save_steps=0", f"hydra.run.dir={run_dir}"]
-        wall, proc = timed_cmd(cmd)
+        _, proc = timed_cmd(cmd)
         if proc.returncode:
             raise RuntimeError(f"training the default run for the generation benchmark failed:\n{proc.stderr[-3000:]}")
     return run_dir
