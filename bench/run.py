@@ -887,6 +887,23 @@ TRACE_CASES = [
 ]
 
 
+def trace_check_worker(spec: dict) -> dict:
+    """The tracer against reality, in a fresh process: the same two fp32 training steps of the knob model traced
+    on fake tensors, counted on real ones, and measured as peak RSS (glibc returning large frees at once)."""
+    precise_malloc()
+    from memory_trace import trace_training_step, training_steps
+
+    method_cfg = compose([f"method={spec['method']}"]).method
+    shape = (spec["batch"], spec["source"], spec["target"])
+    fake = trace_training_step(knob_config(), method_cfg, *shape, dtype=torch.float32)
+    trim_malloc()
+    start = rss_mib()[0]
+    reset_peak_rss()
+    real = training_steps(knob_config(), method_cfg, *shape, dtype=torch.float32)
+    return {"fake_traced_mib": fake["peak_mib"], "real_traced_mib": real["peak_mib"],
+            "rss_peak_over_start_mib": rss_mib()[1] - start}
+
+
 def bench_memory_trace(args) -> dict:
     from memory_trace import dequant_transient_mib, nf4_saving_mib, trace_training_step
     from omegaconf import OmegaConf
@@ -916,7 +933,14 @@ def bench_memory_trace(args) -> dict:
                "ptuning": f"demo {REFERENCE['chatglm3_demo_ptuning_v2_mib']:,} MiB",
                "qlora": f"LLaMA-Factory {REFERENCE['llama_factory_qlora_gb'] * 1e9 / 2**20:,.0f} MiB"}.get(r["method"], "")
         rows.append((name, f"{r['peak_mib']:,.0f} MiB peak ({r['weights_mib']:,.0f} weights)", ref, ""))
-    return {"how": "FakeTensorMode + a dispatch-mode byte counter (bench/memory_trace.py): the tensor bytes a CUDA run "
+    checks = {}
+    for method in ("lora", "full"):  # does the count match a real run's memory? (fp32 knob model, bs 4 x 512)
+        c = checks[method] = run_worker("trace-check", {"method": method, "batch": 4, "source": 128, "target": 384})
+        if "error" not in c:
+            rows.append((f"tracer check, {method} (knob model, fp32, real run)",
+                         f"traced {c['fake_traced_mib']:,.0f} / counted {c['real_traced_mib']:,.0f} / RSS {c['rss_peak_over_start_mib']:,.0f} MiB",
+                         fmt_ratio(c["rss_peak_over_start_mib"] / c["fake_traced_mib"]) + " RSS / traced", ""))
+    return {"tracer_checks": checks, "how": "FakeTensorMode + a dispatch-mode byte counter (bench/memory_trace.py): the tensor bytes a CUDA run "
                    "would allocate, without CUDA context, workspaces and fragmentation; qlora = the bf16-base trace minus "
                    "the nf4 saving on the decoder's linear weights plus bitsandbytes' largest dequantised weight",
             "shape": CHATGLM3_6B, "reference": REFERENCE, "nf4_saving_mib": nf4, "cases": results, "rows": rows}
@@ -924,15 +948,21 @@ def bench_memory_trace(args) -> dict:
 
 # =============================================================================== 6. knobs
 def knob_model(seed: int = 0):
-    from transformers import GlmConfig, GlmForCausalLM
+    from transformers import GlmForCausalLM
+
+    torch.manual_seed(seed)
+    return GlmForCausalLM(knob_config())
+
+
+def knob_config():
+    from transformers import GlmConfig
 
     cfg = GlmConfig(vocab_size=65024, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                     num_key_value_heads=2, head_dim=32, max_position_embeddings=2048, attention_bias=True,
                     tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                                 "partial_rotary_factor": 0.5}, pad_token_id=0)
     cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    return GlmForCausalLM(cfg)
+    return cfg
 
 
 KNOBS = ("baseline", "grad_checkpointing", "eager_attention", "bf16_autocast", "chunked_ce")
@@ -1066,7 +1096,7 @@ def main(argv=None) -> int:
         import logging
 
         logging.disable(logging.WARNING)
-        fn = {"memory": memory_worker, "knobs-mem": knobs_mem_worker}[args.worker]
+        fn = {"memory": memory_worker, "knobs-mem": knobs_mem_worker, "trace-check": trace_check_worker}[args.worker]
         print(json.dumps(fn(json.loads(args.spec)), default=str))
         return 0
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

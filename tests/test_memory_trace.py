@@ -51,3 +51,15 @@ def test_knobs_lower_the_traced_peak():
     assert checkpointed["peak_mib"] < plain and chunked["peak_mib"] < plain
     # the full-vocabulary logits dominate this small model: chunking removes most of them (fp32 4 x 128 x 4096 = 8 MiB)
     assert plain - chunked["peak_mib"] > 4
+
+
+def test_fake_trace_equals_the_count_of_a_real_run():
+    """The same two fp32 training steps, on fake tensors and on real ones: the same peak (bench/run.py's memory_trace
+    also compares it with the process's peak RSS: within 1 %)."""
+    from memory_trace import training_steps
+
+    lora = LoraMethodConfig(name="lora", r=4)
+    fake = trace_training_step(config(), lora, batch=2, source_len=16, target_len=48, dtype=torch.float32)
+    real = training_steps(config(), lora, batch=2, source_len=16, target_len=48, dtype=torch.float32)
+    assert fake["peak_mib"] == pytest.approx(real["peak_mib"], abs=1e-3)
+    assert fake["peak_mib"] > fake["weights_mib"] + 2 * 64 * 4096 * 4 / MIB  # the fp32 logits were counted
