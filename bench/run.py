@@ -5,7 +5,7 @@ loaded machine; absolute timings are recorded too but only for context. Results:
 ``bench/results/<name>.json`` per benchmark (with machine info). See bench/README.md for what each one
 measures and the figures recorded on the reference machine.
 
-Benchmarks: padding, overhead, generation, startup, memory, knobs.
+Benchmarks: padding, overhead, generation, startup, memory, memory_trace, knobs.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import copy
 import ctypes
 import datetime as dt
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -400,8 +401,6 @@ def finetuned_default_run() -> Path:
     """The embedded default run (tiny model, LoRA, 300 steps on the demo set), trained once and cached: the
     model whose evaluation the framework really batches. ~1 min of CPU the first time."""
     from glm_experiments.models.tiny import cache_root
-
-    import hashlib
 
     # keyed on the files that define the default run, so a changed default retrains
     files = ["train.yaml", "model/tiny.yaml", "method/lora.yaml", "data/adgen_demo.yaml"]
