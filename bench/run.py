@@ -1077,7 +1077,7 @@ def write_result(name: str, machine: dict, args, result: dict, seconds: float) -
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="small sizes (~4 min on an idle 2-core CPU without memory, ~3 min per method more with it)")
+    p.add_argument("--quick", action="store_true", help="small sizes (~9 min on an idle 2-core CPU, ~5.5 min without memory)")
     p.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 1)),
                    help="torch intra-op threads (default 1 / $OMP_NUM_THREADS: the machine is shared)")
