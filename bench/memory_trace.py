@@ -8,8 +8,9 @@ what a GPU run asks of PyTorch's caching allocator (``torch.cuda.max_memory_allo
 same thing). Not included: the CUDA context (~0.5 GiB), cuBLAS/flash-attention workspaces, allocator
 rounding and fragmentation, and kernels that differ between CPU and CUDA (attention here is the CPU
 SDPA kernel under bf16 autocast). Checked against reality on CPU (``trace-check`` in bench/run.py): for the
-same fp32 steps the fake trace, the count on real tensors and the process's peak RSS agree within 1 %. Hand-written because ``torch.distributed._tools.MemTracker`` assumes
-every parameter is trained (it hooks each one's gradient), which a frozen base is not.
+same fp32 steps the fake trace, the count on real tensors and the process's peak RSS agree within 1 %.
+Hand-written because ``torch.distributed._tools.MemTracker`` assumes every parameter is trained (it hooks
+each one's gradient), which a frozen base is not.
 
 The step is what GlmTrainer runs at ``precision=bfloat16``: bf16 weights, bf16 autocast, the method's
 adapter in its own dtype, AdamW over the trainable parameters, two steps (optimizer states exist from
