@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -23,10 +24,7 @@ def loss_and_grads(model, causal_lm, chunk_size: int, num_items=None):
     ids, mask, labels = batch()
     model.zero_grad(set_to_none=True)
     kwargs = {"num_items_in_batch": num_items} if num_items is not None else {}
-    if chunk_size:
-        with chunked_loss(causal_lm, chunk_size):
-            out = model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
-    else:
+    with chunked_loss(causal_lm, chunk_size) if chunk_size else contextlib.nullcontext():
         out = model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
