@@ -102,10 +102,9 @@ def training_steps(model_config, method_cfg, batch: int, source_len: int, target
         ids = torch.randint(0, model_config.vocab_size, (batch, source_len + target_len))
         labels = ids.clone()
         labels[:, :source_len] = -100
-        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
         for _ in range(2):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                with chunked_loss(causal_lm, loss_chunk_size) if loss_chunk_size else contextlib.nullcontext():
+                with chunked_loss(model, loss_chunk_size) if loss_chunk_size else contextlib.nullcontext():
                     loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             optimizer.step()
@@ -121,13 +120,20 @@ def trace_training_step(model_config, method_cfg, batch: int, source_len: int, t
         return training_steps(model_config, method_cfg, batch, source_len, target_len, **kwargs)
 
 
-def nf4_saving_mib(model_config, target_modules_only: bool = False) -> float:
-    """bf16 bytes of the decoder's linear weights minus their nf4 size with double quantisation (~0.53 B/param):
-    what QLoRA's 4-bit base saves over the traced bf16 base (embedding and output head stay bf16)."""
-    h, f, L = model_config.hidden_size, model_config.intermediate_size, model_config.num_hidden_layers
+NF4_BYTES_PER_PARAM = 0.53  # 4 bits + the double-quantised absmax per 64-weight block
+
+
+def decoder_linear_params(model_config) -> int:
+    """Weights of the decoder's linear layers (q/k/v, o, gate/up, down), all layers: what QLoRA quantises."""
+    h, f = model_config.hidden_size, model_config.intermediate_size
     kv = model_config.num_key_value_heads * model_config.head_dim
-    per_layer = h * (h + 2 * kv) + h * h + h * 2 * f + f * h
-    return L * per_layer * (2 - 0.53) / MIB
+    return model_config.num_hidden_layers * (h * (h + 2 * kv) + h * h + h * 2 * f + f * h)
+
+
+def nf4_saving_mib(model_config) -> float:
+    """bf16 bytes of the decoder's linear weights minus their nf4 size: what QLoRA's 4-bit base saves over the
+    traced bf16 base (embedding and output head stay bf16)."""
+    return decoder_linear_params(model_config) * (2 - NF4_BYTES_PER_PARAM) / MIB
 
 
 def dequant_transient_mib(model_config) -> float:

@@ -679,7 +679,6 @@ def memory_worker(spec: dict) -> dict:
     if spec.get("gradient_checkpointing") and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
     model.train()
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     chunk = spec.get("loss_chunk_size", 0)
     summary = trainable_summary(model)
     out["trainable_params"], out["total_params"] = summary["trainable"], summary["total"]
@@ -705,7 +704,7 @@ def memory_worker(spec: dict) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with autocast, (chunked_loss(causal_lm, chunk) if chunk else contextlib.nullcontext()):
+        with autocast, (chunked_loss(model, chunk) if chunk else contextlib.nullcontext()):
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
@@ -826,13 +825,15 @@ def bench_memory(args) -> dict:
 
 
 def est_qlora_mib() -> float:
-    """4-bit nf4 linear weights (0.5 B/param + ~0.0625 B/param absmax with double quant ~ 0.53), bf16 embedding
-    and output head (not quantized), LoRA r8 on q/k/v/o in fp32 with grads + Adam (16 B/param)."""
-    h, f, v, L = 4096, 13696, 65024, 28
+    """4-bit nf4 linear weights, bf16 embedding and output head (not quantized), LoRA r8 on q/k/v/o in fp32 with
+    grads + Adam (16 B/param)."""
+    from memory_trace import NF4_BYTES_PER_PARAM, decoder_linear_params
+
+    h, v, L = 4096, 65024, 28
     kv = 2 * 128
-    linear = h * (h + 2 * kv) + h * h + h * 2 * f + f * h
     lora = 8 * ((h + h) + (h + kv) * 2 + (h + h))
-    return (L * linear * 0.53 + 2 * v * h * 2 + L * (2 * h * 2 + (h + 2 * kv) * 2) + L * lora * 16) / 2**20
+    return (decoder_linear_params(chatglm3_config(L)) * NF4_BYTES_PER_PARAM + 2 * v * h * 2
+            + L * (2 * h * 2 + (h + 2 * kv) * 2) + L * lora * 16) / 2**20
 
 
 def estimate_28_layers(results: dict, layers_list: list[int], tokens: int) -> dict:

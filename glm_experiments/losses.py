@@ -57,15 +57,16 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Te
 
 
 @contextmanager
-def chunked_loss(causal_lm, chunk_size: int):
-    """Within the block, ``causal_lm(..., labels=...)`` computes its loss with :func:`chunked_causal_lm_loss`.
+def chunked_loss(model, chunk_size: int):
+    """Within the block, ``model(..., labels=...)`` computes its loss with :func:`chunked_causal_lm_loss`.
 
-    ``causal_lm`` is the model class that owns the output head (``GlmForCausalLM``, ``ChatGLMv1ForCausalLM``;
-    under PEFT the wrapped base model). Its head is told to record its input and return a 1-wide placeholder
+    ``model`` is a causal LM (``GlmForCausalLM``, ``ChatGLMv1ForCausalLM``) or a PEFT model wrapping one; the
+    class that owns the output head and calls ``self.loss_function`` is the wrapped one. Its head is told to record its input and return a 1-wide placeholder
     instead of the full logits, and its ``loss_function`` computes the chunked loss from that input. Every
     wrapper above it (PEFT adapters and virtual tokens, P-Tuning v2's prefix, Trainer's loss scaling for
     gradient accumulation and ``num_items_in_batch``) works as before. Outputs carry no real logits.
     """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = causal_lm.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None or not head.weight.is_floating_point():
         # an adapted (LoRA on the head), quantised or biased head: its weight alone is not what it computes

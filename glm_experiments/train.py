@@ -103,10 +103,7 @@ class GlmTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.loss_chunk_size:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        unwrapped = self.accelerator.unwrap_model(model)
-        # the class that owns the output head and calls self.loss_function (under PEFT: the wrapped model)
-        causal_lm = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-        with chunked_loss(causal_lm, self.loss_chunk_size):
+        with chunked_loss(self.accelerator.unwrap_model(model), self.loss_chunk_size):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def log(self, logs: dict, *args, **kwargs) -> None:

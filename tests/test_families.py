@@ -7,7 +7,6 @@ checkpoint's own tensors by their THUDM names, independently of the key mapping 
 from __future__ import annotations
 
 import importlib.util
-
 import json
 import math
 import shutil

@@ -20,11 +20,11 @@ from glm_experiments.methods import get_method, lora
 from glm_experiments.train import GlmTrainer, check_train_options
 
 
-def loss_and_grads(model, causal_lm, chunk_size: int, num_items=None):
+def loss_and_grads(model, chunk_size: int, num_items=None):
     ids, mask, labels = batch()
     model.zero_grad(set_to_none=True)
     kwargs = {"num_items_in_batch": num_items} if num_items is not None else {}
-    with chunked_loss(causal_lm, chunk_size) if chunk_size else contextlib.nullcontext():
+    with chunked_loss(model, chunk_size) if chunk_size else contextlib.nullcontext():
         out = model(input_ids=ids, attention_mask=mask, labels=labels, **kwargs)
     out.loss.backward()
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -37,8 +37,8 @@ def test_chunked_loss_equals_full_logits(case):
     model.eval()  # no dropout: both passes see the same function
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     for num_items in (None, torch.tensor(13)):  # 13: as if more samples were accumulated
-        ref_loss, ref_grads = loss_and_grads(model, causal_lm, 0, num_items)
-        loss, grads = loss_and_grads(model, causal_lm, 3, num_items)  # 3 tokens a chunk: 3 chunks for this batch
+        ref_loss, ref_grads = loss_and_grads(model, 0, num_items)
+        loss, grads = loss_and_grads(model, 3, num_items)  # 3 tokens a chunk: 3 chunks for this batch
         assert torch.allclose(loss, ref_loss, atol=1e-6), (loss, ref_loss)
         assert ref_grads.keys() == grads.keys() and ref_grads
         for name in ref_grads:
@@ -73,7 +73,7 @@ def test_chunked_loss_matches_cross_entropy_directly():
 def test_chunked_loss_refuses_an_adapted_head():
     model = lora.apply(make_model(), LoraMethodConfig(name="lora", r=2, target_modules=["lm_head"]))
     with pytest.raises(UserError, match="plain bias-free Linear output head"):
-        with chunked_loss(model.get_base_model(), 8):
+        with chunked_loss(model, 8):
             pass
 
 

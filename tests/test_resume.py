@@ -1,8 +1,9 @@
 """resume=auto continues an interrupted run exactly: same optimizer, scheduler, RNG and data order.
 
 Run A trains 12 steps uninterrupted; run B, same config, is SIGKILLed once checkpoint-4 is complete
-(mid-epoch: 3 steps per epoch; 8 steps still to go, so B cannot finish before the kill lands), then restarted with ``resume=auto`` into the same directory. Both
-must log the same per-step losses and end with the same trained tensors.
+(mid-epoch: 3 steps per epoch; 8 steps still to go, so B cannot finish before the kill lands), then
+restarted with ``resume=auto`` into the same directory. Both must log the same per-step losses and end
+with the same trained tensors.
 """
 
 from __future__ import annotations
