@@ -28,7 +28,10 @@ IGNORE_INDEX = -100
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum", ignore_index=IGNORE_INDEX)
+    logits = hidden @ weight.t()
+    # half precision is upcast as transformers does; float64 stays float64
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE_INDEX)
 
 
 def supervised_positions(hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +46,7 @@ def chunked_causal_lm_loss(hidden_states: torch.Tensor, lm_head_weight: torch.Te
     hidden = hidden_states[:, :-1, :].reshape(-1, hidden_states.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
     hidden, targets = supervised_positions(hidden, targets)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, targets.numel(), chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if torch.is_grad_enabled() and (h.requires_grad or lm_head_weight.requires_grad):

@@ -8,6 +8,8 @@ import pytest
 import torch
 from transformers import GlmConfig, GlmForCausalLM
 
+from conftest import assert_close
+
 from glm_experiments.config import (
     FreezeMethodConfig,
     FullMethodConfig,
@@ -158,10 +160,10 @@ def test_train_save_reload(case, tmp_path):
         assert size < 4 * want * 4 + 100_000
 
     reloaded = method.load(make_model(), tmp_path, cfg)
-    assert torch.allclose(eval_logits(reloaded), trained, atol=1e-6, rtol=0)
+    assert_close(eval_logits(reloaded), trained, rel=1e-6, what="reloaded logits")
     # and via method.json alone
     again = load_saved(make_model(), tmp_path)
-    assert torch.allclose(eval_logits(again), trained, atol=1e-6, rtol=0)
+    assert_close(eval_logits(again), trained, rel=1e-6, what="logits via method.json")
 
 
 def test_get_method_unknown():
@@ -190,7 +192,7 @@ def test_lora_merge_matches_unmerged():
     merged = lora.merge(model)
     assert type(merged) is GlmForCausalLM
     assert not any("lora_" in n for n, _ in merged.named_parameters())
-    assert torch.allclose(eval_logits(merged), unmerged, atol=1e-5, rtol=0)
+    assert_close(eval_logits(merged), unmerged, what="merged logits")
 
 
 def test_lora_target_modules():
@@ -270,10 +272,10 @@ def test_ptuning_gradient_checkpointing_matches(projection):
     model.gradient_checkpointing_enable()
     assert all(layer.gradient_checkpointing for layer in model.model.layers)
     loss_ckpt, grads_ckpt = loss_and_grads(model)
-    assert torch.allclose(loss, loss_ckpt, atol=1e-5)
+    assert_close(loss, loss_ckpt, what="loss")
     assert set(grads) == set(grads_ckpt) and all(g.abs().sum() > 0 for g in grads.values())
     for name in grads:
-        assert torch.allclose(grads[name], grads_ckpt[name], atol=1e-5), name
+        assert_close(grads_ckpt[name], grads[name], what=name)
     assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("prefix_encoder."))
 
 
@@ -383,8 +385,8 @@ def test_import_thudm_prefix(layout, tmp_path):
         keys, values = enc(2)
     for i in range(LAYERS):
         # THUDM: (2, P, b, kv_heads, head_dim) per layer -> ours (b, kv_heads, P, head_dim)
-        assert torch.allclose(keys[i], reference[i][0].permute(1, 2, 0, 3), atol=1e-5)
-        assert torch.allclose(values[i], reference[i][1].permute(1, 2, 0, 3), atol=1e-5)
+        assert_close(keys[i], reference[i][0].permute(1, 2, 0, 3), what=f"keys {i}")
+        assert_close(values[i], reference[i][1].permute(1, 2, 0, 3), what=f"values {i}")
 
     # the imported encoder saves and reloads like a trained one
     model.eval()
@@ -457,8 +459,9 @@ def test_ptuning_on_chatglm_v1():
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         grads.append((loss.detach(), model.prefix_encoder.embedding.weight.grad.clone()))
-    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-5)
-    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5) and grads[0][1].abs().sum() > 0
+    assert_close(grads[1][0], grads[0][0], what="loss")
+    assert_close(grads[1][1], grads[0][1], what="prefix grad")
+    assert grads[0][1].abs().sum() > 0
 
     model.gradient_checkpointing_disable()
     model.eval()

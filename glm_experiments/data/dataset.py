@@ -50,7 +50,9 @@ def fingerprint(path: Path, tokenizer, template, data_cfg) -> str:
         "columns": [data_cfg.prompt_column, data_cfg.response_column, data_cfg.history_column],
         "lengths": [data_cfg.max_source_length, data_cfg.max_target_length],
         "on_error": data_cfg.on_error,
-        "version": 1,
+        "version": 2,  # 2: ChatGLM-6B whitespace pieces and special-token strings in content as text
+        # a runtime flag of the tokenizer, not part of its serialised backend below
+        "split_special_tokens": bool(getattr(tokenizer, "split_special_tokens", False)),
     }
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(tokenizer.backend_tokenizer.to_str().encode() if tokenizer.is_fast else str(tokenizer.get_vocab()).encode())

@@ -100,6 +100,7 @@ def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFa
         additional_special_tokens=GLM_SPECIALS,
         padding_side="left",
         clean_up_tokenization_spaces=False,
+        split_special_tokens=True,  # role tokens come from the template only, never from a sample's text
     )
 
 
@@ -158,6 +159,7 @@ def pretrain(model: GlmForCausalLM, tokenizer, corpus: list[str], cfg: TinyModel
 
 def tiny_key(cfg: TinyModelConfig, corpus_path: Path = DEMO_CORPUS) -> str:
     digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
+    digest.update(b"tokenizer: split_special_tokens")  # tokenizer behaviour changes re-key the cache
     digest.update(corpus_path.read_bytes())
     for path in sorted((PROJECT_ROOT / "data").glob("*/train.json")):
         digest.update(path.read_bytes())

@@ -26,6 +26,7 @@ Padding side is "left", as in all the originals.
 from __future__ import annotations
 
 import base64
+import json
 import os
 from pathlib import Path
 
@@ -115,11 +116,17 @@ def _sp_backend(
     appended: list[str] = (),
     replacements: list[tuple[str, str]] = (),
     atomic: list[str] = (),
+    prepended: list[str] = (),
+    preprocess: list = (),
 ) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` reproducing ``SentencePieceProcessor.encode`` of ``proto``.
 
     ``appended``: vocabulary entries added after the pieces (ids ``len(pieces) + k``), never produced from text.
-    ``replacements``: literal text replacements applied before SentencePiece sees the text (ChatGLM-6B's "<n>").
+    ``prepended``: vocabulary entries placed before the pieces, shifting every piece's id by their number
+    (ChatGLM-6B's ``num_image_tokens``), never produced from text.
+    ``preprocess``: normalizers applied to the raw text first (ChatGLM-6B's ``remove_space``/``do_lower_case``).
+    ``replacements``: literal text replacements applied to the raw text before SentencePiece sees it (ChatGLM-6B's
+    "<n>"), so before SentencePiece's own normalisation, as the original did.
     ``atomic``: pieces that must stay whole (besides the model's user-defined pieces).
     """
     pieces = list(proto.pieces)
@@ -127,11 +134,13 @@ def _sp_backend(
     byte_fallback = bool(trainer.byte_fallback)
     user_defined = [p.piece for p in pieces if p.type == _USER_DEFINED]
     atomic = list(dict.fromkeys(list(user_defined) + [a for a in atomic if a]))
+    offset = len(prepended)
 
     if trainer.model_type == 2:  # BPE
-        vocab = {p.piece: i for i, p in enumerate(pieces)}
+        vocab = {token: k for k, token in enumerate(prepended)}
+        vocab.update({p.piece: offset + i for i, p in enumerate(pieces)})
         for k, token in enumerate(appended):
-            vocab.setdefault(token, len(pieces) + k)
+            vocab.setdefault(token, offset + len(pieces) + k)
         model = models.BPE(
             vocab=vocab,
             merges=_bpe_merges(pieces),
@@ -141,23 +150,23 @@ def _sp_backend(
             ignore_merges=bool(atomic),  # a whole atomic piece is looked up directly
         )
     elif trainer.model_type == 1:  # Unigram
-        vocab = [
+        vocab = [(token, _NEVER) for token in prepended]
+        vocab += [
             (p.piece, p.score if p.type in (_NORMAL, _USER_DEFINED) else (0.0 if p.type == _UNKNOWN else _NEVER))
             for p in pieces
         ]
         vocab += [(token, _NEVER) for token in appended]
-        model = models.Unigram(vocab, unk_id=trainer.unk_id, byte_fallback=byte_fallback)
+        model = models.Unigram(vocab, unk_id=offset + trainer.unk_id, byte_fallback=byte_fallback)
     else:
         raise TokenizerError(f"SentencePiece model type {trainer.model_type} is not supported (BPE and Unigram are)")
     tok = Tokenizer(model)
 
-    # normalizer: SentencePiece's own steps, in its order
-    steps = []
+    # normalizer: the caller's text preprocessing, then SentencePiece's own steps, in its order
+    steps = list(preprocess) + [normalizers.Replace(src, dst) for src, dst in replacements]
     if norm.precompiled_charsmap:
         steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
     if norm.remove_extra_whitespaces:
         steps += [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
-    steps += [normalizers.Replace(src, dst) for src, dst in replacements]
     if norm.escape_whitespaces:
         steps.append(normalizers.Replace(" ", "▁"))
     if norm.add_dummy_prefix:
@@ -168,7 +177,8 @@ def _sp_backend(
         pattern = "|".join(_regex_escape(a) for a in sorted(atomic, key=len, reverse=True))
         tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
 
-    dec = [decoders.Replace("▁", " ")]
+    # SentencePiece decodes the unknown piece to its surface (" ⁇ "), not to its name
+    dec = [decoders.Replace(pieces[trainer.unk_id].piece, trainer.unk_surface), decoders.Replace("▁", " ")]
     if byte_fallback:
         dec.append(decoders.ByteFallback())
     dec.append(decoders.Fuse())
@@ -186,6 +196,10 @@ def _regex_escape(text: str) -> str:
 def _wrap(tok: Tokenizer, **kwargs) -> PreTrainedTokenizerFast:
     kwargs.setdefault("padding_side", "left")
     kwargs.setdefault("clean_up_tokenization_spaces", False)
+    # special tokens come from the templates (by id), never from text: "<|user|>" or "[gMASK]" written inside a
+    # sample's content is ordinary text, as in the originals (ChatGLM-6B's own specials are SentencePiece
+    # user-defined pieces: its backend still finds them, inside the one normalised string, like the original)
+    kwargs.setdefault("split_special_tokens", True)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
 
 
@@ -217,17 +231,38 @@ def chatglm2_tokenizer(model_file: str | os.PathLike) -> PreTrainedTokenizerFast
     )
 
 
-def chatglm_v1_tokenizer(model_file: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """ChatGLM-6B tokenizer from ``ice_text.model`` (specials are pieces of the model itself)."""
+def chatglm_v1_tokenizer(
+    model_file: str | os.PathLike, num_image_tokens: int = 0, remove_space: bool = False, do_lower_case: bool = False
+) -> PreTrainedTokenizerFast:
+    """ChatGLM-6B tokenizer from ``ice_text.model`` (specials are pieces of the model itself).
+
+    The keyword arguments are the original's ``tokenizer_config.json`` keys: ``num_image_tokens`` ids come before
+    the pieces (20000 in the spring-2023 release, 0 today), ``remove_space`` squeezes whitespace runs and strips
+    the text, ``do_lower_case`` lower-cases it, both before the whitespace pieces are substituted.
+    """
     proto = _load_sp_proto(Path(model_file))
-    index = {p.piece: i for i, p in enumerate(proto.pieces)}
-    missing = [t for t in ["[MASK]", "[gMASK]", "<sop>", "<eop>", "<n>"] if t not in index]
+    if num_image_tokens < 0:
+        raise TokenizerError(f"{model_file}: num_image_tokens must be >= 0, got {num_image_tokens}")
+    pieces = {p.piece: i for i, p in enumerate(proto.pieces)}
+    missing = [t for t in ["[MASK]", "[gMASK]", "<sop>", "<eop>", "<n>"] if t not in pieces]
     if missing:
         raise TokenizerError(f"{model_file}: not a ChatGLM-6B ice_text.model: pieces {missing} are missing")
+    index = {t: num_image_tokens + i for t, i in pieces.items()}
     replacements = [("\n", "<n>"), ("\t", "<|tab|>")]
     replacements += [(" " * n, f"<|blank_{n}|>") for n in range(CHATGLM_V1_MAX_BLANK, 1, -1)]
     atomic = [dst for _, dst in replacements if dst in index] + [t for t in CHATGLM_V1_SPECIALS if t in index]
-    tok = _sp_backend(proto, replacements=replacements, atomic=atomic)
+    preprocess = []
+    if remove_space:  # the original: " ".join(text.strip().split())
+        preprocess += [normalizers.Strip(), normalizers.Replace(Regex(r"\s+"), " ")]
+    if do_lower_case:
+        preprocess.append(normalizers.Lowercase())
+    tok = _sp_backend(
+        proto,
+        replacements=replacements,
+        atomic=atomic,
+        prepended=[f"<image_{k}>" for k in range(num_image_tokens)],  # the original's names for these ids
+        preprocess=preprocess,
+    )
     specials = [t for t in CHATGLM_V1_SPECIALS if t in index]
     pad = "<pad>" if "<pad>" in index else proto.pieces[proto.trainer_spec.unk_id].piece
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + [pad]])
@@ -324,6 +359,21 @@ def glm4_tokenizer(model_file: str | os.PathLike) -> PreTrainedTokenizerFast:
 # ----------------------------------------------------------------------------------------------- entry point
 
 
+def _v1_options(directory: Path) -> dict:
+    """ChatGLM-6B's tokenizer options from its ``tokenizer_config.json`` (the original's defaults when absent)."""
+    path = directory / "tokenizer_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError) as err:
+        raise TokenizerError(f"{path}: not valid JSON ({err})") from None
+    options = {"num_image_tokens": cfg.get("num_image_tokens", 0)}
+    options["remove_space"] = cfg.get("remove_space", False)
+    options["do_lower_case"] = cfg.get("do_lower_case", False)
+    if not isinstance(options["num_image_tokens"], int) or isinstance(options["num_image_tokens"], bool):
+        raise TokenizerError(f"{path}: num_image_tokens must be an integer, got {options['num_image_tokens']!r}")
+    return options
+
+
 def build_tokenizer(directory: str | os.PathLike, family: str) -> PreTrainedTokenizerFast:
     """The fast tokenizer of a THUDM checkpoint directory for ``family``."""
     directory = Path(directory)
@@ -336,7 +386,7 @@ def build_tokenizer(directory: str | os.PathLike, family: str) -> PreTrainedToke
                     " use family chatglm2/chatglm3/glm4"
                 )
             raise TokenizerError(f"{directory}: ice_text.model not found (ChatGLM-6B tokenizer)")
-        return chatglm_v1_tokenizer(path)
+        return chatglm_v1_tokenizer(path, **_v1_options(directory))
     if family not in ("chatglm2", "chatglm3", "glm4"):
         raise TokenizerError(f"unknown family {family!r}; expected chatglm, chatglm2, chatglm3 or glm4")
     path = directory / "tokenizer.model"
