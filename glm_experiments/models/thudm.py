@@ -35,7 +35,7 @@ from glm_experiments.models.tokenizers import TokenizerError, build_tokenizer
 log = logging.getLogger(__name__)
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
-CONVERTER_VERSION = 1  # bump when the converted output changes
+CONVERTER_VERSION = 2  # bump when the converted output changes (2: tokenizers identical to THUDM's)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
