@@ -659,11 +659,10 @@ def memory_worker(spec: dict) -> dict:
         method_cfg.num_last_layers = min(2, spec["layers"])
     out = {"spec": spec}
     method = get_method(method_cfg.name)
-    if hasattr(method, "check_available"):
-        try:
-            method.check_available()
-        except Exception as exc:  # noqa: BLE001
-            return {**out, "skipped": str(exc)}
+    try:
+        method.check_available()
+    except Exception as exc:  # noqa: BLE001
+        return {**out, "skipped": str(exc)}
     trim_malloc()
     out["rss_after_imports_mib"] = rss_mib()[0]
     if device == "cuda":

@@ -63,11 +63,11 @@ class ChatSession:
         model_max = getattr(self.model.config, "max_position_embeddings", None) or getattr(self.model.config, "seq_length", 2048)
         self.max_length = args.max_length or int(model_max)
         self.system = args.system
-        if self.system and not hasattr(self.template, "roles"):
+        if self.system and not self.template.has_system_role:
             raise UserError(f"--system: the {self.template.name} template has no system role (ChatGLM3 / GLM-4 have one)")
         self.history: list[dict] = []
         # ChatGLM3 / GLM-4 replies start with a metadata line (empty for plain text): not shown
-        self.skip_first_line = hasattr(self.template, "roles")
+        self.skip_first_line = self.template.reply_starts_with_metadata_line
 
     def reset(self) -> None:
         self.history = []

@@ -226,16 +226,6 @@ class Config:
     optimize_metric: str = "rouge-l"
 
 
-METHOD_SCHEMAS = {
-    "freeze": FreezeMethodConfig,
-    "lora": LoraMethodConfig,
-    "qlora": QloraMethodConfig,
-    "ptuning": PtuningMethodConfig,
-    "prompt_tuning": PromptTuningMethodConfig,
-    "full": FullMethodConfig,
-}
-
-
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
@@ -243,8 +233,18 @@ def register_configs() -> None:
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="tracking", name="base_tracking", node=TrackingConfig)
     cs.store(group="deepspeed", name="base_deepspeed", node=DeepSpeedConfig)
-    for name, schema in METHOD_SCHEMAS.items():
-        cs.store(group="method", name=f"base_{name}", node=schema)
+    # each method stores its own schema (method/base_<name>) when it registers
+    import glm_experiments.methods
+
+    glm_experiments.methods.method_names()
+
+
+def method_schema(name: str | None) -> type | None:
+    """The config dataclass of method ``name`` (None for an unknown name)."""
+    from glm_experiments.methods.base import REGISTRY
+
+    method = REGISTRY.get(str(name))
+    return method.schema if method else None
 
 
 register_configs()

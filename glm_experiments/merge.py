@@ -28,17 +28,11 @@ import sys
 from pathlib import Path
 
 from glm_experiments.errors import UserError
+from glm_experiments.methods import get_method
 from glm_experiments.run_loading import add_run_arguments
 
 log = logging.getLogger("glm_experiments.merge")
 
-MERGEABLE = ("lora", "qlora", "full", "freeze")
-NOT_MERGEABLE = {
-    "ptuning": "P-Tuning v2 learns prefix key/values that every layer attends to as extra memory; they are "
-               "inputs, not a change to any weight, so no plain checkpoint computes the same function",
-    "prompt_tuning": "prompt tuning learns soft-prompt vectors placed before the input embeddings; they are "
-                     "inputs, not a change to any weight, so no plain checkpoint computes the same function",
-}
 PROVENANCE_FILE = "glm_experiments_merge.json"
 
 
@@ -70,15 +64,14 @@ def merge_run(run: str, out: Path, tracking_uri: str | None = None, overwrite: b
     cfg = load_run_config(run_dir)
     adapter = check_adapter(run_dir)
     method = saved_method(run_dir)
-    if method in NOT_MERGEABLE:
-        raise UserError(f"method={method} cannot be merged into plain weights: {NOT_MERGEABLE[method]}. "
+    record = get_method(method)
+    if record.merge_into_base is None:
+        raise UserError(f"method={method} cannot be merged into plain weights: {record.not_mergeable_because}. "
                         f"Use the run as base + adapter instead (predict / chat / methods.load_saved on {adapter})")
-    if method not in MERGEABLE:
-        raise UserError(f"method={method}: merging is not supported")
     out = Path(out)
     _prepare_out(out, overwrite)
 
-    if method == "full":
+    if record.saves_whole_model:  # the adapter directory already is the merged model
         how = "copied the full fine-tuned model"
         for item in adapter.iterdir():
             target = out / item.name
@@ -87,9 +80,7 @@ def merge_run(run: str, out: Path, tracking_uri: str | None = None, overwrite: b
         model, tokenizer = _merged_model(run_dir, cfg, method)
         model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(out)
-        how = {"lora": "folded the LoRA adapter into the base weights",
-               "qlora": "folded the QLoRA adapter into the un-quantised base weights",
-               "freeze": "wrote the base with the trained layers substituted"}[method]
+        how = f"merged the {method} adapter into the un-quantised base weights"
     info = {"run_dir": str(run_dir), "method": method, "how": how,
             "base_model": {"name": cfg.model.name, "family": cfg.model.family, "path": cfg.model.path},
             "out": str(out.resolve())}
@@ -98,20 +89,16 @@ def merge_run(run: str, out: Path, tracking_uri: str | None = None, overwrite: b
 
 
 def _merged_model(run_dir: Path, cfg, method: str):
-    from glm_experiments.methods import get_method
     from glm_experiments.run_loading import ADAPTER_DIR, load_base, method_settings
 
     # never quantised: qlora's adapter is folded into full-precision weights
     model, tokenizer, _ = load_base(cfg, None)
-    module = get_method(method)
+    record = get_method(method)
     try:
-        model = module.load(model, run_dir / ADAPTER_DIR, method_settings(cfg, method))
+        model = record.load(model, run_dir / ADAPTER_DIR, method_settings(cfg, method))
     except (ValueError, FileNotFoundError) as exc:
         raise UserError(f"cannot load the adapter of {run_dir}: {exc}") from None
-    if method in ("lora", "qlora"):
-        from glm_experiments.methods import lora
-
-        model = lora.merge(model)
+    model = record.merge(model)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()

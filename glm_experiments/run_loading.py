@@ -134,11 +134,11 @@ def load_run_config(run_dir: Path) -> DictConfig:
 def _typed(cfg: DictConfig, path: Path) -> DictConfig:
     """The saved yaml merged onto the structured schema, so nested configs (model.tiny, ...) are the
     dataclasses the loaders expect. A config from an older schema falls back to typing the model alone."""
-    from glm_experiments.config import METHOD_SCHEMAS, Config, ModelConfig
+    from glm_experiments.config import Config, ModelConfig, method_schema
 
     try:
         typed = OmegaConf.merge(OmegaConf.structured(Config), cfg)
-        schema = METHOD_SCHEMAS.get(str(cfg.method.get("name")))
+        schema = method_schema(cfg.method.get("name"))
         if schema is not None:
             typed.method = OmegaConf.merge(OmegaConf.structured(schema), cfg.method)
         return typed
@@ -190,10 +190,8 @@ def load_base(cfg: DictConfig, method: str | None = None):
     quantization = None
     if method is not None:
         module = get_method(method)
-        if hasattr(module, "check_available"):
-            module.check_available()
-        if hasattr(module, "quantization_config"):
-            quantization = module.quantization_config(cfg.method)
+        module.check_available()
+        quantization = module.quantization_config(cfg.method)
     model, tokenizer = load_model_and_tokenizer(cfg.model, quantization_config=quantization)
     template = get_template(cfg.model.template or cfg.model.family)
     return model, tokenizer, template

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -190,14 +189,11 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
     return str(path)
 
 
-PACKABLE_METHODS = ("lora", "qlora", "freeze", "full")
-
-
 def check_train_options(cfg: DictConfig) -> None:
     t = cfg.train
-    if t.packing and cfg.method.name not in PACKABLE_METHODS:
+    if t.packing and not get_method(cfg.method.name).packable:
         # virtual tokens / prefix keys would be shared by all samples of the packed row
-        raise UserError(f"train.packing=true works with method={'|'.join(PACKABLE_METHODS)}, not method={cfg.method.name} "
+        raise UserError(f"train.packing=true does not work with method={cfg.method.name} "
                         "(its virtual tokens would be shared by every sample packed into a row)")
     if t.loss_chunk_size < 0:
         raise UserError(f"train.loss_chunk_size must be 0 (off) or a positive number of tokens, got {t.loss_chunk_size}")
@@ -283,8 +279,7 @@ def run(cfg: DictConfig) -> RunResult:
 
     check_train_options(cfg)
     method = get_method(cfg.method.name)
-    if hasattr(method, "check_available"):
-        method.check_available()
+    method.check_available()
 
     tags, overrides = hydra_tags()
     tracker = Tracker(cfg.tracking, active=is_main())  # one MLflow run, created by rank 0
@@ -307,14 +302,12 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
 
     # ---- model + method
     start = time.perf_counter()
-    quantization = method.quantization_config(cfg.method) if hasattr(method, "quantization_config") else None
+    quantization = method.quantization_config(cfg.method)
     model, tokenizer = load_model_and_tokenizer(cfg.model, quantization_config=quantization)
     template = get_template(cfg.model.template or cfg.model.family)
     # what generate() is really called with (stop ids included), beside the eval.* params
     tracker.set_tags({"eval.generation_kwargs": json.dumps(generation_kwargs(cfg.eval, tokenizer, template))})
-    # prompt tuning initialises its soft prompt from text, so it needs the tokenizer
-    wants_tokenizer = "tokenizer" in inspect.signature(method.apply).parameters
-    model = method.apply(model, cfg.method, tokenizer=tokenizer) if wants_tokenizer else method.apply(model, cfg.method)
+    model = method.apply(model, cfg.method, tokenizer=tokenizer)  # prompt tuning initialises from text
     result.trainable = trainable_summary(model)
     tracker.log_metrics({"model/trainable_params": result.trainable["trainable"],
                          "model/total_params": result.trainable["total"],
@@ -439,7 +432,7 @@ def save_method(method, model, out_dir: Path, method_cfg, trainer: Trainer) -> N
         if is_main():
             method.save(model, out_dir, method_cfg)
         return
-    if method_cfg.name == "full":
+    if method.saves_whole_model:
         state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)  # needs stage3_gather_16bit_weights_on_model_save
         if is_main():
             from glm_experiments.methods.base import write_method_json

@@ -21,13 +21,13 @@ log = logging.getLogger("glm_experiments")
 
 def load_config(path: Path) -> DictConfig:
     """The resolved YAML merged back into the structured schema (so model.tiny etc. are typed as under Hydra)."""
-    from glm_experiments.config import METHOD_SCHEMAS, Config
+    from glm_experiments.config import Config, method_schema
 
     raw = OmegaConf.load(path)
     schema = OmegaConf.structured(Config)
-    method = raw.get("method", {}).get("name")
-    if method in METHOD_SCHEMAS:
-        schema.method = OmegaConf.structured(METHOD_SCHEMAS[method])
+    method = method_schema(raw.get("method", {}).get("name"))
+    if method is not None:
+        schema.method = OmegaConf.structured(method)
     OmegaConf.set_struct(schema, False)  # keys an experiment added with `+key=...` stay
     cfg = OmegaConf.merge(schema, raw)
     OmegaConf.set_struct(cfg, True)

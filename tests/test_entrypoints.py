@@ -146,7 +146,7 @@ def test_merge_lora_gives_a_standalone_checkpoint(lora_run, tmp_path):
     out = tmp_path / "merged"
     result = run_cli(["--run", str(run_dir), "--out", str(out)], tmp_path, module="glm_experiments.merge")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "folded the LoRA adapter" in result.stdout
+    assert "merged the lora adapter into the un-quantised base weights" in result.stdout
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert not list(out.glob("adapter_*")), "a merged checkpoint holds no adapter files"
     assert_same_logits(run_dir, out)

@@ -95,6 +95,7 @@ CASES = {
         lambda n: n.startswith("lm_head") or ".layers.0.mlp." in n,
     ),
     "lora": (LoraMethodConfig(name="lora", r=4, alpha=8, dropout=0.0), 1e-2, lambda n: "lora_" in n),
+    "dora": (LoraMethodConfig(name="dora", r=4, alpha=8, dropout=0.0), 1e-2, lambda n: "lora_" in n),
     "ptuning": (PtuningMethodConfig(name="ptuning", pre_seq_len=4), 1e-2, lambda n: n.startswith("prefix_encoder.")),
     "ptuning_projection": (
         PtuningMethodConfig(name="ptuning", pre_seq_len=4, prefix_projection=True, prefix_hidden_size=24),
@@ -117,6 +118,8 @@ def expected_trainable(case: str, base) -> int:
         return sum(p.numel() for n, p in base.named_parameters() if n.startswith("lm_head") or ".layers.0.mlp." in n)
     if case == "lora":
         return sum(4 * (i + o) for i, o in linear_shapes(base, {"q_proj", "k_proj", "v_proj", "o_proj"}))
+    if case == "dora":  # LoRA's A and B plus one magnitude per output row
+        return sum(4 * (i + o) + o for i, o in linear_shapes(base, {"q_proj", "k_proj", "v_proj", "o_proj"}))
     if case == "ptuning":
         return 4 * LAYERS * 2 * KV_DIM
     if case == "ptuning_projection":
@@ -136,7 +139,7 @@ def test_train_save_reload(case, tmp_path):
     summary = trainable_summary(model)
     want = expected_trainable(case, make_model())
     assert summary["trainable"] == want
-    extra = want if case in ("lora", "ptuning", "ptuning_projection", "prompt_tuning") else 0
+    extra = want if case in ("lora", "dora", "ptuning", "ptuning_projection", "prompt_tuning") else 0
     assert summary["total"] == base_total + extra
     assert summary["pct"] == pytest.approx(100.0 * want / summary["total"])
 
@@ -193,6 +196,26 @@ def test_lora_merge_matches_unmerged():
     assert type(merged) is GlmForCausalLM
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     assert_close(eval_logits(merged), unmerged, what="merged logits")
+
+
+def test_dora_is_one_module_and_one_yaml():
+    """method=dora composes from conf/method/dora.yaml, trains, differs from LoRA, reloads and merges exactly."""
+    from conftest import compose
+
+    cfg = compose(["method=dora", "method.dropout=0.0", "method.r=4", "method.alpha=8"]).method
+    assert type(cfg._metadata.object_type).__name__ == "type" and cfg._metadata.object_type.__name__ == "DoraMethodConfig"
+    method = get_method("dora")
+    model = method.apply(make_model(), cfg)
+    assert model.peft_config["default"].use_dora
+    assert any("lora_magnitude_vector" in n and p.requires_grad for n, p in model.named_parameters())
+    losses = train(model, steps=6)
+    assert losses[-1] < losses[0]
+    as_lora = lora.apply(make_model(), cfg)
+    train(as_lora, steps=6)
+    assert (eval_logits(as_lora) - eval_logits(model)).abs().max() > 1e-4  # the decomposition changes the result
+    assert get_method("dora").packable and get_method("dora").merge_into_base is lora.merge
+    unmerged = eval_logits(model)
+    assert_close(eval_logits(method.merge(model)), unmerged, what="merged DoRA logits")
 
 
 def test_lora_target_modules():

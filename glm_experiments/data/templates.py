@@ -43,6 +43,9 @@ class ChatGLM3Template:
     """
 
     roles = ("system", "user", "assistant", "observation")
+    has_system_role = True
+    # generation starts right after <|assistant|>: a metadata line (empty for plain replies) comes first
+    reply_starts_with_metadata_line = True
 
     def __init__(self, name: str = "chatglm3", sop: str = "sop"):
         self.name, self.sop = name, sop  # GLM-4 spells it "<sop>"
@@ -110,6 +113,8 @@ class ChatGLM2Template:
     """ChatGLM2-6B: ``[gMASK] sop`` + "[Round i]\\n\\n问：q\\n\\n答：" prompt + answer + eos; loss on the answer."""
 
     name = "chatglm2"
+    has_system_role = False
+    reply_starts_with_metadata_line = False
 
     def _prompt_text(self, history, query) -> str:
         text = "".join(f"[Round {i + 1}]\n\n问：{q}\n\n答：{r}\n\n" for i, (q, r) in enumerate(history))
@@ -136,6 +141,8 @@ class ChatGLMTemplate:
     """ChatGLM-6B (v1): "[Round i]\\n问：q\\n答：" prompt + [gMASK] <sop> + answer + <eop>; labels from <sop> on."""
 
     name = "chatglm"
+    has_system_role = False
+    reply_starts_with_metadata_line = False
 
     def _prompt_text(self, history, query) -> str:
         text = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))

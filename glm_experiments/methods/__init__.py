@@ -1,8 +1,8 @@
-"""Fine-tuning methods: one module per method, each with ``apply`` / ``save`` / ``load`` (see ``base``).
+"""Fine-tuning methods: one module per method, each registering a ``Method`` record (see ``base``).
 
 >>> from glm_experiments.methods import get_method, trainable_summary
 >>> method = get_method(cfg.method.name)
->>> model = method.apply(model, cfg.method)
+>>> model = method.apply(model, cfg.method, tokenizer=tokenizer)
 >>> trainable_summary(model)            # {'trainable': ..., 'total': ..., 'pct': ...}
 >>> method.save(model, out_dir, cfg.method)
 >>> model = method.load(fresh_base, out_dir, cfg.method)
@@ -11,20 +11,31 @@
 from __future__ import annotations
 
 import importlib
-from types import ModuleType
+import pkgutil
 
-from glm_experiments.methods.base import read_method_json, trainable_summary
+from glm_experiments.methods.base import REGISTRY, Method, read_method_json, trainable_summary
 
-METHODS = ("freeze", "lora", "qlora", "ptuning", "prompt_tuning", "full")
-
-__all__ = ["METHODS", "get_method", "load_saved", "trainable_summary"]
+__all__ = ["Method", "get_method", "load_saved", "method_names", "trainable_summary"]
 
 
-def get_method(name: str) -> ModuleType:
-    """The module implementing method ``name`` (one of METHODS)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}")
-    return importlib.import_module(f"glm_experiments.methods.{name}")
+def _discover() -> dict[str, Method]:
+    """Every module of this package registers its method on import: adding one needs no list edited here."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")  # a no-op once imported
+    return REGISTRY
+
+
+def method_names() -> list[str]:
+    return sorted(_discover())
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``."""
+    methods = _discover()
+    if name not in methods:
+        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(methods))}")
+    return methods[name]
 
 
 def load_saved(model, in_dir, cfg=None):

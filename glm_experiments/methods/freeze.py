@@ -14,7 +14,10 @@ from typing import Any
 
 from torch import nn
 
+from glm_experiments.config import FreezeMethodConfig
 from glm_experiments.methods.base import (
+    Method,
+    register,
     cfg_get,
     check_settings,
     load_safetensors,
@@ -53,7 +56,7 @@ def trainable_names(model: nn.Module, cfg: Any) -> list[str]:
     return chosen
 
 
-def apply(model: nn.Module, cfg: Any) -> nn.Module:
+def apply(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     chosen = set(trainable_names(model, cfg))
     for name, p in model.named_parameters():
         p.requires_grad_(name in chosen)
@@ -93,3 +96,11 @@ def load(model: nn.Module, in_dir: Path, cfg: Any = None) -> nn.Module:
             raise ValueError(f"method=freeze: {name} has shape {tuple(p.shape)} in the model, {tuple(value.shape)} in {in_dir}")
         p.data.copy_(value.to(device=p.device, dtype=p.dtype))
     return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """``load`` already put the trained layers into the base: it is the merged model."""
+    return model
+
+
+METHOD = register(Method(NAME, FreezeMethodConfig, apply, save, load, merge_into_base=merge))

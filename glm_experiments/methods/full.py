@@ -8,12 +8,13 @@ from typing import Any
 
 from torch import nn
 
-from glm_experiments.methods.base import load_safetensors, read_method_json, write_method_json
+from glm_experiments.config import FullMethodConfig
+from glm_experiments.methods.base import Method, load_safetensors, read_method_json, register, write_method_json
 
 NAME = "full"
 
 
-def apply(model: nn.Module, cfg: Any = None) -> nn.Module:
+def apply(model: nn.Module, cfg: Any = None, tokenizer: Any = None) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
@@ -57,3 +58,11 @@ def load(model: nn.Module, in_dir: Path, cfg: Any = None) -> nn.Module:
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
     return apply(model)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """A full fine-tune is already a plain model."""
+    return model
+
+
+METHOD = register(Method(NAME, FullMethodConfig, apply, save, load, merge_into_base=merge, saves_whole_model=True))

@@ -15,7 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from glm_experiments.methods.base import cfg_get, check_settings, read_method_json, write_method_json
+from glm_experiments.config import LoraMethodConfig
+from glm_experiments.methods.base import Method, cfg_get, check_settings, read_method_json, register, write_method_json
 
 NAME = "lora"
 # checkpoints written by either method hold a plain LoRA adapter
@@ -56,7 +57,7 @@ def lora_config(model: nn.Module, cfg: Any):
     )
 
 
-def apply(model: nn.Module, cfg: Any) -> nn.Module:
+def apply(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(model, cfg))
@@ -104,7 +105,7 @@ def load(model: nn.Module, in_dir: Path, cfg: Any = None, *, is_trainable: bool 
     from peft import PeftModel
 
     in_dir = Path(in_dir)
-    saved = read_method_json(in_dir, COMPATIBLE)["settings"]
+    saved = read_method_json(in_dir, {name, *COMPATIBLE})["settings"]
     if cfg is not None:
         want = dict(saved)
         want.update({k: v for k, v in _settings(model, cfg).items() if k in ("r", "alpha", "bias", "target_modules")})
@@ -117,3 +118,6 @@ def merge(model: nn.Module) -> nn.Module:
     if not hasattr(model, "merge_and_unload"):
         raise ValueError("method=lora: merge() needs the PeftModel returned by apply()/load()")
     return model.merge_and_unload()
+
+
+METHOD = register(Method(NAME, LoraMethodConfig, apply, save, load, merge_into_base=merge))

@@ -30,7 +30,10 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
+from glm_experiments.config import PromptTuningMethodConfig
 from glm_experiments.methods.base import (
+    Method,
+    register,
     cfg_get,
     check_settings,
     extend_mask_left,
@@ -159,7 +162,7 @@ def _forward(
     return out
 
 
-def apply(model: nn.Module, cfg: Any, *, tokenizer: Any = None, init: Optional[torch.Tensor] = None) -> nn.Module:
+def apply(model: nn.Module, cfg: Any, tokenizer: Any = None, *, init: Optional[torch.Tensor] = None) -> nn.Module:
     if isinstance(getattr(model, PROMPT_ATTR, None), nn.Module):
         raise ValueError(f"method=prompt_tuning is already applied to this {type(model).__name__}")
     if getattr(getattr(model, "config", None), "model_type", None) in NEEDS_INPUT_IDS:
@@ -206,3 +209,13 @@ def load(model: nn.Module, in_dir: Path, cfg: Any = None) -> nn.Module:
     apply(model, {"num_virtual_tokens": n}, init=torch.zeros(n, hidden))
     _prompt(model).load_state_dict(load_safetensors(in_dir / WEIGHTS_FILE), strict=True)
     return model
+
+
+METHOD = register(
+    Method(
+        NAME, PromptTuningMethodConfig, apply, save, load,
+        not_mergeable_because="prompt tuning learns soft-prompt vectors placed before the input embeddings; they are "
+        "inputs, not a change to any weight, so no plain checkpoint computes the same function",
+        packable=False,  # one soft prompt per row: packed samples would share it
+    )
+)

@@ -45,7 +45,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
+from glm_experiments.config import PtuningMethodConfig
 from glm_experiments.methods.base import (
+    Method,
+    register,
     cfg_get,
     check_settings,
     extend_mask_left,
@@ -368,7 +371,7 @@ def _prepare_inputs_for_generation(model, orig, input_ids, **kwargs):
 
 
 # --------------------------------------------------------------------------- method API
-def apply(model: nn.Module, cfg: Any, *, embedding_dim: Optional[int] = None) -> nn.Module:
+def apply(model: nn.Module, cfg: Any, tokenizer: Any = None, *, embedding_dim: Optional[int] = None) -> nn.Module:
     """Freeze ``model`` and give it a trainable prefix encoder (see the module docstring)."""
     if isinstance(getattr(model, ENCODER_ATTR, None), nn.Module):
         raise ValueError(f"method=ptuning is already applied to this {type(model).__name__}")
@@ -500,3 +503,13 @@ def import_thudm_prefix(model: nn.Module, path: str | Path, cfg: Any = None) -> 
         enc = _encoder(model)
     enc.load_state_dict({k: v.to(enc.embedding.weight.dtype) for k, v in state.items()}, strict=True)
     return model
+
+
+METHOD = register(
+    Method(
+        NAME, PtuningMethodConfig, apply, save, load,
+        not_mergeable_because="P-Tuning v2 learns prefix key/values that every layer attends to as extra memory; they are "
+        "inputs, not a change to any weight, so no plain checkpoint computes the same function",
+        packable=False,  # one prefix per row: packed samples would share it
+    )
+)

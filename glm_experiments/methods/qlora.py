@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from glm_experiments.methods import lora
-from glm_experiments.methods.base import cfg_get
+from glm_experiments.config import QloraMethodConfig
+from glm_experiments.methods.base import Method, cfg_get, register
 
 NAME = "qlora"
 QUANT_TYPES = ("nf4", "fp4")
@@ -86,7 +87,7 @@ def is_quantized(model: nn.Module) -> bool:
     )
 
 
-def apply(model: nn.Module, cfg: Any) -> nn.Module:
+def apply(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     validate(cfg)
     check_available()
     if not is_quantized(model):
@@ -134,3 +135,9 @@ def merge(model: nn.Module) -> nn.Module:
             "Load the base without quantization_config, qlora.load(base, adapter_dir) and merge that."
         )
     return lora.merge(model)
+
+
+METHOD = register(
+    Method(NAME, QloraMethodConfig, apply, save, load, merge_into_base=merge,
+           quantization_config=quantization_config, check_available=check_available)
+)
