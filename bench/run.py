@@ -400,7 +400,7 @@ def bench_overhead(args) -> dict:
 def finetuned_default_run() -> Path:
     """The embedded default run (tiny model, LoRA, 300 steps on the demo set), trained once and cached: the
     model whose evaluation the framework really batches. ~1 min of CPU the first time."""
-    from glm_experiments.models.tiny import cache_root
+    from glm_experiments.constants import cache_root
 
     # keyed on the files that define the default run, so a changed default retrains
     files = ["train.yaml", "model/tiny.yaml", "method/lora.yaml", "data/adgen_demo.yaml"]

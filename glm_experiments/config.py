@@ -1,5 +1,9 @@
 """Typed schema for every config group.
 
+Every default lives here, in the schema, and only here: an option file under ``conf/`` names its schema
+node and says only what makes that option different (for a method: nothing but its name). Code reads the
+composed config, or the schema's defaults (``methods/*: DEFAULTS``), never a literal of its own.
+
 Each group option in ``conf/`` starts its defaults list with one of the schema nodes
 registered here (``- /schema/method/lora@_here_`` style is avoided: each option simply
 names ``base_<kind>``), so a mistyped key or a wrong type fails when Hydra composes the
@@ -70,7 +74,7 @@ class FreezeMethodConfig(MethodConfig):
 @dataclass
 class LoraMethodConfig(MethodConfig):
     r: int = 8
-    alpha: int = 16
+    alpha: int = 32
     dropout: float = 0.05
     # ["all-linear"] or module names; empty = the family's default
     target_modules: list[str] = field(default_factory=list)

@@ -28,13 +28,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from glm_experiments.errors import UserError
+from glm_experiments.run_result import HYDRA_TAGS_ENV, RESULT_FILE, RunResult, hydra_tags
 
 log = logging.getLogger(__name__)
 
 RESOLVED_CONFIG = "resolved_config.yaml"
 ERROR_FILE = "worker_error.txt"
 # Hydra's tags/overrides for the MLflow run, handed to the workers (they have no HydraConfig)
-HYDRA_TAGS_ENV = "GLM_EXPERIMENTS_HYDRA_TAGS"
 OFFLOAD_DEVICES = ("none", "cpu", "nvme")
 
 
@@ -118,7 +118,6 @@ def torchrun_command(launcher, config_path: Path) -> list[str]:
 
 def launch(cfg: DictConfig):
     """Start the torchrun workers for this (already composed) job, wait, return rank 0's RunResult."""
-    from glm_experiments.train import RunResult, hydra_tags
 
     check_launcher(cfg.launcher)
     check_deepspeed(deepspeed_dict(cfg))
@@ -127,7 +126,7 @@ def launch(cfg: DictConfig):
     config_path = run_dir / RESOLVED_CONFIG
     OmegaConf.save(cfg, config_path, resolve=True)
     (run_dir / ERROR_FILE).unlink(missing_ok=True)
-    (run_dir / "result.json").unlink(missing_ok=True)
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)
 
     tags, overrides = hydra_tags()
     env = {**os.environ, HYDRA_TAGS_ENV: json.dumps({"tags": tags, "overrides": overrides})}
@@ -140,10 +139,6 @@ def launch(cfg: DictConfig):
             raise UserError(error.read_text().strip())
         raise UserError(f"the training workers failed (torchrun exit code {returncode}); their output is above")
 
-    result_file = run_dir / "result.json"
-    if not result_file.is_file():  # another node's rank 0 wrote the run products
+    if not (run_dir / RESULT_FILE).is_file():  # another node's rank 0 wrote the run products
         return RunResult(run_dir=run_dir, run_id=None)
-    saved = json.loads(result_file.read_text())
-    return RunResult(run_dir=run_dir, run_id=saved.get("run_id"), metrics_before=saved.get("metrics_before", {}),
-                     metrics_after=saved.get("metrics_after", {}), train_metrics=saved.get("train", {}),
-                     trainable=saved.get("trainable", {}))
+    return RunResult.read(run_dir)

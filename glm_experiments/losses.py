@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from glm_experiments.constants import IGNORE_INDEX
 from glm_experiments.errors import UserError
 
-IGNORE_INDEX = -100
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,21 +25,12 @@ from glm_experiments.losses import chunked_loss
 from glm_experiments.methods import get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
 from glm_experiments.models.loading import load_model_and_tokenizer
+from glm_experiments.run_result import RunResult, hydra_tags
 from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
 
 log = logging.getLogger(__name__)
 
 TRAINABLE_FILE = "trainable.safetensors"
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    run_id: str | None
-    metrics_before: dict = field(default_factory=dict)
-    metrics_after: dict = field(default_factory=dict)
-    train_metrics: dict = field(default_factory=dict)
-    trainable: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -242,23 +231,6 @@ def training_arguments(cfg: DictConfig, checkpoint_dir: Path) -> TrainingArgumen
     )
 
 
-def hydra_tags() -> tuple[dict[str, str], list[str]]:
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        # a torchrun worker: the launcher hands over the Hydra process's tags
-        from glm_experiments.launcher import HYDRA_TAGS_ENV
-
-        saved = json.loads(os.environ.get(HYDRA_TAGS_ENV, '{"tags": {}, "overrides": []}'))
-        return saved["tags"], saved["overrides"]
-    hydra_cfg = HydraConfig.get()
-    tags = {f"hydra.choices.{k}": str(v) for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
-    overrides = list(hydra_cfg.overrides.task)
-    tags["hydra.overrides"] = " ".join(overrides) or "(none)"
-    tags["hydra.mode"] = str(hydra_cfg.mode)
-    return tags, overrides
-
-
 def reset_peak_memory() -> None:
     """Sweep jobs share one process: without a reset each job would report the peak of all before it."""
     if torch.cuda.is_available():
@@ -414,12 +386,10 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
     if not is_main():
         return
     tokenizer.save_pretrained(adapter_dir)
-    (run_dir / "result.json").write_text(json.dumps({
-        "run_id": result.run_id, "metrics_before": result.metrics_before, "metrics_after": result.metrics_after,
-        "train": result.train_metrics, "trainable": result.trainable}, indent=2, default=float))
+    result_file = result.write()
     tracker.log_artifacts(run_dir / ".hydra", "hydra")
     tracker.log_artifacts(predictions_dir, "predictions_jsonl")
-    tracker.log_artifact(run_dir / "result.json")
+    tracker.log_artifact(result_file)
     if cfg.tracking.log_adapter:
         tracker.log_artifacts(adapter_dir, "adapter")
 
@@ -447,7 +417,7 @@ def save_method(method, model, out_dir: Path, method_cfg, trainer: Trainer) -> N
 
 
 def _data_cache_dir() -> Path:
-    from glm_experiments.models.tiny import cache_root
+    from glm_experiments.constants import cache_root
 
     return cache_root() / "tokenized"
 

@@ -23,6 +23,26 @@ def test_every_method_composes(method, key):
     assert cfg.method.name == method and key in cfg.method
 
 
+def test_method_defaults_have_one_owner_the_schema():
+    """conf/method/*.yaml name their schema and nothing else; what composes is the schema's defaults."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from glm_experiments.methods import get_method, method_names
+
+    for name in method_names():
+        option = yaml.safe_load((Path(__file__).parents[1] / "conf" / "method" / f"{name}.yaml").read_text())
+        assert set(option) == {"defaults", "name"} and option["name"] == name, name
+        composed = compose([f"method={name}"]).method
+        schema = get_method(name).schema
+        for f in dataclasses.fields(schema):
+            if f.name != "name":
+                want = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                assert composed[f.name] == want, (name, f.name)
+
+
 def test_mistyped_key_fails_at_compose_time():
     with pytest.raises(ConfigCompositionException, match="max_stepz"):
         compose(["train.max_stepz=3"])

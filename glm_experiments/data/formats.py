@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from glm_experiments.constants import PROJECT_ROOT
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("adgen", "conversations", "instruction")
@@ -53,7 +55,6 @@ FUNCTION_CALL_PREFIX = "```python\n"
 FUNCTION_CALL_POSTFIX = "\n```"
 
 CONVERSATION_ROLES = ("system", "user", "assistant", "tool", "observation")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the directory that holds conf/
 
 
 @dataclass

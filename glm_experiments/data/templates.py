@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IGNORE_INDEX = -100
+from glm_experiments.constants import IGNORE_INDEX
 
 
 @dataclass

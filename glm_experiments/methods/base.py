@@ -272,6 +272,24 @@ def extend_mask_left(attention_mask: Optional[torch.Tensor], n: int) -> Optional
     return torch.cat([ones, attention_mask], dim=1)
 
 
+def split_virtual_mask(
+    attention_mask: Optional[torch.Tensor], past_real: int, q_len: int, n_virtual: int, method: str
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(mask over virtual + real positions, mask over the real ones only) from a 2D padding mask given
+    either way (generate() passes one without the virtual positions, a caller may include them)."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return attention_mask, None
+    real_len = past_real + q_len
+    if attention_mask.shape[1] == real_len:
+        return extend_mask_left(attention_mask, n_virtual), attention_mask
+    if attention_mask.shape[1] == real_len + n_virtual:
+        return attention_mask, attention_mask[:, n_virtual:]
+    raise ValueError(
+        f"method={method}: attention_mask has {attention_mask.shape[1]} columns; expected {real_len} "
+        f"(past + new tokens) or {real_len + n_virtual} (with the {n_virtual} virtual positions)"
+    )
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -29,6 +29,7 @@ from glm_experiments.methods.base import (
 )
 
 NAME = "freeze"
+DEFAULTS = FreezeMethodConfig()  # the schema owns every default
 WEIGHTS_FILE = "trainable.safetensors"
 
 
@@ -45,7 +46,7 @@ def trainable_names(model: nn.Module, cfg: Any) -> list[str]:
             )
         return chosen
     num_layers = model_dims(model)[0]
-    n_last = int(cfg_get(cfg, "num_last_layers", 2))
+    n_last = int(cfg_get(cfg, "num_last_layers", DEFAULTS.num_last_layers))
     if not 1 <= n_last <= num_layers:
         raise ValueError(f"method=freeze: num_last_layers must be in 1..{num_layers} (the model's layers), got {n_last}")
     indices = "|".join(str(i) for i in range(num_layers - n_last, num_layers))
@@ -65,7 +66,7 @@ def apply(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
 
 def _settings(cfg: Any) -> dict:
     return {
-        "num_last_layers": int(cfg_get(cfg, "num_last_layers", 2)),
+        "num_last_layers": int(cfg_get(cfg, "num_last_layers", DEFAULTS.num_last_layers)),
         "trainable_patterns": list(cfg_get(cfg, "trainable_patterns", None) or []),
     }
 

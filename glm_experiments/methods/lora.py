@@ -19,6 +19,7 @@ from glm_experiments.config import LoraMethodConfig
 from glm_experiments.methods.base import Method, cfg_get, check_settings, read_method_json, register, write_method_json
 
 NAME = "lora"
+DEFAULTS = LoraMethodConfig()  # the schema owns every default
 # checkpoints written by either method hold a plain LoRA adapter
 COMPATIBLE = ("lora", "qlora")
 
@@ -49,11 +50,11 @@ def lora_config(model: nn.Module, cfg: Any):
 
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
-        r=int(cfg_get(cfg, "r", 8)),
-        lora_alpha=int(cfg_get(cfg, "alpha", 16)),
-        lora_dropout=float(cfg_get(cfg, "dropout", 0.05)),
+        r=int(cfg_get(cfg, "r", DEFAULTS.r)),
+        lora_alpha=int(cfg_get(cfg, "alpha", DEFAULTS.alpha)),
+        lora_dropout=float(cfg_get(cfg, "dropout", DEFAULTS.dropout)),
         target_modules=resolve_target_modules(model, cfg),
-        bias=str(cfg_get(cfg, "bias", "none")),
+        bias=str(cfg_get(cfg, "bias", DEFAULTS.bias)),
     )
 
 
@@ -66,11 +67,11 @@ def apply(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
 def _settings(model: nn.Module, cfg: Any) -> dict:
     targets = resolve_target_modules(_base(model), cfg)
     return {
-        "r": int(cfg_get(cfg, "r", 8)),
-        "alpha": int(cfg_get(cfg, "alpha", 16)),
-        "dropout": float(cfg_get(cfg, "dropout", 0.05)),
+        "r": int(cfg_get(cfg, "r", DEFAULTS.r)),
+        "alpha": int(cfg_get(cfg, "alpha", DEFAULTS.alpha)),
+        "dropout": float(cfg_get(cfg, "dropout", DEFAULTS.dropout)),
         "target_modules": targets if isinstance(targets, str) else sorted(targets),
-        "bias": str(cfg_get(cfg, "bias", "none")),
+        "bias": str(cfg_get(cfg, "bias", DEFAULTS.bias)),
     }
 
 

@@ -32,11 +32,11 @@ from transformers.utils import ModelOutput
 from glm_experiments.compat import CACHE, pop_cache
 from glm_experiments.config import PromptTuningMethodConfig
 from glm_experiments.methods.base import (
+    split_virtual_mask,
     Method,
     register,
     cfg_get,
     check_settings,
-    extend_mask_left,
     freeze_all,
     input_embeddings,
     load_safetensors,
@@ -48,6 +48,7 @@ from glm_experiments.methods.base import (
 )
 
 NAME = "prompt_tuning"
+DEFAULTS = PromptTuningMethodConfig()  # the schema owns every default
 PROMPT_ATTR = "soft_prompt"
 WEIGHTS_FILE = "soft_prompt.safetensors"
 # model types whose forward needs input_ids (no inputs_embeds path)
@@ -117,19 +118,7 @@ def _forward(
     first = seen == 0
     past_real = 0 if first else seen - n_virtual
 
-    mask_real = None
-    if attention_mask is not None and attention_mask.dim() == 2:
-        real_len = past_real + q_len
-        if attention_mask.shape[1] == real_len:
-            mask_real = attention_mask
-            attention_mask = extend_mask_left(attention_mask, n_virtual)
-        elif attention_mask.shape[1] == real_len + n_virtual:
-            mask_real = attention_mask[:, n_virtual:]
-        else:
-            raise ValueError(
-                f"method=prompt_tuning: attention_mask has {attention_mask.shape[1]} columns; expected "
-                f"{real_len} (past + new tokens) or {real_len + n_virtual} (with the virtual tokens)"
-            )
+    attention_mask, mask_real = split_virtual_mask(attention_mask, past_real, q_len, n_virtual, NAME)
     if position_ids is None:
         position_ids = real_position_ids(mask_real, q_len, past_real, batch, device)
     position_ids = position_ids + n_virtual
@@ -171,11 +160,11 @@ def apply(model: nn.Module, cfg: Any, tokenizer: Any = None, *, init: Optional[t
             "pattern are computed from the token ids ([gMASK]/<sop>), so a soft prompt cannot be put in front. "
             "Use method=ptuning (P-Tuning v2) instead."
         )
-    n = int(cfg_get(cfg, "num_virtual_tokens", 16))
+    n = int(cfg_get(cfg, "num_virtual_tokens", DEFAULTS.num_virtual_tokens))
     if n <= 0:
         raise ValueError(f"method=prompt_tuning: num_virtual_tokens must be > 0, got {n}")
     if init is None:
-        init = _init_vectors(model, n, str(cfg_get(cfg, "init_text", "") or ""), tokenizer)
+        init = _init_vectors(model, n, str(cfg_get(cfg, "init_text", DEFAULTS.init_text) or DEFAULTS.init_text), tokenizer)
     sp = SoftPrompt(n, init.shape[1], init=init).to(input_embeddings(model).weight.device)
     freeze_all(model)
     model.add_module(PROMPT_ATTR, sp)
@@ -192,7 +181,7 @@ def save(model: nn.Module, out_dir: Path, cfg: Any = None) -> None:
         NAME,
         {
             "num_virtual_tokens": sp.num_virtual_tokens,
-            "init_text": str(cfg_get(cfg, "init_text", "") or ""),
+            "init_text": str(cfg_get(cfg, "init_text", DEFAULTS.init_text) or DEFAULTS.init_text),
             "hidden_size": sp.embedding.weight.shape[1],
         },
     )

@@ -47,11 +47,11 @@ from transformers.utils import ModelOutput
 from glm_experiments.compat import CACHE, pop_cache
 from glm_experiments.config import PtuningMethodConfig
 from glm_experiments.methods.base import (
+    split_virtual_mask,
     Method,
     register,
     cfg_get,
     check_settings,
-    extend_mask_left,
     freeze_all,
     input_embeddings,
     load_safetensors,
@@ -66,6 +66,7 @@ from glm_experiments.methods.base import (
 log = logging.getLogger(__name__)
 
 NAME = "ptuning"
+DEFAULTS = PtuningMethodConfig()  # the schema owns every default
 ENCODER_ATTR = "prefix_encoder"
 WEIGHTS_FILE = "prefix_encoder.safetensors"
 THUDM_PREFIX = "transformer.prefix_encoder."
@@ -279,20 +280,7 @@ def _forward(
     if stateless and model.training:
         _check_reentrant(model)
 
-    if attention_mask is not None and attention_mask.dim() == 2:
-        real_len = past_real + q_len
-        if attention_mask.shape[1] == real_len:
-            mask_real = attention_mask
-            attention_mask = extend_mask_left(attention_mask, prefix_len)
-        elif attention_mask.shape[1] == real_len + prefix_len:
-            mask_real = attention_mask[:, prefix_len:]
-        else:
-            raise ValueError(
-                f"method=ptuning: attention_mask has {attention_mask.shape[1]} columns; expected {real_len} "
-                f"(past + new tokens) or {real_len + prefix_len} (with the {prefix_len} prefix positions)"
-            )
-    else:
-        mask_real = None
+    attention_mask, mask_real = split_virtual_mask(attention_mask, past_real, q_len, prefix_len, NAME)
     if position_ids is None:
         position_ids = _position_ids(model, input_ids, mask_real, q_len, past_real, batch, device)
 
@@ -377,13 +365,13 @@ def apply(model: nn.Module, cfg: Any, tokenizer: Any = None, *, embedding_dim: O
         raise ValueError(f"method=ptuning is already applied to this {type(model).__name__}")
     num_layers, kv_heads, head_dim = model_dims(model)
     enc = PrefixEncoder(
-        pre_seq_len=int(cfg_get(cfg, "pre_seq_len", 16)),
+        pre_seq_len=int(cfg_get(cfg, "pre_seq_len", DEFAULTS.pre_seq_len)),
         num_layers=num_layers,
         kv_heads=kv_heads,
         head_dim=head_dim,
-        prefix_projection=bool(cfg_get(cfg, "prefix_projection", False)),
-        prefix_hidden_size=int(cfg_get(cfg, "prefix_hidden_size", 512) or 512),
-        prefix_dropout=float(cfg_get(cfg, "prefix_dropout", 0.1)),
+        prefix_projection=bool(cfg_get(cfg, "prefix_projection", DEFAULTS.prefix_projection)),
+        prefix_hidden_size=int(cfg_get(cfg, "prefix_hidden_size", DEFAULTS.prefix_hidden_size) or DEFAULTS.prefix_hidden_size),
+        prefix_dropout=float(cfg_get(cfg, "prefix_dropout", DEFAULTS.prefix_dropout)),
         embedding_dim=embedding_dim,
     )
     freeze_all(model)
@@ -498,7 +486,7 @@ def import_thudm_prefix(model: nn.Module, path: str | Path, cfg: Any = None) -> 
         check_settings(NAME, found, cfg, keys, where=str(path))
         settings = {k: found[k] for k in ("pre_seq_len", "prefix_projection", "prefix_hidden_size")}
         settings["prefix_hidden_size"] = settings["prefix_hidden_size"] or 512
-        settings["prefix_dropout"] = cfg_get(cfg, "prefix_dropout", 0.1)
+        settings["prefix_dropout"] = cfg_get(cfg, "prefix_dropout", DEFAULTS.prefix_dropout)
         apply(model, settings, embedding_dim=found["embedding_dim"])
         enc = _encoder(model)
     enc.load_state_dict({k: v.to(enc.embedding.weight.dtype) for k, v in state.items()}, strict=True)

@@ -20,11 +20,13 @@ from torch import nn
 
 from glm_experiments.methods import lora
 from glm_experiments.config import QloraMethodConfig
+from glm_experiments.constants import TORCH_DTYPES
 from glm_experiments.methods.base import Method, cfg_get, register
 
 NAME = "qlora"
+DEFAULTS = QloraMethodConfig()  # the schema owns every default
 QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+COMPUTE_DTYPES = TORCH_DTYPES
 
 
 def _bitsandbytes_importable() -> bool:
@@ -51,13 +53,13 @@ def check_available() -> None:
 
 
 def validate(cfg: Any) -> None:
-    bits = int(cfg_get(cfg, "bits", 4))
+    bits = int(cfg_get(cfg, "bits", DEFAULTS.bits))
     if bits not in (4, 8):
         raise ValueError(f"method=qlora: bits must be 4 or 8, got {bits}")
-    quant_type = str(cfg_get(cfg, "quant_type", "nf4"))
+    quant_type = str(cfg_get(cfg, "quant_type", DEFAULTS.quant_type))
     if bits == 4 and quant_type not in QUANT_TYPES:
         raise ValueError(f"method=qlora: quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    compute_dtype = str(cfg_get(cfg, "compute_dtype", "bfloat16"))
+    compute_dtype = str(cfg_get(cfg, "compute_dtype", DEFAULTS.compute_dtype))
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"method=qlora: compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}")
 
@@ -69,13 +71,13 @@ def quantization_config(cfg: Any):
     validate(cfg)
     if not _bitsandbytes_importable():
         raise _unavailable("bitsandbytes is not installed")
-    if int(cfg_get(cfg, "bits", 4)) == 8:
+    if int(cfg_get(cfg, "bits", DEFAULTS.bits)) == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=str(cfg_get(cfg, "quant_type", "nf4")),
-        bnb_4bit_use_double_quant=bool(cfg_get(cfg, "double_quant", True)),
-        bnb_4bit_compute_dtype=COMPUTE_DTYPES[str(cfg_get(cfg, "compute_dtype", "bfloat16"))],
+        bnb_4bit_quant_type=str(cfg_get(cfg, "quant_type", DEFAULTS.quant_type)),
+        bnb_4bit_use_double_quant=bool(cfg_get(cfg, "double_quant", DEFAULTS.double_quant)),
+        bnb_4bit_compute_dtype=COMPUTE_DTYPES[str(cfg_get(cfg, "compute_dtype", DEFAULTS.compute_dtype))],
     )
 
 
@@ -104,10 +106,10 @@ def apply(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
 
 def _settings_extra(cfg: Any) -> dict:
     return {
-        "bits": int(cfg_get(cfg, "bits", 4)),
-        "quant_type": str(cfg_get(cfg, "quant_type", "nf4")),
-        "double_quant": bool(cfg_get(cfg, "double_quant", True)),
-        "compute_dtype": str(cfg_get(cfg, "compute_dtype", "bfloat16")),
+        "bits": int(cfg_get(cfg, "bits", DEFAULTS.bits)),
+        "quant_type": str(cfg_get(cfg, "quant_type", DEFAULTS.quant_type)),
+        "double_quant": bool(cfg_get(cfg, "double_quant", DEFAULTS.double_quant)),
+        "compute_dtype": str(cfg_get(cfg, "compute_dtype", DEFAULTS.compute_dtype)),
     }
 
 

@@ -30,13 +30,13 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from glm_experiments.models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
+from glm_experiments.constants import TORCH_DTYPES, cache_root
 from glm_experiments.models.tokenizers import TokenizerError, build_tokenizer
 
 log = logging.getLogger(__name__)
 
 FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
 CONVERTER_VERSION = 2  # bump when the converted output changes (2: tokenizers identical to THUDM's)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class CheckpointError(ValueError):
@@ -230,7 +230,7 @@ def glm_config_from_thudm(cfg: dict, family: str) -> GlmConfig:
 
 def _checkpoint_dtype(cfg: dict) -> torch.dtype:
     name = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
-    return _DTYPES.get(str(name).replace("torch.", ""), torch.float32)
+    return TORCH_DTYPES.get(str(name).replace("torch.", ""), torch.float32)
 
 
 # ----------------------------------------------------------------------------------------------- key mapping
@@ -460,10 +460,6 @@ def load_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------------- conversion
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("GLM_EXPERIMENTS_CACHE", Path.home() / ".cache" / "glm_experiments"))
 
 
 def _fingerprint(path: Path, family: str) -> str:

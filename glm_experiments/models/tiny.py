@@ -26,20 +26,16 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
 from glm_experiments.config import TinyModelConfig
+from glm_experiments.constants import PROJECT_ROOT, cache_root
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEMO_CORPUS = PROJECT_ROOT / "data" / "adgen_demo" / "train.json"
 
 # ids 0-2 as in ChatGLM2/3 (pad/unk 0, bos 1, eos 2); GLM specials appended after the learned pieces
 # in ChatGLM3's order, so the layout mirrors the real tokenizer.
 BASE_SPECIALS = ["<unk>", "<s>", "</s>"]
 GLM_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("GLM_EXPERIMENTS_CACHE", Path.home() / ".cache" / "glm_experiments"))
 
 
 def _strings(value) -> list[str]:
