@@ -5,16 +5,20 @@
     python -m glm_experiments.compare --tracking-uri sqlite:///mlflow.db --experiment glm_experiments --out cmp/
 
 Selects the runs (the children of a sweep's parent run, or every training run of an experiment), works out
-which params differ between them, prints one table of those params against the final metrics (trainable %,
-peak memory, BLEU-4, ROUGE-1/2/L, triple F1, eval loss, train seconds, tokens/s), and writes into --out
+which params differ between them, names each run by those values (``src=512 tgt=128``) and prints three
+tables that fit a 100-column terminal: scores (BLEU-4, ROUGE-1/2/L, F1, accuracy; the best in green),
+training (final train loss, eval loss, samples truncated in train / dev) and cost (trainable %, peak memory,
+and the one-off timings, marked as such); metrics identical in every run are named. Writes into --out
 (default ``./comparisons/<name>/``):
 
 * ``loss_curves.png``   train/loss per run, overlaid
 * ``final_metrics.png`` grouped bars of the final quality metrics per run (+ trainable %, memory, speed)
-* ``report.md``         the table, before/after training, the params all runs share, links to the PNGs
+* ``report.md``         the tables, before/after training, the params all runs share, links to the PNGs
+* ``report.html``       the same with the plots embedded (MLflow's artifact view renders it)
 
-and logs them as artifacts (``comparison/``) to the parent run, or to a new ``comparison`` run in the
-experiment. ``compare_runs(...)`` returns the table rows for programmatic use.
+and logs them as artifacts (``comparison/``) to the parent run (``--parent``, or with ``--experiment`` the
+experiment's latest sweep parent), else to the experiment's one ``comparison`` run, made on first use.
+``compare_runs(...)`` returns the table rows for programmatic use.
 """
 
 from __future__ import annotations
@@ -46,17 +50,28 @@ QUALITY = [  # (metric key, column label); shown where any run has it
     ("eval/rouge-2", "ROUGE-2"),
     ("eval/rouge-l", "ROUGE-L"),
     ("eval/triple_f1", "F1"),
-    ("eval/accuracy", "accuracy"),
+    ("eval/accuracy", "acc."),
 ]
-COLUMNS = (  # (metric key, column label, format)
-    [("model/trainable_pct", "trainable %", "{:.3f}"),
-     ("perf/cuda_max_allocated_mib", "GPU peak MiB", "{:,.0f}"),
-     ("perf/peak_rss_mib", "RSS peak MiB", "{:,.0f}")]
-    + [(key, label, "{:.2f}") for key, label in QUALITY]
-    + [("eval/loss", "eval loss", "{:.3f}"),
-       ("perf/train_seconds", "train s", "{:.1f}"),
-       ("perf/tokens_per_s", "tokens/s", "{:,.0f}")]
-)
+# three tables, each narrow enough for a 100-column terminal: scores, training, cost
+SCORE_COLUMNS = [(key, label, "{:.2f}") for key, label in QUALITY]  # (metric key, column label, format)
+TRAINING_COLUMNS = [
+    ("train/loss", "train loss", "{:.3f}"),
+    ("eval/loss", "eval loss", "{:.3f}"),
+    ("data/train_truncated", "cut train", "{:,.0f}"),
+    ("data/dev_truncated", "cut dev", "{:,.0f}"),
+]
+RESULT_COLUMNS = SCORE_COLUMNS + TRAINING_COLUMNS  # the columns a setting can win on
+COST_COLUMNS = [
+    ("model/trainable_pct", "trainable %", "{:.3f}"),
+    ("perf/cuda_max_allocated_mib", "GPU peak MiB", "{:,.0f}"),
+    ("perf/peak_rss_mib", "RSS peak MiB", "{:,.0f}"),
+    ("perf/train_seconds", "train s*", "{:.1f}"),
+    ("perf/tokens_per_s", "tokens/s*", "{:,.0f}"),
+]
+COLUMNS = RESULT_COLUMNS + COST_COLUMNS
+TIMING_NOTE = ("* one timing per run, taken on whatever else the machine was doing: not a repeated measurement "
+               "(bench/ measures speed properly)")
+LABEL_WIDTH = 28
 BEFORE_AFTER = [key for key, _ in QUALITY]
 
 
@@ -76,6 +91,8 @@ class Comparison:
     fixed: dict[str, str]        # params every run shares
     columns: list[str]           # column labels of `rows`, in order
     rows: list[dict[str, Any]]   # one per run: column label -> value, plus run_id / run_name / status / label
+    tables: dict[str, list[str]] = field(default_factory=dict)  # title -> its metric columns (scores, training, cost)
+    identical: list[str] = field(default_factory=list)         # result columns equal in every run
     before_after: dict[str, dict[str, tuple[float | None, float | None]]] = field(default_factory=dict)
     loss_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
@@ -216,8 +233,16 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
         if labels.count(row["label"]) > 1:
             row["label"] = f"{row['label']} ({row['run']})"
 
+    shown_labels = {label for _, label, _ in metric_columns}
     comparison = Comparison(name=name, selection=selection, tracking_uri=tracking_uri, experiment_id=experiment_id,
-                            parent_run_id=parent, runs=runs, varied=varied, fixed=fixed, columns=columns, rows=rows)
+                            parent_run_id=parent, runs=runs, varied=varied, fixed=fixed, columns=columns, rows=rows,
+                            tables={title: [label for _, label, _ in spec if label in shown_labels]
+                                    for title, spec in (("scores", SCORE_COLUMNS), ("training", TRAINING_COLUMNS),
+                                                        ("cost", COST_COLUMNS))})
+    result_columns = comparison.tables["scores"] + comparison.tables["training"]
+    if len(rows) > 1:  # a setting that changed nothing on a metric is a finding, say so
+        comparison.identical = [col for col in result_columns
+                                if len({row.get(col) for row in rows}) == 1 and rows[0].get(col) is not None]
     for run, row in zip(runs, rows):
         run_id = run.info.run_id
         comparison.loss_curves[row["label"]] = _history(client, run_id, "train/loss")
@@ -250,26 +275,62 @@ def _formats() -> dict[str, str]:
     return {label: fmt for _, label, fmt in COLUMNS}
 
 
-def table_cells(comparison: Comparison) -> list[list[str]]:
+def table_cells(comparison: Comparison, columns: list[str] | None = None) -> list[list[str]]:
     formats = _formats()
-    return [[_fmt(row.get(col), formats.get(col)) for col in comparison.columns] for row in comparison.rows]
+    return [[_fmt(row.get(col), formats.get(col)) for col in (columns or comparison.columns)] for row in comparison.rows]
+
+
+def short_run_label(label: str, width: int = LABEL_WIDTH) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def _best(comparison: Comparison, col: str) -> Any:
+    """The best value of a results column (lowest for losses and truncations, highest for scores)."""
+    values = [row.get(col) for row in comparison.rows if isinstance(row.get(col), (int, float))]
+    if len(values) < 2 or col in comparison.identical:
+        return None
+    return min(values) if ("loss" in col or col.startswith("cut")) else max(values)
 
 
 def print_table(comparison: Comparison, console=None) -> None:
+    """Three narrow tables (results, cost, which run is which) that fit a 100-column terminal."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
     if console is None:
         console = Console()
-        if not console.is_terminal:  # logs and pipes: do not squeeze the table into 80 columns
-            console = Console(width=200)
-    formats = _formats()
-    table = Table(title=f"{comparison.name}: {len(comparison.rows)} runs")
-    for col in comparison.columns:
-        table.add_column(col, justify="right" if col in formats else "left")
-    for cells in table_cells(comparison):
-        table.add_row(*cells)
-    console.print(table)
+        if not console.is_terminal:  # logs and pipes: the tables are sized for 100 columns anyway
+            console = Console(width=100)
+    labels = [short_run_label(row["label"]) for row in comparison.rows]
+
+    def metric_table(title: str, columns: list[str], mark_best: bool) -> Table:
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+        table.add_column("run", no_wrap=True, max_width=LABEL_WIDTH)
+        for col in columns:
+            table.add_column(col, justify="right", no_wrap=True)
+        for label, row, cells in zip(labels, comparison.rows, table_cells(comparison, columns)):
+            styled = [f"[bold green]{cell}[/]" if mark_best and row.get(col) is not None and row.get(col) == _best(comparison, col)
+                      else cell for col, cell in zip(columns, cells)]
+            table.add_row(label, *styled)
+        return table
+
+    console.print(f"[bold]{comparison.name}[/]: {len(comparison.rows)} runs (best in green)")
+    for title, columns in comparison.tables.items():
+        if columns:
+            console.print(metric_table(title, columns, title != "cost"))
+    if comparison.identical:
+        console.print(f"[yellow]identical in every run:[/] {', '.join(comparison.identical)}")
+    if any(c.endswith("*") for c in comparison.tables["cost"]):
+        console.print(TIMING_NOTE, style="dim")
+    runs = Table(title="runs", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    runs.add_column("run", no_wrap=True, max_width=LABEL_WIDTH)
+    runs.add_column("run id", no_wrap=True)
+    runs.add_column("status", no_wrap=True)
+    runs.add_column("MLflow run name", overflow="fold")
+    for label, row in zip(labels, comparison.rows):
+        runs.add_row(label, row["run_id"][:8], row["status"], row["run_name"] or "")
+    console.print(runs)
     if comparison.varied:
         console.print(f"varied: {', '.join(comparison.varied)}; {len(comparison.fixed)} params identical in every run")
 
@@ -371,11 +432,21 @@ def markdown_report(comparison: Comparison, images: dict[str, str]) -> str:
                   f"Every other param is identical in all runs (listed below).", ""]
     else:
         lines += ["No param differs between these runs.", ""]
-    lines += ["## Final metrics", "", "| " + " | ".join(comparison.columns) + " |",
-              "|" + "|".join("---" if c in ("run", "run name", "status") or c not in _formats() else "---:"
-                             for c in comparison.columns) + "|"]
-    lines += ["| " + " | ".join(_md_escape(c) for c in cells) + " |" for cells in table_cells(comparison)]
-    lines.append("")
+    for title, columns in comparison.tables.items():
+        if not columns:
+            continue
+        lines += [f"## {title.capitalize()}", "", "| run | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+        for row, cells in zip(comparison.rows, table_cells(comparison, columns)):
+            best = [f"**{c}**" if title != "cost" and row.get(col) is not None and row.get(col) == _best(comparison, col)
+                    else c for col, c in zip(columns, cells)]
+            lines.append(f"| {_md_escape(row['label'])} | " + " | ".join(best) + " |")
+        lines.append("")
+        if title == "cost" and any(c.endswith("*") for c in columns):
+            lines += [TIMING_NOTE, ""]
+    if comparison.identical:
+        lines += [f"Identical in every run: {', '.join(comparison.identical)}.", ""]
+    if "cut train" in comparison.tables["training"]:
+        lines += ["`cut train` / `cut dev`: samples that max_source_length / max_target_length truncated.", ""]
     labels = [label for key, label in QUALITY if any(key in pairs for pairs in comparison.before_after.values())]
     if labels:
         keys = dict((label, key) for key, label in QUALITY)
@@ -404,6 +475,32 @@ def markdown_report(comparison: Comparison, images: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def html_report(comparison: Comparison, out_dir: Path, images: dict[str, str]) -> str:
+    """The report as one HTML page with the plots embedded: MLflow's artifact view renders it as a page
+    (a .md artifact is shown as plain text, its image links dead)."""
+    import base64
+    import html
+
+    import pandas as pd
+
+    parts = [f"<h1>Comparison: {html.escape(comparison.name)}</h1>",
+             f"<p>{len(comparison.rows)} {html.escape(comparison.selection.replace('`', ''))}</p>"]
+    for title, columns in comparison.tables.items():
+        if columns:
+            frame = pd.DataFrame(table_cells(comparison, columns), columns=columns,
+                                 index=[row["label"] for row in comparison.rows])
+            parts += [f"<h2>{title.capitalize()}</h2>", frame.to_html(border=0)]
+    if comparison.identical:
+        parts.append(f"<p>Identical in every run: {html.escape(', '.join(comparison.identical))}.</p>")
+    if comparison.tables["cost"]:
+        parts.append(f"<p><small>{html.escape(TIMING_NOTE)}</small></p>")
+    for title, file in images.items():
+        data = base64.b64encode((out_dir / file).read_bytes()).decode()
+        parts.append(f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">')
+    style = "body{font-family:sans-serif} table{border-collapse:collapse} td,th{padding:2px 8px;text-align:right}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{''.join(parts)}</body></html>"
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:80] or "comparison"
 
@@ -421,17 +518,30 @@ def write_outputs(comparison: Comparison, out_dir: Path) -> dict[str, Path]:
     report = out_dir / "report.md"
     report.write_text(markdown_report(comparison, images), encoding="utf-8")
     files["report"] = report
+    files["report_html"] = out_dir / "report.html"
+    files["report_html"].write_text(html_report(comparison, out_dir, images), encoding="utf-8")
     return files
 
 
+def _study_run(client, comparison: Comparison) -> str | None:
+    """Where a comparison of a whole experiment belongs: its latest sweep parent, else the comparison run an
+    earlier call made (so calling compare again does not add a run each time)."""
+    for role in ("sweep_parent", "comparison"):
+        found = client.search_runs([comparison.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = '{role}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            return found[0].info.run_id
+    return None
+
+
 def log_outputs(comparison: Comparison, out_dir: Path) -> str:
-    """Artifacts under ``comparison/`` of the parent run, or of a new ``comparison`` run. Returns its id."""
+    """Artifacts under ``comparison/`` of the parent run (``--parent``, or the experiment's latest sweep parent),
+    else of the experiment's one ``comparison`` run, created on first use. Returns its id."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=comparison.tracking_uri)
-    if comparison.parent_run_id:
-        run_id = comparison.parent_run_id
-    else:
+    run_id = comparison.parent_run_id or _study_run(client, comparison)
+    if run_id is None:
         run = client.create_run(comparison.experiment_id, run_name=f"comparison-{comparison.name}"[:200], tags={
             ROLE_TAG: "comparison",
             "compare.selection": comparison.selection[:5000],
@@ -439,9 +549,8 @@ def log_outputs(comparison: Comparison, out_dir: Path) -> str:
             "compare.varied": " ".join(comparison.varied)[:5000] or "(none)",
         })
         run_id = run.info.run_id
-    client.log_artifacts(run_id, str(out_dir), "comparison")
-    if not comparison.parent_run_id:
         client.set_terminated(run_id, "FINISHED")
+    client.log_artifacts(run_id, str(out_dir), "comparison")  # a later call replaces the files
     return run_id
 
 
@@ -467,8 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
         if not args.no_log:
             run_id = log_outputs(comparison, out_dir)
-            where = "the parent run" if comparison.parent_run_id else "comparison run"
-            print(f"logged to {where} {run_id} (artifacts: comparison/)")
+            print(f"logged to run {run_id} (artifacts: comparison/; open comparison/report.html in the MLflow UI)")
     except CompareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

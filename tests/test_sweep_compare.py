@@ -62,7 +62,9 @@ def handmade_store(tmp_path_factory):
                    "eval/bleu-4": [(0, 0.1), (6, bleu)], "eval/rouge-1": [(0, 1.0), (6, 10.0 + i)],
                    "eval/rouge-2": [(0, 0.0), (6, 2.0)], "eval/rouge-l": [(0, 1.0), (6, 8.0 + i)],
                    "eval/loss": [(6, 2.1)], "model/trainable_pct": [(0, pct)], "perf/peak_rss_mib": [(6, 900.0 + i)],
-                   "perf/train_seconds": [(6, 12.0)], "perf/tokens_per_s": [(6, 5000.0)]}
+                   "perf/train_seconds": [(6, 12.0)], "perf/tokens_per_s": [(6, 5000.0)],
+                   "data/train_truncated": [(0, 12 - 12 * i)], "data/dev_truncated": [(0, 3 - 3 * i)],
+                   "eval/triple_f1": [(6, 40.0 + i)], "eval/accuracy": [(6, 50.0)]}
         ids[method] = _make_run(client, exp, parent, params, metrics, name=f"{method}-tiny")
     client.set_terminated(parent, "FINISHED")
     # a run of the same experiment outside the sweep (selected with --experiment, not with --parent)
@@ -82,7 +84,7 @@ def test_compare_rows_by_parent_and_experiment(handmade_store):
     assert not any(k.startswith(("method.", "output_dir", "train.")) for k in rows[0])
     assert rows[0]["trainable %"] == 40.0 and rows[1]["BLEU-4"] == 2.0 and rows[1]["ROUGE-L"] == 9.0
     assert rows[0]["eval loss"] == 2.1 and rows[1]["RSS peak MiB"] == 901.0
-    assert "F1" not in rows[0] and "GPU peak MiB" not in rows[0]  # no run has them
+    assert "GPU peak MiB" not in rows[0]  # no run has it
 
     rows = compare_runs(tracking_uri=uri, experiment="method_comparison")
     assert {r["run_id"] for r in rows} == {ids["freeze"], ids["lora"], ids["other"]}  # the parent is left out
@@ -103,11 +105,47 @@ def test_compare_cli_outputs_and_logs_to_parent(handmade_store, tmp_path, capsys
     assert_png(out / "loss_curves.png")
     assert_png(out / "final_metrics.png")
     report = (out / "report.md").read_text()
-    assert "| method | trainable % | RSS peak MiB | BLEU-4 |" in report
+    assert "| run | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L | F1 | acc. |" in report
+    assert "| freeze | **3.00** | 10.00 | 2.00 | 8.00 | 40.00 | 50.00 |" in report  # the best in bold
+    assert "| run | train loss | eval loss | cut train | cut dev |\n|---|---:|---:|---:|---:|\n| freeze | 2.000 | 2.100 | 12 | 3 |" in report
+    assert "Identical in every run: ROUGE-2, acc., eval loss." in report
+    assert "| run | trainable % | RSS peak MiB | train s* | tokens/s* |" in report and "one timing per run" in report
     assert "0.10 -> 3.00" in report  # before / after
     assert "![training loss](loss_curves.png)" in report and "![final metrics](final_metrics.png)" in report
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "<table" in page  # MLflow renders it with the plots
     logged = {a.path for a in client.list_artifacts(parent, "comparison")}
-    assert logged == {"comparison/loss_curves.png", "comparison/final_metrics.png", "comparison/report.md"}
+    assert logged == {"comparison/loss_curves.png", "comparison/final_metrics.png", "comparison/report.md",
+                      "comparison/report.html"}
+
+
+def test_compare_tables_fit_100_columns(handmade_store):
+    from rich.console import Console
+
+    from glm_experiments.compare import collect, print_table
+
+    uri, _, parent, _ = handmade_store
+    console = Console(width=100, record=True, color_system=None)
+    print_table(collect(uri, parent=parent), console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text  # no header or value cut
+    for header in ("BLEU-4", "ROUGE-L", "train loss", "eval loss", "trainable %", "tokens/s*", "MLflow run name"):
+        assert header in text
+    assert "identical in every run: ROUGE-2, acc., eval loss" in text and "one timing per run" in text
+
+
+def test_compare_experiment_reuses_one_run_per_study(handmade_store, tmp_path):
+    """--experiment logs to the study's latest sweep parent; calling it again adds no run."""
+    from glm_experiments.compare import main
+
+    uri, client, parent, _ = handmade_store
+    exp = client.get_experiment_by_name("method_comparison").experiment_id
+    before = len(client.search_runs([exp]))
+    for _ in range(2):
+        assert main(["--tracking-uri", uri, "--experiment", "method_comparison", "--out", str(tmp_path / "c")]) == 0
+    assert len(client.search_runs([exp])) == before
+    assert any(a.path == "comparison/report.html" for a in client.list_artifacts(parent, "comparison"))
 
 
 def test_compare_clear_errors(handmade_store, tmp_path, capsys):
