@@ -24,3 +24,13 @@ def pop_cache(kwargs: dict, given=None):
         if given is None:
             given = value
     return given
+
+
+def silence_known_renames() -> None:
+    """transformers 5 deprecated ``*gradient_checkpointing*`` for ``*activation_checkpointing*``; our code uses the
+    new names, but peft still calls ``is_gradient_checkpointing`` on every ``get_peft_model`` (a FutureWarning per
+    run, nothing for a user to do): filter exactly those messages, nothing else."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated",
+                            category=FutureWarning)

@@ -65,10 +65,11 @@ def generate(model, tokenizer, template, prompts: list[list[int]], eval_cfg, sho
     return [outputs[i] for i in range(len(prompts))]
 
 
-def evaluate_generation(model, tokenizer, template, eval_set: EvalSet, eval_cfg, metrics: list[str]) -> tuple[dict, list[dict]]:
+def evaluate_generation(model, tokenizer, template, eval_set: EvalSet, eval_cfg, metrics: list[str],
+                        show_progress: bool = True) -> tuple[dict, list[dict]]:
     """Returns (metric means + timing, one row per sample with input, reference, prediction and scores)."""
     start = time.perf_counter()
-    predictions = generate(model, tokenizer, template, eval_set.prompts, eval_cfg)
+    predictions = generate(model, tokenizer, template, eval_set.prompts, eval_cfg, show_progress)
     seconds = time.perf_counter() - start
     means, per_sample = compute_metrics(predictions, eval_set.references, metrics)
     rows = [

@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the run's eval.max_new_tokens")
     p.add_argument("--max-samples", type=int, default=None, help="only the first N samples")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (generation, weight loading)")
     args = p.parse_args(argv)
     for name in ("batch_size", "max_new_tokens", "max_samples"):
         value = getattr(args, name)
@@ -62,6 +62,10 @@ def predict(args: argparse.Namespace) -> dict:
     from glm_experiments.data.dataset import eval_prompts
     from glm_experiments.evaluation import EvalSet, evaluate_generation, write_predictions
 
+    if args.no_progress:  # also transformers' own bars ("Loading weights")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     loaded = load_run(run_dir, device=args.device)
     eval_cfg = OmegaConf.create(OmegaConf.to_container(cfg.eval, resolve=True))
     if args.batch_size:
@@ -73,7 +77,8 @@ def predict(args: argparse.Namespace) -> dict:
         raise UserError(f"{args.input}: no sample ends with a reply to compare against")
     metrics = list(cfg.data.metrics)
     means, rows = evaluate_generation(loaded.model, loaded.tokenizer, loaded.template,
-                                      EvalSet(prompts, inputs, references), eval_cfg, metrics)
+                                      EvalSet(prompts, inputs, references), eval_cfg, metrics,
+                                      show_progress=not args.no_progress)
     for row, sample in zip(rows, (s for s in samples if s.messages[-1]["role"] == "assistant")):
         row["source"] = sample.source
 

@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import resource
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
+from glm_experiments.compat import silence_known_renames
+from glm_experiments.console import quiet_trainer
 from glm_experiments.data.dataset import eval_prompts, load_split, make_collator
 from glm_experiments.data.templates import get_template
 from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
@@ -29,6 +30,7 @@ from glm_experiments.run_result import RunResult, hydra_tags
 from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
 
 log = logging.getLogger(__name__)
+silence_known_renames()
 
 TRAINABLE_FILE = "trainable.safetensors"
 
@@ -214,7 +216,7 @@ def training_arguments(cfg: DictConfig, checkpoint_dir: Path) -> TrainingArgumen
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
         eval_strategy="no",
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name (the old one warns)
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         dataloader_num_workers=t.dataloader_num_workers,
         bf16=precision == "bfloat16",
@@ -223,7 +225,7 @@ def training_arguments(cfg: DictConfig, checkpoint_dir: Path) -> TrainingArgumen
         data_seed=cfg.seed,
         report_to="none",
         remove_unused_columns=False,
-        disable_tqdm=not sys.stderr.isatty(),  # progress bars in a terminal, not in CI logs
+        disable_tqdm=True,  # console.py prints one line per logging step instead
         save_only_model=False,
         deepspeed=deepspeed,
         # on a CPU-only machine accelerate sees the torchrun ranks (gloo) only with use_cpu, DeepSpeed included
@@ -352,6 +354,7 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
         method_cfg=cfg.method,
         loss_chunk_size=cfg.train.loss_chunk_size,
     )
+    quiet_trainer(trainer)
     train_start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.perf_counter() - train_start
