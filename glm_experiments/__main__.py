@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 from pathlib import Path
 
 import hydra
@@ -32,6 +34,13 @@ def main(cfg: DictConfig) -> float | None:
         if _in_multirun():
             raise  # the sweeper records this job as failed and goes on with the others
         raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (train.run turns it into KeyboardInterrupt)
+        if _in_multirun():
+            raise  # stops the sweep; its parent run ends KILLED
+        signame = str(exc) or "SIGINT"
+        print(f"interrupted by {signame}: the MLflow run ended KILLED; continue from the last checkpoint with "
+              f"hydra.run.dir={cfg.output_dir} resume=auto", file=sys.stderr)
+        raise SystemExit(128 + getattr(signal, signame, signal.SIGINT)) from None  # the shell's code for the signal
     print_summary(cfg, result)
     if cfg.launcher.node_rank != 0:
         return None  # multi-node: node 0 (rank 0) has the results

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +31,7 @@ from glm_experiments.losses import chunked_loss
 from glm_experiments.methods import get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
 from glm_experiments.models.loading import load_model_and_tokenizer
+from glm_experiments.run_dirs import resolve_resume
 from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
 
 log = logging.getLogger(__name__)
@@ -172,24 +176,6 @@ class TrackingCallback(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------- run
-def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
-    if resume in (None, "", "null", "none", False):
-        return None
-    # trainer_state.json is written last: a run killed while saving leaves a checkpoint dir without it
-    complete = sorted((p for p in checkpoint_dir.glob("checkpoint-*") if p.name[11:].isdigit()
-                       and (p / "trainer_state.json").is_file()), key=lambda p: int(p.name[11:]))
-    if str(resume) == "auto":
-        if not complete:
-            log.warning("resume=auto: no complete checkpoint in %s, starting from scratch", checkpoint_dir)
-            return None
-        return str(complete[-1])
-    path = checkpoint_dir / f"checkpoint-{resume}"
-    if path not in complete:
-        state = "is incomplete (no trainer_state.json)" if path.is_dir() else "does not exist"
-        raise UserError(f"resume={resume}: {path} {state} (complete checkpoints: {[p.name for p in complete] or 'none'})")
-    return str(path)
-
-
 PACKABLE_METHODS = ("lora", "qlora", "freeze", "full")
 
 
@@ -289,16 +275,37 @@ def run(cfg: DictConfig) -> RunResult:
     tags, overrides = hydra_tags()
     tracker = Tracker(cfg.tracking, active=is_main())  # one MLflow run, created by rank 0
     commit = git_commit()
-    tracker.start(run_name(cfg, overrides), {**tags, **({"git.commit": commit} if commit else {})})
+    tracker.start(run_name(cfg, overrides), {**tags, **({"git.commit": commit} if commit else {})}, run_dir=run_dir,
+                  resumed_from=resume_from)
     result = RunResult(run_dir=run_dir, run_id=tracker.run_id)
     try:
-        _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker, result)
+        with sigterm_as_interrupt():
+            _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker, result)
     except BaseException as exc:
         tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.end("FINISHED")
     return result
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (what schedulers, ``kill`` and torchrun's agent send) raises KeyboardInterrupt, as Ctrl-C does:
+    the run ends KILLED instead of staying RUNNING, and the checkpoints already written stay for resume=auto.
+    Python's default for SIGTERM is to die on the spot, with no cleanup at all."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, result: RunResult) -> None:
