@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
 import math
 import os
 import resource
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +24,7 @@ from glm_experiments.data.templates import get_template
 from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
 from glm_experiments.evaluation import EvalSet, evaluate_generation, generation_kwargs, load_eval_set, write_predictions
+from glm_experiments.interrupts import sigterm_as_interrupt
 from glm_experiments.losses import chunked_loss
 from glm_experiments.methods import get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
@@ -279,7 +277,7 @@ def run(cfg: DictConfig) -> RunResult:
                   resumed_from=resume_from)
     result = RunResult(run_dir=run_dir, run_id=tracker.run_id)
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt():  # ends KILLED below, not RUNNING forever
             _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker, result)
     except BaseException as exc:
         tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
@@ -288,24 +286,6 @@ def run(cfg: DictConfig) -> RunResult:
     tracker.end("FINISHED")
     return result
 
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """SIGTERM (what schedulers, ``kill`` and torchrun's agent send) raises KeyboardInterrupt, as Ctrl-C does:
-    the run ends KILLED instead of staying RUNNING, and the checkpoints already written stay for resume=auto.
-    Python's default for SIGTERM is to die on the spot, with no cleanup at all."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, result: RunResult) -> None:

@@ -222,3 +222,24 @@ def test_sigkill_sigterm_and_resume_leave_true_states(tmp_path):
     assert "checkpoint-7 does not exist" in error_line(run_cli([*args, "resume=7"], tmp_path))
     assert snapshot(run_dir) == before
     assert len(mlflow_runs(uri, "states")) == 3  # a refused run starts no MLflow run
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_to_a_multi_process_run_reaches_its_workers(tmp_path):
+    """SIGTERM to the Hydra process alone (``kill <pid>``, a container's PID 1) is passed to torchrun, whose
+    agent passes it to the workers: rank 0's run ends KILLED, no worker is left behind."""
+    import psutil
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    args = [*QUICK, "launcher.nproc_per_node=2", "train.max_steps=8", "train.save_steps=1",
+            f"tracking.tracking_uri={uri}", "tracking.experiment_name=dist_states", f"hydra.run.dir={run_dir}"]
+    code, err = signal_after_checkpoint(args, run_dir, tmp_path, 1, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err[-5000:]
+    assert "interrupted by SIGTERM: the MLflow run ended KILLED" in err
+    (run,) = mlflow_runs(uri, "dist_states").values()
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "KeyboardInterrupt: SIGTERM"
+    assert (run_dir / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
+    workers = [p for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
+    assert not workers, workers
