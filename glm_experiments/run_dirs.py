@@ -29,7 +29,7 @@ RUN_PRODUCTS = (".hydra", "result.json", "adapter", "checkpoints")
 
 
 def resume_requested(resume: Any) -> bool:
-    return resume not in (None, "", "null", "none", False)
+    return resume is not None and str(resume).lower() not in ("", "null", "none", "false")  # resume=false: a str
 
 
 def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:

@@ -35,7 +35,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 import glm_experiments.resolvers  # noqa: F401  (configs may use ${mul:...}; registered before any job resolves)
-from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, open_experiment, git_commit
+from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, git_commit, open_experiment
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,9 @@ class MlflowSweepCallback(Callback):
     def _record_failed_job(self, num, overrides, error: BaseException, stage: str = "") -> None:
         self.failed += 1
         text = f"{type(error).__name__}: {error}"
-        if error.__cause__ is not None:  # Hydra's composition error wraps OmegaConf's, which names the value
-            text += f" ({type(error.__cause__).__name__}: {str(error.__cause__).splitlines()[0]})"
+        cause = error.__cause__
+        if cause is not None:  # Hydra's composition error wraps OmegaConf's, which names the value
+            text += f" ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]})"
         try:
             self.client.set_tag(self.parent_run_id, f"job.{num}.status", "FAILED")
             self.client.set_tag(self.parent_run_id, f"job.{num}.overrides", " ".join(overrides or []) or "(none)")
