@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
@@ -10,6 +11,7 @@ from omegaconf import DictConfig
 
 import glm_experiments.config  # noqa: F401  (registers the schema before Hydra composes)
 from glm_experiments.errors import UserError
+from glm_experiments.interrupts import exit_code, signal_name
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("glm_experiments")
@@ -32,6 +34,12 @@ def main(cfg: DictConfig) -> float | None:
         if _in_multirun():
             raise  # the sweeper records this job as failed and goes on with the others
         raise SystemExit(f"error: {exc}") from None
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (train.run turns it into KeyboardInterrupt)
+        if _in_multirun():
+            raise  # stops the sweep; its parent run ends KILLED
+        print(f"interrupted by {signal_name(exc)}: the MLflow run ended KILLED; continue from the last checkpoint "
+              f"with hydra.run.dir={cfg.output_dir} resume=auto", file=sys.stderr)
+        raise SystemExit(exit_code(exc)) from None
     print_summary(cfg, result)
     if cfg.launcher.node_rank != 0:
         return None  # multi-node: node 0 (rank 0) has the results

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from glm_experiments.errors import UserError
 from glm_experiments.run_result import HYDRA_TAGS_ENV, RESULT_FILE, RunResult, hydra_tags
+from glm_experiments.interrupts import on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,17 @@ def launch(cfg: DictConfig):
     env = {**os.environ, HYDRA_TAGS_ENV: json.dumps({"tags": tags, "overrides": overrides})}
     command = torchrun_command(cfg.launcher, config_path)
     log.info("launching %d x %d worker(s): %s", cfg.launcher.nnodes, cfg.launcher.nproc_per_node, " ".join(command))
-    returncode = subprocess.run(command, env=env).returncode
+    proc = subprocess.Popen(command, env=env)
+    terminated = []
+
+    def pass_on(signum, frame):  # torchrun's agent passes it to the workers: rank 0's run ends KILLED
+        terminated.append(signum)
+        proc.send_signal(signum)
+
+    with on_sigterm(pass_on):
+        returncode = proc.wait()
+    if terminated:
+        raise KeyboardInterrupt("SIGTERM")
     if returncode != 0:
         error = run_dir / ERROR_FILE
         if error.is_file():

@@ -1,6 +1,8 @@
 """OmegaConf resolvers the configs may use (registered once, idempotently).
 
 ``${mul:2,${method.r}}`` -> 2 * r (conf/experiment/lora_rank_sweep.yaml sets LoRA alpha = 2r this way).
+``${pid:}`` -> this process's id (conf/hydra/default.yaml: with ``${now:...%f}`` two runs started at the same
+moment on one machine never share a directory).
 
 They must be registered before a config that uses them is resolved. The Hydra callback in
 ``glm_experiments.tracking.sweep`` imports this module, and Hydra instantiates callbacks before any job
@@ -11,6 +13,7 @@ runs, so the CLI always has them; code that composes configs itself (tests, note
 from __future__ import annotations
 
 import math
+import os
 
 from omegaconf import OmegaConf
 
@@ -29,6 +32,8 @@ def _mul(*values):
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", _mul)
+    if not OmegaConf.has_resolver("pid"):
+        OmegaConf.register_new_resolver("pid", os.getpid)
 
 
 register_resolvers()

@@ -22,11 +22,13 @@ from glm_experiments.data.templates import get_template
 from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
 from glm_experiments.evaluation import EvalSet, evaluate_generation, generation_kwargs, load_eval_set, write_predictions
+from glm_experiments.interrupts import sigterm_as_interrupt
 from glm_experiments.losses import chunked_loss
 from glm_experiments.methods import get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
 from glm_experiments.models.loading import load_model_and_tokenizer
 from glm_experiments.run_result import RunResult, hydra_tags
+from glm_experiments.run_dirs import resolve_resume
 from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
 
 log = logging.getLogger(__name__)
@@ -162,24 +164,6 @@ class TrackingCallback(TrainerCallback):
 
 
 # ------------------------------------------------------------------------------- run
-def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
-    if resume in (None, "", "null", "none", False):
-        return None
-    # trainer_state.json is written last: a run killed while saving leaves a checkpoint dir without it
-    complete = sorted((p for p in checkpoint_dir.glob("checkpoint-*") if p.name[11:].isdigit()
-                       and (p / "trainer_state.json").is_file()), key=lambda p: int(p.name[11:]))
-    if str(resume) == "auto":
-        if not complete:
-            log.warning("resume=auto: no complete checkpoint in %s, starting from scratch", checkpoint_dir)
-            return None
-        return str(complete[-1])
-    path = checkpoint_dir / f"checkpoint-{resume}"
-    if path not in complete:
-        state = "is incomplete (no trainer_state.json)" if path.is_dir() else "does not exist"
-        raise UserError(f"resume={resume}: {path} {state} (complete checkpoints: {[p.name for p in complete] or 'none'})")
-    return str(path)
-
-
 def check_train_options(cfg: DictConfig) -> None:
     t = cfg.train
     if t.packing and not get_method(cfg.method.name).packable:
@@ -258,16 +242,19 @@ def run(cfg: DictConfig) -> RunResult:
     tags, overrides = hydra_tags()
     tracker = Tracker(cfg.tracking, active=is_main())  # one MLflow run, created by rank 0
     commit = git_commit()
-    tracker.start(run_name(cfg, overrides), {**tags, **({"git.commit": commit} if commit else {})})
+    tracker.start(run_name(cfg, overrides), {**tags, **({"git.commit": commit} if commit else {})}, run_dir=run_dir,
+                  resumed_from=resume_from)
     result = RunResult(run_dir=run_dir, run_id=tracker.run_id)
     try:
-        _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker, result)
+        with sigterm_as_interrupt():  # ends KILLED below, not RUNNING forever
+            _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker, result)
     except BaseException as exc:
         tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.end("FINISHED")
     return result
+
 
 
 def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, result: RunResult) -> None:

@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from glm_experiments.data.formats import DataError
     from glm_experiments.errors import UserError
+    from glm_experiments.interrupts import exit_code, signal_name
 
     import torch.distributed as dist
 
@@ -91,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         except FileExistsError:
             pass
         return 1
+    except KeyboardInterrupt as exc:  # SIGTERM from torchrun's agent (train.run ended rank 0's run KILLED)
+        log.warning("interrupted by %s", signal_name(exc))
+        return exit_code(exc)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

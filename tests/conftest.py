@@ -1,6 +1,9 @@
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,36 @@ def assert_close(actual, expected, rel: float = 1e-5, what: str = "") -> None:
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err, scale = (actual - expected).norm().item(), expected.norm().item()
     assert err <= rel * max(scale, 1e-30), f"{what}: |actual - expected| = {err:.3g} > {rel:g} x |expected| = {scale:.3g}"
+
+
+def _complete_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def signal_after_checkpoint(args: list[str], run_dir: Path, cwd: Path, step: int, sig: int = signal.SIGKILL,
+                            timeout: float = 600) -> tuple[int, str]:
+    """Start a training run, send it ``sig`` once ``checkpoint-<step>`` is completely written, wait for it to
+    end; its (return code, stderr)."""
+    done = run_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"  # written last
+    err = cwd / f"stderr-{time.monotonic_ns()}.txt"  # a file, not a pipe: a full pipe would stall the run
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "glm_experiments", *args], cwd=cwd,
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not _complete_json(done):
+            if proc.poll() is not None:
+                raise AssertionError(f"the run ended (rc {proc.returncode}) before checkpoint-{step}:\n"
+                                     f"{err.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the run wrote no checkpoint-{step} in {timeout} s")
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, sig)
+        proc.wait(timeout=120)
+    return proc.returncode, err.read_text()

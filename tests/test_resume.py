@@ -9,17 +9,12 @@ with the same trained tensors.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, signal_after_checkpoint
 
 MAX_STEPS, SAVE_STEPS, KILL_AFTER = 12, 4, 4
 
@@ -46,34 +41,6 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in history if "loss" in h}
 
 
-def _complete_json(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-        return True
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-
-
-def kill_after_checkpoint(args: list[str], run_dir: Path, cwd: Path, step: int, timeout: float = 600) -> None:
-    """Start a run and SIGKILL it once ``checkpoint-<step>`` is completely written."""
-    done = run_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"  # written last
-    proc = subprocess.Popen([sys.executable, "-m", "glm_experiments", *args], cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + timeout
-    try:
-        while not _complete_json(done):
-            if proc.poll() is not None:
-                raise AssertionError(f"run B ended (rc {proc.returncode}) before checkpoint-{step}:\n{proc.stderr.read()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"run B wrote no checkpoint-{step} in {timeout} s")
-            time.sleep(0.01)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stderr.close()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "ptuning"])
 def test_resume_auto_matches_uninterrupted_run(method, tmp_path):
@@ -81,7 +48,7 @@ def test_resume_auto_matches_uninterrupted_run(method, tmp_path):
     result = run_cli([*common(method), f"hydra.run.dir={dir_a}"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    kill_after_checkpoint([*common(method), f"hydra.run.dir={dir_b}"], dir_b, tmp_path, KILL_AFTER)
+    signal_after_checkpoint([*common(method), f"hydra.run.dir={dir_b}"], dir_b, tmp_path, KILL_AFTER)
     assert not (dir_b / "result.json").exists(), "run B was not interrupted"
     steps_b = sorted(int(p.name.split("-")[1]) for p in (dir_b / "checkpoints").glob("checkpoint-*"))
     assert max(steps_b) < MAX_STEPS, steps_b

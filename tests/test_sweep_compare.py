@@ -366,3 +366,25 @@ def test_sweep_with_a_failing_job_records_all(tmp_path):
 
     rows = compare_runs(tracking_uri=uri, parent=parent.info.run_id)
     assert {r["status"] for r in rows} == {"FINISHED", "FAILED"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sweep_job_that_does_not_compose_is_recorded_on_the_parent(tmp_path):
+    """Hydra stops the sweep at a value that fails to compose, before any callback sees the job: the parent
+    used to end KILLED with no error."""
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    proc = _sweep(tmp_path, ["train.max_steps=abc,1", "tracking.experiment_name=bad_value",
+                             f"tracking.tracking_uri={uri}", f"hydra.sweep.dir={tmp_path / 'multirun'}"])
+    assert proc.returncode != 0 and "could not be converted to Integer" in proc.stderr
+    _, parents, children = _runs(uri, "bad_value")
+    assert len(parents) == 1 and not children
+    parent = parents[0]
+    assert parent.info.status == "FAILED"
+    assert parent.data.tags["job.0.status"] == "FAILED" and parent.data.tags["sweep.failed_jobs"] == "1"
+    assert parent.data.tags["job.0.overrides"].startswith("train.max_steps=abc")
+    assert parent.data.tags["job.0.error"] == (
+        "did not compose: ConfigCompositionException: Error merging override train.max_steps=abc "
+        "(ValidationError: Value 'abc' of type 'str' could not be converted to Integer)")
+    assert parent.data.tags["error"] == "job #0 " + parent.data.tags["job.0.error"]
+    assert parent.data.metrics["sweep/jobs_failed"] == 1

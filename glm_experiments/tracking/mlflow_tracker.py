@@ -7,8 +7,10 @@ Hydra overrides (``train.learning_rate``), metrics are ``train/*``, ``eval/*``, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,11 @@ log = logging.getLogger(__name__)
 
 # set by the sweep callback so that every job of a --multirun becomes a child of one parent run
 PARENT_RUN_ENV = "GLM_EXPERIMENTS_PARENT_RUN_ID"
+# which directory and process a run belongs to: a later run of the same directory closes a run its dead
+# process left RUNNING (kill -9, OOM, power loss) and a resumed run links to the one it continues
+RUN_DIR_TAG = "glm_experiments.run_dir"
+PROCESS_TAG = "glm_experiments.process"  # host:pid:process start time (pids are reused)
+RESUMED_FROM_TAG = "resumed_from_run_id"
 
 SHORT_NAMES = {
     "max_source_length": "src",
@@ -90,6 +97,83 @@ def artifact_root_for(tracking_uri: str) -> str | None:
     return (db.resolve().parent / "mlartifacts").as_uri()
 
 
+@contextlib.contextmanager
+def store_lock(tracking_uri: str):
+    """Serialises the first use of a local SQLite store across processes.
+
+    The first client of a fresh ``mlflow.db`` creates its tables (alembic migrations) and the default
+    experiment, and get-or-create of our experiment is a check-then-insert: two runs started together on a
+    fresh store raced on both and one crashed ("duplicate column name", UNIQUE constraint). Servers and
+    other databases do their own locking.
+    """
+    if urlparse(tracking_uri).scheme != "sqlite":
+        yield
+        return
+    from filelock import FileLock
+
+    db = Path(tracking_uri[len("sqlite:///"):]).resolve()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db) + ".lock"):
+        yield
+
+
+def open_experiment(tracking_cfg):
+    """``(MlflowClient, experiment id)`` of ``tracking_cfg.experiment_name``, created (artifacts beside a
+    SQLite store) if missing."""
+    from mlflow import MlflowClient
+
+    with store_lock(tracking_cfg.tracking_uri):
+        client = MlflowClient(tracking_uri=tracking_cfg.tracking_uri)  # builds the store: tables on first use
+        experiment = client.get_experiment_by_name(tracking_cfg.experiment_name)
+        if experiment is not None:
+            return client, experiment.experiment_id
+        location = tracking_cfg.get("artifact_location") or artifact_root_for(tracking_cfg.tracking_uri)
+        return client, client.create_experiment(tracking_cfg.experiment_name, artifact_location=location)
+
+
+def this_process() -> str:
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.2f}"
+
+
+def process_is_gone(process: str) -> bool:
+    """True only when provably dead: on this host, and no process with that pid and start time."""
+    import psutil
+
+    host, _, rest = process.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's process: cannot tell
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.2f}" != started
+    except psutil.NoSuchProcess:
+        return True
+
+
+def close_dead_runs(client, experiment_id: str, run_dir: str, closed_by: str) -> list:
+    """Marks FAILED the runs of ``run_dir`` left RUNNING by a process that no longer exists; returns the
+    directory's earlier runs (all but ``closed_by``, the run starting now), newest first."""
+    quote = '"' if "'" in run_dir else "'"
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = {quote}{run_dir}{quote}",
+                              order_by=["attributes.start_time DESC"], max_results=100)
+    runs = [run for run in runs if run.info.run_id != closed_by]
+    for run in runs:
+        process = run.data.tags.get(PROCESS_TAG, "")
+        if run.info.status != "RUNNING":
+            continue
+        if not process_is_gone(process):
+            log.warning("MLflow run %s of %s is RUNNING in process %s, which may still be alive: left as is",
+                        run.info.run_id, run_dir, process or "(unknown)")
+            continue
+        client.set_tag(run.info.run_id, "error", f"process {process} ended without closing this run "
+                                                 f"(killed, crashed or out of memory); marked FAILED by run {closed_by}")
+        client.set_terminated(run.info.run_id, status="FAILED")
+        log.warning("MLflow run %s of %s was left RUNNING by a process that is gone: marked FAILED",
+                    run.info.run_id, run_dir)
+    return runs
+
+
 class Tracker:
     """Thin wrapper so the training code reads the same with tracking on or off (and on non-zero ranks)."""
 
@@ -99,23 +183,28 @@ class Tracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
 
-    def start(self, name: str, tags: dict[str, str]) -> None:
+    def start(self, name: str, tags: dict[str, str], run_dir: Path | None = None, resumed_from: str | None = None) -> None:
+        """``run_dir``: tags the run with it and closes the directory's runs a dead process left RUNNING;
+        ``resumed_from`` (the checkpoint a resumed run starts from): links the run to the directory's last one."""
         if not self.active:
             return
         import mlflow
 
         mlflow.set_tracking_uri(self.cfg.tracking_uri)
-        experiment = mlflow.get_experiment_by_name(self.cfg.experiment_name)
-        if experiment is None:
-            location = self.cfg.artifact_location or artifact_root_for(self.cfg.tracking_uri)
-            self.experiment_id = mlflow.create_experiment(self.cfg.experiment_name, artifact_location=location)
-        else:
-            self.experiment_id = experiment.experiment_id
+        client, self.experiment_id = open_experiment(self.cfg)
         parent = os.environ.get(PARENT_RUN_ENV)
+        tags = {**tags, PROCESS_TAG: this_process()}
         if parent:
-            tags = {**tags, "mlflow.parentRunId": parent}
+            tags["mlflow.parentRunId"] = parent
+        if run_dir is not None:
+            tags[RUN_DIR_TAG] = str(Path(run_dir).resolve())
         run = mlflow.start_run(experiment_id=self.experiment_id, run_name=name, tags=tags, log_system_metrics=None)
         self.run_id = run.info.run_id
+        if run_dir is not None:
+            earlier = close_dead_runs(client, self.experiment_id, tags[RUN_DIR_TAG], closed_by=self.run_id)
+            if resumed_from and earlier:
+                self.set_tags({RESUMED_FROM_TAG: earlier[0].info.run_id,
+                               "resumed_from_checkpoint": Path(resumed_from).name})
 
     def log_params(self, params: dict[str, Any]) -> None:
         if self.active:

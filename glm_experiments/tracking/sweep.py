@@ -10,12 +10,14 @@ Registered in ``conf/hydra/default.yaml`` (``hydra.callbacks.mlflow_sweep``). Wh
 * ``on_job_end``: counts the job on the parent (``sweep/jobs_completed``, ``sweep/jobs_failed``, the job's
   return value as ``sweep/objective`` at step = job number); a failed job also gets tags
   ``job.<num>.status/overrides/error``. The sweep goes on with its other jobs.
+* a job whose overrides do not compose (``train.max_steps=abc``) is recorded the same way, plus an ``error``
+  tag on the parent (Hydra gives callbacks no hook for it: see ``_watch_composition``); the sweep stops there.
 * ``on_multirun_end``: ends the parent FINISHED, or FAILED when any job failed (tag ``sweep.failed_jobs``).
 
 Hydra 1.3's BasicSweeper runs every job of a batch, then re-raises the first failure, so
 ``on_multirun_end`` is never called when a job failed (the same for the Optuna sweeper, which stops at the
-first failed trial). The parent is therefore also ended from an ``atexit`` hook: FAILED when jobs failed,
-KILLED when the sweep stopped for another reason (Ctrl-C, a composition error).
+first failed trial). The parent is therefore also ended from an ``atexit`` hook: FAILED when jobs failed
+(composition failures included), KILLED when the sweep stopped for another reason (Ctrl-C, SIGTERM).
 
 With ``tracking.enabled: false`` (``tracking=none``) the callback does nothing.
 """
@@ -33,7 +35,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 import glm_experiments.resolvers  # noqa: F401  (configs may use ${mul:...}; registered before any job resolves)
-from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, artifact_root_for, git_commit
+from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, git_commit, open_experiment
 
 log = logging.getLogger(__name__)
 
@@ -82,21 +84,14 @@ class MlflowSweepCallback(Callback):
         self.completed = 0
         self.failed = 0
         self._closed = True
+        self._unwatch = lambda: None
 
     # ------------------------------------------------------------------ multirun
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         tracking = config.get("tracking")
         if not self.enabled or tracking is None or not tracking.get("enabled", False):
             return
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=tracking.tracking_uri)
-        experiment = self.client.get_experiment_by_name(tracking.experiment_name)
-        if experiment is None:
-            location = tracking.get("artifact_location") or artifact_root_for(tracking.tracking_uri)
-            experiment_id = self.client.create_experiment(tracking.experiment_name, artifact_location=location)
-        else:
-            experiment_id = experiment.experiment_id
+        self.client, experiment_id = open_experiment(tracking)
 
         swept, fixed = sweep_overrides(config)
         choices = config.hydra.runtime.get("choices") or {}
@@ -130,6 +125,7 @@ class MlflowSweepCallback(Callback):
         self.completed = self.failed = 0
         self._closed = False
         atexit.register(self._end_at_exit)
+        self._watch_composition()
         log.info("MLflow sweep parent run %s (experiment '%s')", self.parent_run_id, tracking.experiment_name)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
@@ -137,26 +133,67 @@ class MlflowSweepCallback(Callback):
             return
         num = OmegaConf.select(config, "hydra.job.num", default=None)
         num = self.completed + self.failed if num is None else num
+        if job_return.status == JobStatus.FAILED:
+            # the exception; .return_value would re-raise it
+            self._record_failed_job(num, job_return.overrides, job_return._return_value)
+            return
         try:
-            if job_return.status == JobStatus.FAILED:
-                self.failed += 1
-                error = job_return._return_value  # the exception; .return_value would re-raise it
-                self.client.set_tag(self.parent_run_id, f"job.{num}.status", "FAILED")
-                self.client.set_tag(self.parent_run_id, f"job.{num}.overrides",
-                                    " ".join(job_return.overrides or []) or "(none)")
-                self.client.set_tag(self.parent_run_id, f"job.{num}.error", f"{type(error).__name__}: {error}"[:5000])
-                self.client.set_tag(self.parent_run_id, "sweep.failed_jobs", str(self.failed))
-                log.warning("sweep job #%s failed (%s); the sweep goes on", num, type(error).__name__)
-            else:
-                self.completed += 1
-                value = job_return._return_value
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.client.log_metric(self.parent_run_id, "sweep/objective", float(value), step=int(num))
-            step = self.completed + self.failed
-            self.client.log_metric(self.parent_run_id, "sweep/jobs_completed", self.completed, step=step)
-            self.client.log_metric(self.parent_run_id, "sweep/jobs_failed", self.failed, step=step)
+            self.completed += 1
+            value = job_return._return_value
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.client.log_metric(self.parent_run_id, "sweep/objective", float(value), step=int(num))
+            self._log_counts()
         except Exception:  # noqa: BLE001 - tracking trouble must not stop the sweep
             log.exception("could not record sweep job #%s on the MLflow parent run", num)
+
+    def _record_failed_job(self, num, overrides, error: BaseException, stage: str = "") -> None:
+        self.failed += 1
+        text = f"{type(error).__name__}: {error}"
+        cause = error.__cause__
+        if cause is not None:  # Hydra's composition error wraps OmegaConf's, which names the value
+            text += f" ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]})"
+        try:
+            self.client.set_tag(self.parent_run_id, f"job.{num}.status", "FAILED")
+            self.client.set_tag(self.parent_run_id, f"job.{num}.overrides", " ".join(overrides or []) or "(none)")
+            self.client.set_tag(self.parent_run_id, f"job.{num}.error", f"{stage}{text}"[:5000])
+            self.client.set_tag(self.parent_run_id, "sweep.failed_jobs", str(self.failed))
+            if stage:  # the sweep stops here: say why on the parent itself
+                self.client.set_tag(self.parent_run_id, "error", f"job #{num} {stage}{text}"[:5000])
+            self._log_counts()
+            log.warning("sweep job #%s failed (%s)", num, type(error).__name__)
+        except Exception:  # noqa: BLE001 - tracking trouble must not stop the sweep
+            log.exception("could not record sweep job #%s on the MLflow parent run", num)
+
+    def _log_counts(self) -> None:
+        step = self.completed + self.failed
+        self.client.log_metric(self.parent_run_id, "sweep/jobs_completed", self.completed, step=step)
+        self.client.log_metric(self.parent_run_id, "sweep/jobs_failed", self.failed, step=step)
+
+    def _watch_composition(self) -> None:
+        """Hydra 1.3 calls no callback for a job whose overrides do not compose (a value of the wrong type, an
+        unknown option): the launcher raises before ``run_job``, the sweep stops, and the parent ended KILLED
+        with no error. Every sweeper and launcher composes its jobs, in job order, through the config loader's
+        ``load_sweep_config``; for this sweep that method is wrapped to record such a job as failed first."""
+        from hydra.core.global_hydra import GlobalHydra
+
+        if not GlobalHydra.instance().is_initialized():  # the callback driven by hand (tests), not by Hydra
+            return
+        loader = GlobalHydra.instance().config_loader()
+        compose = loader.load_sweep_config
+        composed = 0
+
+        def load_sweep_config(master_config, sweep_overrides):
+            nonlocal composed
+            num, composed = composed, composed + 1
+            try:
+                return compose(master_config, sweep_overrides)
+            except Exception as exc:
+                if not self._closed:
+                    self._record_failed_job(num, sweep_overrides, exc, stage="did not compose: ")
+                raise
+
+        loader.load_sweep_config = load_sweep_config
+        self._unwatch = lambda: vars(loader).pop("load_sweep_config", None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._end("FAILED" if self.failed else "FINISHED")
@@ -175,6 +212,7 @@ class MlflowSweepCallback(Callback):
         except Exception:  # noqa: BLE001
             log.exception("could not end the MLflow sweep parent run %s", self.parent_run_id)
         finally:
+            self._unwatch()
             if self.previous_parent:
                 os.environ[PARENT_RUN_ENV] = self.previous_parent
             else:
