@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from glm_experiments.errors import UserError
+from glm_experiments.errors import UserError, cli_main
 from glm_experiments.run_loading import add_run_arguments
 
 log = logging.getLogger("glm_experiments.predict")
@@ -96,16 +96,11 @@ def predict(args: argparse.Namespace) -> dict:
     return summary
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from glm_experiments.data.formats import DataError
-
-    try:
-        summary = predict(args)
-    except (UserError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    summary = predict(args)
     line = " | ".join(f"{k} {v:.2f}" for k, v in summary["metrics"].items())
     print(f"{summary['samples']} predictions -> {summary['predictions']}", file=sys.stderr)
     print(f"metrics ({summary['samples']} samples): {line}", file=sys.stderr)

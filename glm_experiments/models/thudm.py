@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from glm_experiments.errors import UserError
 from glm_experiments.models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
 from glm_experiments.models.tokenizers import TokenizerError, build_tokenizer
 
@@ -39,7 +40,7 @@ CONVERTER_VERSION = 1  # bump when the converted output changes
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory that cannot be loaded as asked; the message names the file and the key."""
 
 
