@@ -27,6 +27,7 @@ from glm_experiments.data.templates import get_template
 from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
 from glm_experiments.evaluation import EvalSet, evaluate_generation, generation_kwargs, load_eval_set, write_predictions
+from glm_experiments.hydra_checks import check_creatable
 from glm_experiments.losses import chunked_loss
 from glm_experiments.methods import get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
@@ -218,6 +219,7 @@ def preflight(cfg: DictConfig) -> None:
     ranges (config.py), option combinations, lengths vs the model's positions (its config.json only), the
     method's hardware, DeepSpeed installed. The Hydra process runs it before torchrun starts; run() again."""
     check_settings(cfg)
+    check_creatable("output_dir", cfg.output_dir)
     check_train_options(cfg)
     check_lengths(cfg)
     method = get_method(cfg.method.name)

@@ -19,7 +19,7 @@ DEV = str(ROOT / "data" / "adgen_demo" / "dev.json")
 
 
 def one_line_error(result) -> str:
-    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
     assert "Traceback" not in result.stderr

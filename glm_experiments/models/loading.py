@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from glm_experiments.errors import UserError
 
@@ -102,8 +102,10 @@ def _load(model_cfg, quantization_config):
         from glm_experiments.models.tiny import ensure_tiny_checkpoint
 
         tiny_cfg = OmegaConf.to_object(model_cfg.tiny) if isinstance(model_cfg.tiny, DictConfig) else model_cfg.tiny
+        from glm_experiments.models.thudm import from_pretrained_strict
+
         path = ensure_tiny_checkpoint(tiny_cfg)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = from_pretrained_strict(
             path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, quantization_config=quantization_config
         )
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -414,12 +414,40 @@ def _load_thudm(path: Path, family: str, dtype: torch.dtype | None, attn_impleme
     return model, tokenizer
 
 
-def _load_native(path: Path, family: str, dtype: torch.dtype | None, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+MAX_LISTED_KEYS = 3
+
+
+def from_pretrained_strict(path: Path, **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained``, strict like the THUDM path: a missing tensor would otherwise
+    stay randomly initialised (and an unexpected one be dropped) with only a log line; an unreadable weight
+    file is named instead of surfacing as a library traceback."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
     import glm_experiments.models.chatglm_v1  # noqa: F401  (registers model_type chatglm_v1)
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: cannot read its weights ({type(err).__name__}: {first})") from None
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+        if keys:
+            more = f", ... ({len(keys)} in all)" if len(keys) > MAX_LISTED_KEYS else ""
+            problems.append(f"{kind.replace('_', ' ')}: {', '.join(keys[:MAX_LISTED_KEYS])}{more}")
+    if problems:
+        raise CheckpointError(f"{path}: the weights do not fit the model in config.json ({'; '.join(problems)})")
+    return model
+
+
+def _load_native(path: Path, family: str, dtype: torch.dtype | None, **kwargs):
+    from transformers import AutoTokenizer
+
+    model = from_pretrained_strict(path, dtype=dtype or "auto", **kwargs)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # a native model dir that kept THUDM's tokenizer files only

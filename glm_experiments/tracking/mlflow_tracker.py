@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from glm_experiments.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # set by the sweep callback so that every job of a --multirun becomes a child of one parent run
@@ -105,7 +107,12 @@ class Tracker:
         import mlflow
 
         mlflow.set_tracking_uri(self.cfg.tracking_uri)
-        experiment = mlflow.get_experiment_by_name(self.cfg.experiment_name)
+        try:
+            experiment = mlflow.get_experiment_by_name(self.cfg.experiment_name)
+        except Exception as exc:  # noqa: BLE001 - not a database, a newer schema, unreachable server: one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"tracking.tracking_uri={self.cfg.tracking_uri}: cannot open the MLflow store ({first}); "
+                            "fix or move it, or use tracking=none") from None
         if experiment is None:
             location = self.cfg.artifact_location or artifact_root_for(self.cfg.tracking_uri)
             self.experiment_id = mlflow.create_experiment(self.cfg.experiment_name, artifact_location=location)
