@@ -222,6 +222,10 @@ def preflight(cfg: DictConfig) -> None:
     check_creatable("output_dir", cfg.output_dir)
     check_train_options(cfg)
     check_lengths(cfg)
+    try:
+        get_template(cfg.model.template or cfg.model.family)
+    except ValueError as exc:
+        raise UserError(f"model.template={cfg.model.template or 'null'} (model.family={cfg.model.family}): {exc}") from None
     method = get_method(cfg.method.name)
     if hasattr(method, "check_available"):
         method.check_available()
