@@ -417,6 +417,10 @@ def _load_thudm(path: Path, family: str, dtype: torch.dtype | None, attn_impleme
 MAX_LISTED_KEYS = 3
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0].strip()
+
+
 def from_pretrained_strict(path: Path, **kwargs) -> PreTrainedModel:
     """``AutoModelForCausalLM.from_pretrained``, strict like the THUDM path: a missing tensor would otherwise
     stay randomly initialised (and an unexpected one be dropped) with only a log line; an unreadable weight
@@ -431,8 +435,7 @@ def from_pretrained_strict(path: Path, **kwargs) -> PreTrainedModel:
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"{path}: cannot read its weights ({type(err).__name__}: {first})") from None
+        raise CheckpointError(f"{path}: cannot read its weights ({type(err).__name__}: {_first_line(err)})") from None
     problems = []
     for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
         keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
@@ -447,18 +450,17 @@ def from_pretrained_strict(path: Path, **kwargs) -> PreTrainedModel:
 def _load_native(path: Path, family: str, dtype: torch.dtype | None, **kwargs):
     from transformers import AutoTokenizer
 
-    model = from_pretrained_strict(path, dtype=dtype or "auto", **kwargs)
-    try:
+    try:  # the tokenizer first: a missing one is found before the weights load
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # a native model dir that kept THUDM's tokenizer files only
         if family in FAMILIES:
             try:
                 tokenizer = build_tokenizer(path, family)
             except TokenizerError:
-                raise CheckpointError(f"{path}: cannot load its tokenizer ({err})") from None
+                raise CheckpointError(f"{path}: cannot load its tokenizer ({_first_line(err)})") from None
         else:
-            raise CheckpointError(f"{path}: cannot load its tokenizer ({err})") from None
-    return model, tokenizer
+            raise CheckpointError(f"{path}: cannot load its tokenizer ({_first_line(err)})") from None
+    return from_pretrained_strict(path, dtype=dtype or "auto", **kwargs), tokenizer
 
 
 def load_checkpoint(
