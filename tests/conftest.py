@@ -32,10 +32,14 @@ def compose(overrides: list[str] | None = None):
         return hydra_compose("train", overrides=overrides or [])
 
 
+def checkout_env(env: dict) -> dict:
+    """``env`` for a subprocess that must run this checkout's code, not whichever one an editable install
+    points at (subprocesses start in a temp dir)."""
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
+
+
 def run_cli(args: list[str], tmp_path: Path, module: str = "glm_experiments", timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("HYDRA_FULL_ERROR")
-    # the checkout under test, not whichever one an editable install points at (cwd is a temp dir)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = checkout_env({**os.environ, "PYTHONUNBUFFERED": "1"})
+    env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=timeout)

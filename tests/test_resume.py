@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import checkout_env, run_cli
 
 MAX_STEPS, SAVE_STEPS, KILL_AFTER = 12, 4, 4
 
@@ -57,7 +57,7 @@ def _complete_json(path: Path) -> bool:
 def kill_after_checkpoint(args: list[str], run_dir: Path, cwd: Path, step: int, timeout: float = 600) -> None:
     """Start a run and SIGKILL it once ``checkpoint-<step>`` is completely written."""
     done = run_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"  # written last
-    proc = subprocess.Popen([sys.executable, "-m", "glm_experiments", *args], cwd=cwd,
+    proc = subprocess.Popen([sys.executable, "-m", "glm_experiments", *args], cwd=cwd, env=checkout_env(dict(os.environ)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     try:

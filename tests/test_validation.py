@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose, run_cli
+from conftest import checkout_env, compose, run_cli
 from glm_experiments.errors import EXIT_BAD_INPUT, UserError, cli_main
 from glm_experiments.train import preflight
 
@@ -366,3 +366,44 @@ def test_cli_missing_deepspeed_fails_before_any_worker(tmp_path):
 def test_cli_qlora_on_cpu(tmp_path):
     _fail(["method=qlora", "tracking=none"], tmp_path,
           "method=qlora needs a CUDA GPU and bitsandbytes: torch.cuda.is_available() is False", exact=False)
+
+
+# ------------------------------------------------------------------------------------------ rendezvous
+def test_single_node_rendezvous_is_loopback_only(tmp_path):
+    from glm_experiments.launcher import torchrun_command
+
+    one = torchrun_command(compose(["launcher.nproc_per_node=2", "launcher.master_addr=10.0.0.5"]).launcher, Path("c.yaml"))
+    assert one[1:3] == ["-m", "glm_experiments.torchrun_loopback"] and "--master_addr=127.0.0.1" in one
+    two = torchrun_command(compose(["launcher.nnodes=2", "launcher.master_addr=10.0.0.5"]).launcher, Path("c.yaml"))
+    assert two[1:3] == ["-m", "torch.distributed.run"] and "--master_addr=10.0.0.5" in two
+
+
+LISTENERS = r'''
+import os, sys
+port = int(os.environ["MASTER_PORT"])
+found = []
+for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for line in open(table).read().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # LISTEN
+            found.append(address)
+print("LISTEN", ",".join(found))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket table")
+def test_torchrun_store_listens_on_loopback_only(tmp_path):
+    import subprocess
+    import sys
+
+    from glm_experiments.launcher import free_port
+
+    (tmp_path / "listeners.py").write_text(LISTENERS)
+    result = subprocess.run([sys.executable, "-m", "glm_experiments.torchrun_loopback", "--nproc_per_node=1",
+                             "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}", "listeners.py"],
+                            cwd=tmp_path, env=checkout_env(dict(os.environ)), capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    listening = [line.split(" ", 1)[1] for line in result.stdout.splitlines() if line.startswith("LISTEN ")]
+    assert listening == ["0100007F"], result.stdout  # 127.0.0.1, and no 0.0.0.0 / :: listener
