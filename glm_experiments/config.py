@@ -80,7 +80,9 @@ class TinyModelConfig:
     head_dim: int = ranged(32, **AT_LEAST_1)
     intermediate_size: int = ranged(344, **AT_LEAST_1)
     vocab_size: int = ranged(2000, **AT_LEAST_1)  # at most; char-level BPE pieces of <= 2 characters learned from the demo sets
-    max_position_embeddings: int = ranged(512, **AT_LEAST_1)
+    # RoPE: no weight depends on it. 2048 admits the `lengths` presets (1024 + 256) that data.max_source_length
+    # + max_target_length are checked against
+    max_position_embeddings: int = ranged(2048, **AT_LEAST_1)
     pretrain_steps: int = ranged(200, **AT_LEAST_1)
     pretrain_batch_size: int = ranged(16, **AT_LEAST_1)
     pretrain_lr: float = ranged(3e-3, **POSITIVE)

@@ -44,12 +44,12 @@ BAD_SETTINGS = [
     (["data.max_target_length=-1"], "data.max_target_length=-1: expected >= 1"),
     (["data.max_train_samples=0"], "data.max_train_samples=0: expected >= 1"),
     (["data.max_source_length=4096"],
-     f"data.max_source_length 4096 + data.max_target_length 96 = 4192 exceeds the model's 512 positions ({TINY})"),
-    (["eval.max_new_tokens=500"],
-     f"data.max_source_length 64 + eval.max_new_tokens 500 = 564 exceeds the model's 512 positions ({TINY})"),
-    (["method=prompt_tuning", "data.max_source_length=410"],  # virtual tokens take positions too
-     "data.max_source_length 410 + data.max_target_length 96 + method.num_virtual_tokens 16 = 522 exceeds the "
-     f"model's 512 positions ({TINY})"),
+     f"data.max_source_length 4096 + data.max_target_length 96 = 4192 exceeds the model's 2048 positions ({TINY})"),
+    (["eval.max_new_tokens=2000"],
+     f"data.max_source_length 64 + eval.max_new_tokens 2000 = 2064 exceeds the model's 2048 positions ({TINY})"),
+    (["method=prompt_tuning", "data.max_source_length=1940"],  # virtual tokens take positions too
+     "data.max_source_length 1940 + data.max_target_length 96 + method.num_virtual_tokens 16 = 2052 exceeds the "
+     f"model's 2048 positions ({TINY})"),
     (["model.tiny.max_position_embeddings=100"],
      f"data.max_source_length 64 + data.max_target_length 96 = 160 exceeds the model's 100 positions ({TINY})"),
     (["eval.max_samples=0"], "eval.max_samples=0: expected >= 1"),
@@ -108,8 +108,14 @@ def test_every_method_default_passes(method, tmp_path):
 def test_boundaries_are_allowed(tmp_path):
     preflight(compose(["train.max_steps=1", "train.warmup_ratio=0", "train.warmup_ratio=1", "method.dropout=0",
                        "train.max_grad_norm=0", "train.save_steps=0", "eval.top_p=1", "eval.max_samples=null",
-                       "data.max_source_length=256", "data.max_target_length=256", "eval.max_new_tokens=256",
+                       "data.max_source_length=1024", "data.max_target_length=1024", "eval.max_new_tokens=1024",
                        f"output_dir={tmp_path / 'out'}"]))
+
+
+def test_every_experiment_composes_and_passes_on_the_tiny_model(tmp_path):
+    for name in ("source_length_ablation", "method_comparison", "lora_rank_sweep"):
+        preflight(compose([f"experiment={name}", f"output_dir={tmp_path / 'out'}"]))
+    preflight(compose(["experiment=source_length_ablation", "lengths=src1024_tgt256", f"output_dir={tmp_path / 'out'}"]))
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="QLoRA runs on a CUDA machine")
@@ -284,8 +290,8 @@ def test_cli_lengths_beyond_a_native_models_positions(native_dir, tmp_path):
     # read from config.json before any weight: the weights here are not even readable
     d = _copy(native_dir, tmp_path)
     (d / "model.safetensors").write_bytes(b"\0" * 100)
-    _fail(["model.family=hf", f"model.path={d}", "data.max_source_length=1024", "tracking=none"], tmp_path,
-          f"data.max_source_length 1024 + data.max_target_length 96 = 1120 exceeds the model's 512 positions "
+    _fail(["model.family=hf", f"model.path={d}", "data.max_source_length=2000", "tracking=none"], tmp_path,
+          f"data.max_source_length 2000 + data.max_target_length 96 = 2096 exceeds the model's 2048 positions "
           f"(max_position_embeddings in {d / 'config.json'})")
 
 
@@ -403,7 +409,8 @@ def test_torchrun_store_listens_on_loopback_only(tmp_path):
     (tmp_path / "listeners.py").write_text(LISTENERS)
     result = subprocess.run([sys.executable, "-m", "glm_experiments.torchrun_loopback", "--nproc_per_node=1",
                              "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}", "listeners.py"],
-                            cwd=tmp_path, env=checkout_env(dict(os.environ)), capture_output=True, text=True, timeout=120, check=False)
+                            cwd=tmp_path, env=checkout_env(dict(os.environ)), capture_output=True, text=True,
+                            timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     listening = [line.split(" ", 1)[1] for line in result.stdout.splitlines() if line.startswith("LISTEN ")]
     assert listening == ["0100007F"], result.stdout  # 127.0.0.1, and no 0.0.0.0 / :: listener
