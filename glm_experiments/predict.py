@@ -54,7 +54,7 @@ def predict(args: argparse.Namespace) -> dict:
     run_dir = find_run_dir(args.run, args.tracking_uri)
     cfg = load_run_config(run_dir)
     check_adapter(run_dir)
-    input_path = resolve_data_path(args.input)
+    input_path = resolve_data_path(args.input, "--input")
     samples, report = load_samples(input_path, cfg.data)
     if args.max_samples:
         samples = samples[: args.max_samples]
