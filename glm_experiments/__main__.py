@@ -1,8 +1,9 @@
-"""``python -m glm_experiments [group=option ...] [key=value ...]``: one training run (or a sweep with --multirun)."""
+"""``python -m glm_experiments [--debug] [group=option ...] [key=value ...]``: one training run (or a sweep with --multirun)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 import glm_experiments.config  # noqa: F401  (registers the schema before Hydra composes)
-from glm_experiments.errors import UserError
+from glm_experiments.errors import DEBUG_FLAG, EXIT_BAD_INPUT, as_user_error, debug_requested, one_line
 from glm_experiments.interrupts import exit_code, signal_name
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -19,21 +20,23 @@ log = logging.getLogger("glm_experiments")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from glm_experiments.data.formats import DataError
     from glm_experiments.summary import print_summary
     from glm_experiments.launcher import launch, needs_launch
-    from glm_experiments.train import check_train_options, run
+    from glm_experiments.train import preflight, run
 
     try:
-        check_train_options(cfg)  # before torchrun workers start: one message, not one per rank
+        preflight(cfg)  # before torchrun workers start and before any weight loads: one message, not one per rank
         # several processes or DeepSpeed: torchrun workers train from the config composed here
         result = launch(cfg) if needs_launch(cfg) else run(cfg)
-    except (UserError, DataError) as exc:
-        # the user's to fix: one clear message, no traceback
-        log.error("%s", exc)
+    except Exception as exc:  # noqa: BLE001 - sorted into user errors (one line) and bugs (traceback)
+        error = as_user_error(exc)
+        if error is None or debug_requested():
+            raise
+        log.error("%s", error)
         if _in_multirun():
             raise  # the sweeper records this job as failed and goes on with the others
-        raise SystemExit(f"error: {exc}") from None
+        print(one_line(error), file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (train.run turns it into KeyboardInterrupt)
         if _in_multirun():
             raise  # stops the sweep; its parent run ends KILLED
@@ -57,4 +60,7 @@ def _in_multirun() -> bool:
 
 
 if __name__ == "__main__":
+    if DEBUG_FLAG in sys.argv:  # not a Hydra override: tracebacks for our errors and Hydra's own
+        sys.argv.remove(DEBUG_FLAG)
+        os.environ["HYDRA_FULL_ERROR"] = "1"
     main()

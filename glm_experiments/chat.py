@@ -17,7 +17,7 @@ import logging
 import sys
 import threading
 
-from glm_experiments.errors import UserError
+from glm_experiments.errors import UserError, cli_main
 from glm_experiments.run_loading import add_run_arguments
 
 log = logging.getLogger("glm_experiments.chat")
@@ -173,6 +173,7 @@ def chat_loop(session: ChatSession, console, read=None) -> int:
     return turns
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -181,13 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     from glm_experiments.run_loading import load_run
 
     console = Console()
-    try:
-        with console.status("loading the run ...") if console.is_terminal else _nullcontext():
-            loaded = load_run(args.run, args.tracking_uri, device=args.device)
-        session = ChatSession(loaded, args, console)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    with console.status("loading the run ...") if console.is_terminal else _nullcontext():
+        loaded = load_run(args.run, args.tracking_uri, device=args.device)
+    session = ChatSession(loaded, args, console)
     cfg = loaded.cfg
     console.print(f"[bold]{loaded.method}[/bold] on {cfg.model.name} ({loaded.template.name} template) from {loaded.run_dir}")
     console.print(f"[dim]{COMMANDS}; {'sampling' if args.sample else 'greedy'}, "

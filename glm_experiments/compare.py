@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glm_experiments.errors import UserError
+from glm_experiments.errors import UserError, cli_main
 from glm_experiments.tracking.mlflow_tracker import SHORT_NAMES
 
 ROLE_TAG = "glm_experiments.role"  # same tag as glm_experiments.tracking.sweep
@@ -555,6 +555,7 @@ def log_outputs(comparison: Comparison, out_dir: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- CLI
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m glm_experiments.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", default=None,
@@ -567,19 +568,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default ./comparisons/<name>/)")
     parser.add_argument("--no-log", action="store_true", help="do not log the outputs to MLflow")
     args = parser.parse_args(argv)
-    try:
-        comparison = collect(args.tracking_uri, args.experiment, args.parent, args.filter)
-        print_table(comparison)
-        out_dir = args.out or Path("comparisons") / slug(comparison.name)
-        files = write_outputs(comparison, out_dir)
-        for path in files.values():
-            print(f"wrote {path}")
-        if not args.no_log:
-            run_id = log_outputs(comparison, out_dir)
-            print(f"logged to run {run_id} (artifacts: comparison/; open comparison/report.html in the MLflow UI)")
-    except CompareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    comparison = collect(args.tracking_uri, args.experiment, args.parent, args.filter)
+    print_table(comparison)
+    out_dir = args.out or Path("comparisons") / slug(comparison.name)
+    files = write_outputs(comparison, out_dir)
+    for path in files.values():
+        print(f"wrote {path}")
+    if not args.no_log:
+        run_id = log_outputs(comparison, out_dir)
+        print(f"logged to run {run_id} (artifacts: comparison/; open comparison/report.html in the MLflow UI)")
     return 0
 
 

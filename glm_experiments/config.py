@@ -12,6 +12,8 @@ config, before anything is built.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -19,6 +21,55 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 import glm_experiments.resolvers  # noqa: F401  (${mul:...} in conf/, also when tests compose)
+from glm_experiments.errors import UserError
+
+
+# ------------------------------------------------------------------------- ranges
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric setting allows: checked by :func:`check_settings` before anything loads
+    (OmegaConf checks only types). ``off`` is one extra value outside the range and what it means."""
+
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    max_open: bool = False
+    off: tuple[float, str] | None = None
+
+    def allows(self, value) -> bool:
+        if self.off is not None and value == self.off[0]:
+            return True
+        if self.min is not None and (value <= self.min if self.min_open else value < self.min):
+            return False
+        return self.max is None or (value < self.max if self.max_open else value <= self.max)
+
+    def describe(self) -> str:
+        lo, hi = _number(self.min), _number(self.max)
+        if self.min is not None and self.max is not None:
+            text = f"in {'(' if self.min_open else '['}{lo}, {hi}{')' if self.max_open else ']'}"
+        elif self.min is not None:
+            text = f"{'>' if self.min_open else '>='} {lo}"
+        else:
+            text = f"{'<' if self.max_open else '<='} {hi}"
+        return f"{_number(self.off[0])} ({self.off[1]}) or {text}" if self.off else text
+
+
+def _number(x) -> str:
+    return str(int(x)) if x is not None and float(x).is_integer() else f"{x}"
+
+
+def ranged(default, **rule) -> Any:
+    """A schema field with its default and its allowed range (null stays allowed where the type is Optional)."""
+    return field(default=default, metadata={"range": Range(**rule)})
+
+
+def one_of(default, *choices) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+AT_LEAST_1 = {"min": 1}
+POSITIVE = {"min": 0, "min_open": True}
+PROBABILITY = {"min": 0, "max": 1, "max_open": True}  # a dropout rate
 
 
 # --------------------------------------------------------------------------- model
@@ -26,18 +77,20 @@ import glm_experiments.resolvers  # noqa: F401  (${mul:...} in conf/, also when 
 class TinyModelConfig:
     """Shape of the project's own CPU model and of its one-off pre-training run."""
 
-    hidden_size: int = 128
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 32
-    intermediate_size: int = 344
-    vocab_size: int = 2000  # at most; char-level BPE pieces of <= 2 characters learned from the demo sets
-    max_position_embeddings: int = 512
-    pretrain_steps: int = 200
-    pretrain_batch_size: int = 16
-    pretrain_lr: float = 3e-3
-    pretrain_seq_len: int = 96
+    hidden_size: int = ranged(128, **AT_LEAST_1)
+    num_hidden_layers: int = ranged(4, **AT_LEAST_1)
+    num_attention_heads: int = ranged(4, **AT_LEAST_1)
+    num_key_value_heads: int = ranged(2, **AT_LEAST_1)
+    head_dim: int = ranged(32, **AT_LEAST_1)
+    intermediate_size: int = ranged(344, **AT_LEAST_1)
+    vocab_size: int = ranged(2000, **AT_LEAST_1)  # at most; char-level BPE pieces of <= 2 characters learned from the demo sets
+    # RoPE: no weight depends on it. 2048 admits the `lengths` presets (1024 + 256) that data.max_source_length
+    # + max_target_length are checked against
+    max_position_embeddings: int = ranged(2048, **AT_LEAST_1)
+    pretrain_steps: int = ranged(200, **AT_LEAST_1)
+    pretrain_batch_size: int = ranged(16, **AT_LEAST_1)
+    pretrain_lr: float = ranged(3e-3, **POSITIVE)
+    pretrain_seq_len: int = ranged(96, **AT_LEAST_1)
 
 
 @dataclass
@@ -66,16 +119,16 @@ class MethodConfig:
 @dataclass
 class FreezeMethodConfig(MethodConfig):
     # train the last N transformer layers ...
-    num_last_layers: int = 2
+    num_last_layers: int = ranged(2, **AT_LEAST_1)
     # ... or, if given, exactly the parameters whose name contains one of these
     trainable_patterns: list[str] = field(default_factory=list)
 
 
 @dataclass
 class LoraMethodConfig(MethodConfig):
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = ranged(8, **AT_LEAST_1)
+    alpha: int = ranged(32, **POSITIVE)
+    dropout: float = ranged(0.05, **PROBABILITY)
     # ["all-linear"] or module names; empty = the family's default
     target_modules: list[str] = field(default_factory=list)
     bias: str = "none"
@@ -83,23 +136,23 @@ class LoraMethodConfig(MethodConfig):
 
 @dataclass
 class QloraMethodConfig(LoraMethodConfig):
-    bits: int = 4
-    quant_type: str = "nf4"
+    bits: int = one_of(4, 4, 8)
+    quant_type: str = one_of("nf4", "nf4", "fp4")
     double_quant: bool = True
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = one_of("bfloat16", "bfloat16", "float16", "float32")
 
 
 @dataclass
 class PtuningMethodConfig(MethodConfig):
-    pre_seq_len: int = 16
+    pre_seq_len: int = ranged(16, **AT_LEAST_1)
     prefix_projection: bool = False
-    prefix_hidden_size: int = 512
-    prefix_dropout: float = 0.1
+    prefix_hidden_size: int = ranged(512, **AT_LEAST_1)
+    prefix_dropout: float = ranged(0.1, **PROBABILITY)
 
 
 @dataclass
 class PromptTuningMethodConfig(MethodConfig):
-    num_virtual_tokens: int = 16
+    num_virtual_tokens: int = ranged(16, **AT_LEAST_1)
     # text whose embeddings initialise the soft prompt; empty = random
     init_text: str = ""
 
@@ -121,11 +174,11 @@ class DataConfig:
     prompt_column: str = "content"
     response_column: str = "summary"
     history_column: Optional[str] = None
-    max_source_length: int = 128
-    max_target_length: int = 128
+    max_source_length: int = ranged(128, **AT_LEAST_1)
+    max_target_length: int = ranged(128, **AT_LEAST_1)
     # raise | skip: what to do with a bad record (skips are counted and logged, never silent)
     on_error: str = "raise"
-    max_train_samples: Optional[int] = None
+    max_train_samples: Optional[int] = ranged(None, **AT_LEAST_1)  # null = all
     # metrics computed on generated predictions: bleu-4, rouge-1, rouge-2, rouge-l, triple_f1, accuracy
     metrics: list[str] = field(default_factory=lambda: ["bleu-4", "rouge-1", "rouge-2", "rouge-l"])
 
@@ -133,19 +186,20 @@ class DataConfig:
 # --------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
-    max_steps: int = 300
-    per_device_train_batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-3
+    # training length is counted in optimizer steps only (there is no epoch setting)
+    max_steps: int = ranged(300, **AT_LEAST_1)
+    per_device_train_batch_size: int = ranged(16, **AT_LEAST_1)
+    gradient_accumulation_steps: int = ranged(1, **AT_LEAST_1)
+    learning_rate: float = ranged(5e-3, **POSITIVE)
     lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    logging_steps: int = 10
+    warmup_ratio: float = ranged(0.05, min=0, max=1)
+    weight_decay: float = ranged(0.0, min=0)
+    max_grad_norm: float = ranged(1.0, min=0, min_open=True, off=(0, "no clipping"))
+    logging_steps: int = ranged(10, **AT_LEAST_1)
     # generation-based evaluation every N steps (0 = only before and after training)
-    eval_steps: int = 0
-    save_steps: int = 100
-    save_total_limit: int = 2
+    eval_steps: int = ranged(0, min=1, off=(0, "only before and after training"))
+    save_steps: int = ranged(100, min=1, off=(0, "no checkpoints"))
+    save_total_limit: int = ranged(2, min=1, off=(0, "keep all"))
     gradient_checkpointing: bool = False
     group_by_length: bool = True
     # concatenate each batch into one row, positions restarting per sample, no cross-sample attention
@@ -154,22 +208,22 @@ class TrainConfig:
     packing: bool = False
     # 0: transformers' loss over the full batch x seq x vocab logits; N > 0: cross-entropy over the
     # supervised positions only, N tokens' logits at a time, recomputed in backward (glm_experiments/losses.py)
-    loss_chunk_size: int = 0
-    dataloader_num_workers: int = 0
+    loss_chunk_size: int = ranged(0, min=1, off=(0, "off"))
+    dataloader_num_workers: int = ranged(0, min=0)
     # auto | float32 | bfloat16 | float16 (mixed precision of the Trainer)
-    precision: str = "auto"
+    precision: str = one_of("auto", "auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
 class EvalConfig:
     before_training: bool = True
-    max_samples: Optional[int] = 64
-    batch_size: int = 16
-    max_new_tokens: int = 64
+    max_samples: Optional[int] = ranged(64, **AT_LEAST_1)  # null = all
+    batch_size: int = ranged(16, **AT_LEAST_1)
+    max_new_tokens: int = ranged(64, **AT_LEAST_1)
     do_sample: bool = False
-    num_beams: int = 1
-    temperature: float = 0.95
-    top_p: float = 0.7
+    num_beams: int = ranged(1, **AT_LEAST_1)
+    temperature: float = ranged(0.95, **POSITIVE)
+    top_p: float = ranged(0.7, min=0, max=1, min_open=True)
     # forgetting probe: a general-ability set generated on before and after fine-tuning (change logged)
     forgetting_file: Optional[str] = None
     forgetting_format: str = "instruction"
@@ -200,12 +254,12 @@ class LauncherConfig:
     """How many processes train (glm_experiments/launcher.py): 1 process on 1 node without DeepSpeed runs
     in-process; anything else composes once and starts torchrun workers."""
 
-    nproc_per_node: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
+    nproc_per_node: int = ranged(1, **AT_LEAST_1)
+    nnodes: int = ranged(1, **AT_LEAST_1)
+    node_rank: int = ranged(0, min=0)
     master_addr: str = "127.0.0.1"
     # 0 = a free port on one node, 29500 across nodes
-    master_port: int = 0
+    master_port: int = ranged(0, min=1, max=65535, off=(0, "a free port"))
 
 
 # -------------------------------------------------------------------------- root
@@ -219,7 +273,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 42
+    seed: int = ranged(42, min=0, max=2**32 - 1)  # numpy's seed range
     # run products; set to Hydra's job dir by conf/train.yaml
     output_dir: str = MISSING
     # null | auto | <step>: continue from the output dir's last (or given) checkpoint
@@ -249,6 +303,46 @@ def method_schema(name: str | None) -> type | None:
 
     method = REGISTRY.get(str(name))
     return method.schema if method else None
+
+
+def _schema_of(hint) -> type | None:
+    """The dataclass behind a field's type (``Optional[TinyModelConfig]`` -> TinyModelConfig)."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
+
+
+def _check_node(node, schema: type, prefix: str) -> None:
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        rule, choices = f.metadata.get("range"), f.metadata.get("choices")
+        if f.name == "method" and schema is Config:
+            sub = method_schema(node.method.get("name"))
+        else:
+            sub = _schema_of(hints[f.name])
+        if sub is None and rule is None and choices is None:
+            continue  # e.g. output_dir: not resolved here (${hydra:...} outside Hydra)
+        value = node.get(f.name)
+        if value is None:
+            continue
+        if sub is not None:
+            _check_node(value, sub, f"{key}.")
+        elif rule is not None and not rule.allows(value):
+            raise UserError(f"{key}={value}: expected {rule.describe()}")
+        elif choices is not None and value not in choices:
+            raise UserError(f"{key}={value}: expected one of {', '.join(map(str, choices))}")
+
+
+def check_settings(cfg) -> None:
+    """Every setting against the range its schema field declares, plus the rules that tie settings together.
+    Cheap (no file is read): called before torchrun starts and before anything loads."""
+    _check_node(cfg, Config, "")
+    tiny = cfg.model.get("tiny")
+    if tiny is not None and tiny.num_attention_heads % tiny.num_key_value_heads:
+        raise UserError(f"model.tiny.num_attention_heads={tiny.num_attention_heads} must be a multiple of "
+                        f"model.tiny.num_key_value_heads={tiny.num_key_value_heads}")
 
 
 register_configs()

@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from glm_experiments.errors import UserError, cli_main
+
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -28,21 +30,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
     from pathlib import Path
 
-    from glm_experiments.models.thudm import CheckpointError, convert_checkpoint
+    from glm_experiments.models.thudm import convert_checkpoint
 
     dst = Path(args.dst).expanduser()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        print(f"error: {dst} exists and is not an empty directory", file=sys.stderr)
-        return 2
-    try:
-        convert_checkpoint(args.src, dst, args.family, max_shard_size=args.shard_size, dtype=DTYPES[args.dtype])
-    except (CheckpointError, OSError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        raise UserError(f"--dst {dst} exists and is not an empty directory")
+    convert_checkpoint(args.src, dst, args.family, max_shard_size=args.shard_size, dtype=DTYPES[args.dtype])
     print(f"converted {args.src} ({args.family}) -> {dst}")
     return 0
 

@@ -111,9 +111,13 @@ def free_port() -> int:
 
 def torchrun_command(launcher, config_path: Path) -> list[str]:
     port = launcher.master_port or (29500 if launcher.nnodes > 1 else free_port())
-    return [sys.executable, "-m", "torch.distributed.run",
+    if launcher.nnodes == 1:  # nothing outside this machine has to reach the rendezvous store
+        runner, addr = "glm_experiments.torchrun_loopback", "127.0.0.1"
+    else:
+        runner, addr = "torch.distributed.run", launcher.master_addr
+    return [sys.executable, "-m", runner,
             f"--nproc_per_node={launcher.nproc_per_node}", f"--nnodes={launcher.nnodes}",
-            f"--node_rank={launcher.node_rank}", f"--master_addr={launcher.master_addr}", f"--master_port={port}",
+            f"--node_rank={launcher.node_rank}", f"--master_addr={addr}", f"--master_port={port}",
             "-m", "glm_experiments.worker", str(config_path)]
 
 

@@ -27,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from glm_experiments.errors import UserError
+from glm_experiments.errors import UserError, cli_main
 from glm_experiments.methods import get_method
 from glm_experiments.run_loading import add_run_arguments
 
@@ -105,14 +105,11 @@ def _merged_model(run_dir: Path, cfg, method: str):
     return model, tokenizer
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        info = merge_run(args.run, Path(args.out), args.tracking_uri, args.overwrite, args.max_shard_size)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    info = merge_run(args.run, Path(args.out), args.tracking_uri, args.overwrite, args.max_shard_size)
     print(f"method={info['method']}: {info['how']} -> {info['out']}")
     note = ""
     if info["base_model"]["family"] == "chatglm":

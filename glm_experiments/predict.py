@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from glm_experiments.errors import UserError
+from glm_experiments.errors import UserError, cli_main
 from glm_experiments.run_loading import add_run_arguments
 
 log = logging.getLogger("glm_experiments.predict")
@@ -54,7 +54,7 @@ def predict(args: argparse.Namespace) -> dict:
     run_dir = find_run_dir(args.run, args.tracking_uri)
     cfg = load_run_config(run_dir)
     check_adapter(run_dir)
-    input_path = resolve_data_path(args.input)
+    input_path = resolve_data_path(args.input, "--input")
     samples, report = load_samples(input_path, cfg.data)
     if args.max_samples:
         samples = samples[: args.max_samples]
@@ -101,16 +101,11 @@ def predict(args: argparse.Namespace) -> dict:
     return summary
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from glm_experiments.data.formats import DataError
-
-    try:
-        summary = predict(args)
-    except (UserError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    summary = predict(args)
     line = " | ".join(f"{k} {v:.2f}" for k, v in summary["metrics"].items())
     print(f"{summary['samples']} predictions -> {summary['predictions']}", file=sys.stderr)
     print(f"metrics ({summary['samples']} samples): {line}", file=sys.stderr)

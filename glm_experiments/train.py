@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -12,23 +13,26 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import SchedulerType, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from glm_experiments.compat import silence_known_renames
 from glm_experiments.console import quiet_trainer
+from glm_experiments.config import check_settings
 from glm_experiments.data.dataset import eval_prompts, load_split, make_collator
+from glm_experiments.data.formats import load_samples, resolve_data_path
 from glm_experiments.data.templates import get_template
 from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
 from glm_experiments.evaluation import EvalSet, evaluate_generation, generation_kwargs, load_eval_set, write_predictions
+from glm_experiments.hydra_checks import check_creatable
 from glm_experiments.interrupts import sigterm_as_interrupt
 from glm_experiments.losses import chunked_loss
 from glm_experiments.methods import get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
-from glm_experiments.models.loading import load_model_and_tokenizer
-from glm_experiments.run_result import RunResult, hydra_tags
+from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer
 from glm_experiments.run_dirs import resolve_resume
+from glm_experiments.run_result import RunResult, hydra_tags
 from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
 
 log = logging.getLogger(__name__)
@@ -170,12 +174,33 @@ def check_train_options(cfg: DictConfig) -> None:
         # virtual tokens / prefix keys would be shared by all samples of the packed row
         raise UserError(f"train.packing=true does not work with method={cfg.method.name} "
                         "(its virtual tokens would be shared by every sample packed into a row)")
-    if t.loss_chunk_size < 0:
-        raise UserError(f"train.loss_chunk_size must be 0 (off) or a positive number of tokens, got {t.loss_chunk_size}")
+    try:
+        SchedulerType(t.lr_scheduler_type)
+    except ValueError:
+        raise UserError(f"train.lr_scheduler_type={t.lr_scheduler_type}: expected one of "
+                        f"{', '.join(s.value for s in SchedulerType)}") from None
     stage = ((cfg.deepspeed.config or {}).get("zero_optimization") or {}).get("stage")
     if t.loss_chunk_size and stage == 3:
         raise UserError("train.loss_chunk_size does not work under ZeRO-3 (the output head's weight is partitioned "
                         "outside its forward); use deepspeed=zero2 or train.loss_chunk_size=0")
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Every check that needs no weights, so that a mistake costs seconds, not a model load: the settings'
+    ranges (config.py), option combinations, lengths vs the model's positions (its config.json only), the
+    method's hardware, DeepSpeed installed. The Hydra process runs it before torchrun starts; run() again."""
+    check_settings(cfg)
+    check_creatable("output_dir", cfg.output_dir)
+    check_train_options(cfg)
+    check_lengths(cfg)
+    try:
+        get_template(cfg.model.template or cfg.model.family)
+    except ValueError as exc:
+        raise UserError(f"model.template={cfg.model.template or 'null'} (model.family={cfg.model.family}): {exc}") from None
+    get_method(cfg.method.name).check_available()
+    if cfg.deepspeed.config and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"deepspeed={cfg.deepspeed.name} needs the deepspeed package, which is not installed "
+                        "(pip install -e '.[deepspeed]'), or use deepspeed=none")
 
 
 def training_arguments(cfg: DictConfig, checkpoint_dir: Path) -> TrainingArguments:
@@ -235,9 +260,8 @@ def run(cfg: DictConfig) -> RunResult:
     set_seed(cfg.seed)
     resume_from = resolve_resume(cfg.resume, checkpoint_dir)
 
-    check_train_options(cfg)
+    preflight(cfg)
     method = get_method(cfg.method.name)
-    method.check_available()
 
     tags, overrides = hydra_tags()
     tracker = Tracker(cfg.tracking, active=is_main())  # one MLflow run, created by rank 0
@@ -261,8 +285,14 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
     tracker.log_params(flatten_config(cfg))
     tracker.set_tags({f"metric_definition.{m}": DEFINITIONS[m] for m in cfg.data.metrics if m in DEFINITIONS})
 
-    # ---- model + method
+    # ---- data files read and validated before any weight loads (a 6B model takes minutes)
     start = time.perf_counter()
+    train_loaded = load_samples(cfg.data.train_file, cfg.data, setting="data.train_file")
+    dev_loaded = load_samples(cfg.data.dev_file, cfg.data, setting="data.dev_file") if cfg.data.dev_file else None
+    if cfg.eval.forgetting_file:
+        resolve_data_path(cfg.eval.forgetting_file, "eval.forgetting_file")  # read later, on rank 0 only
+
+    # ---- model + method
     quantization = method.quantization_config(cfg.method)
     model, tokenizer = load_model_and_tokenizer(cfg.model, quantization_config=quantization)
     template = get_template(cfg.model.template or cfg.model.family)
@@ -279,7 +309,7 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
     # ---- data
     cache_dir = _data_cache_dir()
     with local_main_first():
-        train_set, _, train_stats = load_split(cfg.data.train_file, tokenizer, template, cfg.data, cache_dir)
+        train_set, _, train_stats = load_split(cfg.data.train_file, tokenizer, template, cfg.data, cache_dir, train_loaded)
     if cfg.data.max_train_samples:
         train_set = train_set.select(range(min(cfg.data.max_train_samples, len(train_set))))
     dev_set = eval_set = None
@@ -288,7 +318,8 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
                     "data/train_tokens_dropped": train_stats.tokens_dropped}
     if cfg.data.dev_file:
         with local_main_first():
-            dev_set, dev_samples, dev_stats = load_split(cfg.data.dev_file, tokenizer, template, cfg.data, cache_dir)
+            dev_set, dev_samples, dev_stats = load_split(cfg.data.dev_file, tokenizer, template, cfg.data, cache_dir,
+                                                         dev_loaded)
         data_metrics.update({"data/dev_records": dev_stats.records, "data/dev_skipped": dev_stats.skipped,
                              "data/dev_truncated": dev_stats.truncated})
         limit = cfg.eval.max_samples or len(dev_samples)

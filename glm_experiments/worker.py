@@ -72,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     setup_logging(rank, run_dir)
 
-    from glm_experiments.data.formats import DataError
-    from glm_experiments.errors import UserError
+    from glm_experiments.errors import EXIT_BAD_INPUT, as_user_error, debug_requested
     from glm_experiments.interrupts import exit_code, signal_name
 
     import torch.distributed as dist
@@ -84,14 +83,17 @@ def main(argv: list[str] | None = None) -> int:
         from glm_experiments.train import run
 
         run(cfg)
-    except (UserError, DataError) as exc:
-        log.error("%s", exc)
+    except Exception as exc:  # noqa: BLE001 - the same sorting as the Hydra process (glm_experiments.errors)
+        error = as_user_error(exc)
+        if error is None or debug_requested([]):
+            raise
+        log.error("%s", error)
         try:  # the first rank to fail tells the launcher why
             with open(run_dir / ERROR_FILE, "x") as f:
-                f.write(f"{exc}\n")
+                f.write(f"{error}\n")
         except FileExistsError:
             pass
-        return 1
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt as exc:  # SIGTERM from torchrun's agent (train.run ended rank 0's run KILLED)
         log.warning("interrupted by %s", signal_name(exc))
         return exit_code(exc)

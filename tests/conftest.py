@@ -35,9 +35,15 @@ def compose(overrides: list[str] | None = None):
         return hydra_compose("train", overrides=overrides or [])
 
 
+def checkout_env(env: dict) -> dict:
+    """``env`` for a subprocess that must run this checkout's code, not whichever one an editable install
+    points at (subprocesses start in a temp dir)."""
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
+
+
 def run_cli(args: list[str], tmp_path: Path, module: str = "glm_experiments", timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
-    env.pop("HYDRA_FULL_ERROR")
+    env = checkout_env({**os.environ, "PYTHONUNBUFFERED": "1"})
+    env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -70,7 +76,7 @@ def signal_after_checkpoint(args: list[str], run_dir: Path, cwd: Path, step: int
     done = run_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"  # written last
     err = cwd / f"stderr-{time.monotonic_ns()}.txt"  # a file, not a pipe: a full pipe would stall the run
     with open(err, "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "glm_experiments", *args], cwd=cwd,
+        proc = subprocess.Popen([sys.executable, "-m", "glm_experiments", *args], cwd=cwd, env=checkout_env(dict(os.environ)),
                                 stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     deadline = time.monotonic() + timeout
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, compose
+from conftest import ROOT, checkout_env, compose
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def common(tmp: Path) -> list[str]:
 
 def cli(args: list[str], tmp: Path, timeout: int = 400) -> subprocess.CompletedProcess:
     # one thread per process: 2 workers on 2 cores (torchrun does the same for its workers)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = checkout_env({**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     env.pop("HYDRA_FULL_ERROR", None)
     out = subprocess.run([sys.executable, "-m", "glm_experiments", *args], cwd=tmp, env=env, capture_output=True,
                          text=True, timeout=timeout)
@@ -166,7 +166,7 @@ def test_bad_requests_fail_with_one_line(tmp):
             check_deepspeed(bad)
 
     # end to end: the Hydra process refuses before starting any worker, in one line, no traceback
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = checkout_env({**os.environ, "OMP_NUM_THREADS": "1"})
     out = subprocess.run([sys.executable, "-m", "glm_experiments", "launcher.nproc_per_node=512", "tracking=none",
                           f"hydra.run.dir={tmp / 'bad'}"], cwd=tmp, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "Traceback" not in out.stderr

@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, checkout_env, run_cli
 
 DEV = str(ROOT / "data" / "adgen_demo" / "dev.json")
 
 
 def one_line_error(result) -> str:
-    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert lines and lines[-1].startswith("error: "), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -219,7 +219,7 @@ def test_merge_refuses_prefix_methods_with_a_reason(lora_run, tmp_path, method):
 @pytest.mark.slow
 def test_chat_over_stdin_keeps_history_and_resets(lora_run, tmp_path):
     run_dir, _, _ = lora_run
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    env = checkout_env({**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"})
     result = subprocess.run(
         [sys.executable, "-m", "glm_experiments.chat", "--run", str(run_dir), "--max-new-tokens", "8"],
         input="类型#裙*颜色#黑色\n再写一句\n/reset\n类型#裙*颜色#黑色\n/exit\n", cwd=tmp_path, env=env,

@@ -273,7 +273,7 @@ def test_convert_round_trip(family, ckpt, loaded, tmp_path):
 def test_convert_cli_errors_are_one_line(ckpt, tmp_path, capsys):
     from glm_experiments import convert
 
-    assert convert.main(["--family", "chatglm", "--src", str(ckpt["chatglm3"]), "--dst", str(tmp_path / "x")]) == 1
+    assert convert.main(["--family", "chatglm", "--src", str(ckpt["chatglm3"]), "--dst", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("error:") and "config.json" in err
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, compose
+from conftest import ROOT, checkout_env, compose
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -275,7 +275,7 @@ def _small_data(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _sweep(tmp_path: Path, args: list[str], timeout: int = 420) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    env = checkout_env({**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"})
     env.pop("GLM_EXPERIMENTS_PARENT_RUN_ID", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, "-m", "glm_experiments", "--multirun", *args], cwd=tmp_path, env=env,

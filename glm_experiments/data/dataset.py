@@ -59,10 +59,12 @@ def fingerprint(path: Path, tokenizer, template, data_cfg) -> str:
     return digest.hexdigest()[:16]
 
 
-def load_split(path: str, tokenizer, template, data_cfg, cache_dir: Path) -> tuple[Dataset, list[Sample], SplitStats]:
-    """Read, validate and tokenise one file; the tokenised table is cached so a sweep tokenises once."""
-    resolved = resolve_data_path(path)
-    samples, report = load_samples(resolved, data_cfg)
+def load_split(path: str, tokenizer, template, data_cfg, cache_dir: Path, loaded=None,
+               setting: str | None = None) -> tuple[Dataset, list[Sample], SplitStats]:
+    """Read, validate and tokenise one file; the tokenised table is cached so a sweep tokenises once.
+    ``loaded``: the file's ``load_samples`` result when it was already read (validated before the model loads)."""
+    resolved = resolve_data_path(path, setting)
+    samples, report = loaded or load_samples(resolved, data_cfg)
     key = fingerprint(resolved, tokenizer, template, data_cfg)
     cached = cache_dir / f"{resolved.stem}-{key}"
     stats_file = cached / "glm_stats.json"

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from glm_experiments.constants import PROJECT_ROOT
+from glm_experiments.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ FUNCTION_CALL_PREFIX = "```python\n"
 FUNCTION_CALL_POSTFIX = "\n```"
 
 CONVERSATION_ROLES = ("system", "user", "assistant", "tool", "observation")
+# JSON lines or a JSON array; anything else (.csv, .parquet, ...) is refused by name instead of parsed as JSON
+DATA_SUFFIXES = (".json", ".jsonl", ".jsonlines", ".ndjson")
 
 
 @dataclass
@@ -93,7 +96,7 @@ class LoadReport:
         return text + (f", {self.skipped} bad records skipped" if self.skipped else "")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data; the message lists each bad record as ``path:line: reason`` (at most 20 lines)."""
 
     def __init__(self, message: str, errors: list[str] | None = None):
@@ -113,13 +116,27 @@ def format_errors(errors: list[str], limit: int = MAX_LISTED_ERRORS) -> str:
 
 
 # ------------------------------------------------------------------------------------ paths
-def resolve_data_path(path: str | Path) -> Path:
-    """An absolute path as is; a relative one against the cwd, Hydra's original cwd, then the project root."""
+def _existing_data_file(candidate: Path, label: str) -> Path | None:
+    if candidate.is_dir():
+        raise DataError(f"{label}: is a directory, expected a data file (JSON lines or a JSON array)")
+    if not candidate.is_file():
+        return None
+    if candidate.suffix.lower() not in DATA_SUFFIXES:
+        raise DataError(f"{label}: unknown data file type {candidate.suffix or '(no suffix)'!r} "
+                        f"(expected JSON lines or a JSON array: {', '.join(DATA_SUFFIXES)})")
+    return candidate
+
+
+def resolve_data_path(path: str | Path, setting: str | None = None) -> Path:
+    """An absolute path as is; a relative one against the cwd, Hydra's original cwd, then the project root.
+    ``setting`` (e.g. ``data.train_file``) is named in the messages."""
+    label = f"{setting}={path}" if setting else str(path)
+    where = f"{setting}; " if setting else ""
     path = Path(path).expanduser()
     if path.is_absolute():
-        if path.is_file():
+        if _existing_data_file(path, label):
             return path
-        raise DataError(f"data file not found: {path} (cwd {Path.cwd()})")
+        raise DataError(f"data file not found: {path} ({where}cwd {Path.cwd()})")
     bases = [Path.cwd()]
     try:  # Hydra may have changed into the run directory (hydra.job.chdir=true)
         from hydra.core.hydra_config import HydraConfig
@@ -135,10 +152,10 @@ def resolve_data_path(path: str | Path) -> Path:
         if candidate in tried:
             continue
         tried.append(candidate)
-        if candidate.is_file():
+        if _existing_data_file(candidate, label):
             return candidate
     also = "; also looked in " + ", ".join(str(p.parent) for p in tried[1:]) if len(tried) > 1 else ""
-    raise DataError(f"data file not found: {path} (cwd {Path.cwd()}{also})")
+    raise DataError(f"data file not found: {path} ({where}cwd {Path.cwd()}{also})")
 
 
 # -------------------------------------------------------------------------------- reading
@@ -240,6 +257,14 @@ def _type_name(value: Any) -> str:
 
 def _columns(record: dict) -> str:
     return ", ".join(record) if record else "none"
+
+
+def _check_unicode(record: Any) -> None:
+    """A ``\\ud83d`` escape without its pair parses as JSON but is not text: the tokenizer would fail later."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _Bad(f"lone surrogate {err.object[err.start]!r} (a \\u escape without its pair): not valid Unicode text") from None
 
 
 def _require_object(record: Any) -> dict:
@@ -404,6 +429,8 @@ def _convert_conversations(record: Any, cfg) -> tuple[list[dict], list | None]:
             pending_tool = None
         out = {"role": role, "content": content}
         if metadata:
+            if role == "assistant":  # a function call: its arguments must parse, or the model learns broken calls
+                _check_call_arguments(content, i, metadata)
             out["metadata"] = metadata
         messages.append({**out, **loss})
     if pending_tool is not None:
@@ -425,6 +452,28 @@ def _convert_conversations(record: Any, cfg) -> tuple[list[dict], list | None]:
     return messages, tools
 
 
+def _check_call_arguments(content: str, index: int, name: str) -> None:
+    """GLM-4 writes a call's arguments as JSON, ChatGLM3 as ``tool_call(key=literal, ...)`` in a Python block."""
+    text = content.strip()
+    if text.startswith(FUNCTION_CALL_PREFIX + FUNCTION_CALL_NAME + "("):
+        code = text[len(FUNCTION_CALL_PREFIX):].removesuffix(FUNCTION_CALL_POSTFIX.strip()).strip()
+        try:
+            call = ast.parse(code, mode="eval").body
+            for keyword in call.keywords:
+                ast.literal_eval(keyword.value)
+            if call.args:
+                raise ValueError("positional arguments")
+        except (SyntaxError, ValueError, AttributeError) as err:
+            raise _Bad(f"message {index}: the call of {name!r} is not tool_call(key=literal, ...) ({type(err).__name__})") from None
+        return
+    if text.startswith("```"):
+        return  # other code (ChatGLM3's code interpreter): not a call with arguments
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _Bad(f"message {index}: the arguments of the call of {name!r} are not JSON ({err.msg}, column {err.colno})") from None
+
+
 CONVERTERS = {
     "adgen": _convert_adgen,
     "conversations": _convert_conversations,
@@ -433,7 +482,7 @@ CONVERTERS = {
 
 
 # ---------------------------------------------------------------------------------- entry
-def load_samples(path: str | Path, cfg) -> tuple[list[Sample], LoadReport]:
+def load_samples(path: str | Path, cfg, setting: str | None = None) -> tuple[list[Sample], LoadReport]:
     """Read and validate one data file.
 
     ``cfg`` is DataConfig-like (attributes ``format``, ``prompt_column``, ``response_column``,
@@ -448,7 +497,7 @@ def load_samples(path: str | Path, cfg) -> tuple[list[Sample], LoadReport]:
     if on_error not in ON_ERROR:
         raise DataError(f"unknown data.on_error {on_error!r}; known: {', '.join(ON_ERROR)}")
     shown = str(path)  # as the user wrote it: recognisable in messages
-    records, errors, fatal = read_records(resolve_data_path(path), shown)
+    records, errors, fatal = read_records(resolve_data_path(path, setting), shown)
     if fatal:
         raise DataError(f"cannot read {shown} (format {fmt}):\n" + format_errors(errors), errors)
     n_records = len(records) + len(errors)  # a line of broken JSON is a (bad) record too
@@ -456,6 +505,7 @@ def load_samples(path: str | Path, cfg) -> tuple[list[Sample], LoadReport]:
     samples: list[Sample] = []
     for line, record in records:
         try:
+            _check_unicode(record)
             messages, tools = convert(record, cfg)
         except _Bad as bad:
             errors.append(f"{shown}:{line}: {bad}")

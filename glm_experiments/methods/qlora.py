@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from glm_experiments.errors import UserError
 from glm_experiments.methods import lora
 from glm_experiments.config import QloraMethodConfig
 from glm_experiments.constants import TORCH_DTYPES
@@ -37,15 +38,19 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _unavailable(reason: str) -> RuntimeError:
-    return RuntimeError(
+class QloraUnavailable(UserError, RuntimeError):
+    """No CUDA or no bitsandbytes: the user's to fix (one line), not a bug."""
+
+
+def _unavailable(reason: str) -> QloraUnavailable:
+    return QloraUnavailable(
         f"method=qlora needs a CUDA GPU and bitsandbytes: {reason}. "
         "Use method=lora on this machine, or run on a CUDA machine with `pip install bitsandbytes`."
     )
 
 
 def check_available() -> None:
-    """Raise a clear RuntimeError unless CUDA and bitsandbytes are both there."""
+    """Raise a clear QloraUnavailable (a RuntimeError) unless CUDA and bitsandbytes are both there."""
     if not _cuda_available():
         raise _unavailable("torch.cuda.is_available() is False")
     if not _bitsandbytes_importable():

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from glm_experiments.errors import UserError
 from glm_experiments.models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
 from glm_experiments.constants import TORCH_DTYPES, cache_root
 from glm_experiments.models.tokenizers import TokenizerError, build_tokenizer
@@ -39,7 +40,7 @@ FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
 CONVERTER_VERSION = 2  # bump when the converted output changes (2: tokenizers identical to THUDM's)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory that cannot be loaded as asked; the message names the file and the key."""
 
 
@@ -413,23 +414,53 @@ def _load_thudm(path: Path, family: str, dtype: torch.dtype | None, attn_impleme
     return model, tokenizer
 
 
-def _load_native(path: Path, family: str, dtype: torch.dtype | None, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+MAX_LISTED_KEYS = 3
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0].strip()
+
+
+def from_pretrained_strict(path: Path, **kwargs) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained``, strict like the THUDM path: a missing tensor would otherwise
+    stay randomly initialised (and an unexpected one be dropped) with only a log line; an unreadable weight
+    file is named instead of surfacing as a library traceback."""
+    import pickle
+
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
 
     import glm_experiments.models.chatglm_v1  # noqa: F401  (registers model_type chatglm_v1)
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto", **kwargs)
     try:
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, SafetensorError, pickle.UnpicklingError, EOFError) as err:
+        raise CheckpointError(f"{path}: cannot read its weights ({type(err).__name__}: {_first_line(err)})") from None
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or ())
+        if keys:
+            more = f", ... ({len(keys)} in all)" if len(keys) > MAX_LISTED_KEYS else ""
+            problems.append(f"{kind.replace('_', ' ')}: {', '.join(keys[:MAX_LISTED_KEYS])}{more}")
+    if problems:
+        raise CheckpointError(f"{path}: the weights do not fit the model in config.json ({'; '.join(problems)})")
+    return model
+
+
+def _load_native(path: Path, family: str, dtype: torch.dtype | None, **kwargs):
+    from transformers import AutoTokenizer
+
+    try:  # the tokenizer first: a missing one is found before the weights load
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # a native model dir that kept THUDM's tokenizer files only
         if family in FAMILIES:
             try:
                 tokenizer = build_tokenizer(path, family)
             except TokenizerError:
-                raise CheckpointError(f"{path}: cannot load its tokenizer ({err})") from None
+                raise CheckpointError(f"{path}: cannot load its tokenizer ({_first_line(err)})") from None
         else:
-            raise CheckpointError(f"{path}: cannot load its tokenizer ({err})") from None
-    return model, tokenizer
+            raise CheckpointError(f"{path}: cannot load its tokenizer ({_first_line(err)})") from None
+    return from_pretrained_strict(path, dtype=dtype or "auto", **kwargs), tokenizer
 
 
 def load_checkpoint(

@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from glm_experiments.errors import UserError
+
 log = logging.getLogger(__name__)
 
 # set by the sweep callback so that every job of a --multirun becomes a child of one parent run
@@ -191,7 +193,12 @@ class Tracker:
         import mlflow
 
         mlflow.set_tracking_uri(self.cfg.tracking_uri)
-        client, self.experiment_id = open_experiment(self.cfg)
+        try:
+            client, self.experiment_id = open_experiment(self.cfg)
+        except Exception as exc:  # noqa: BLE001 - not a database, a newer schema, unreachable server: one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"tracking.tracking_uri={self.cfg.tracking_uri}: cannot open the MLflow store ({first}); "
+                            "fix or move it, or use tracking=none") from None
         parent = os.environ.get(PARENT_RUN_ENV)
         tags = {**tags, PROCESS_TAG: this_process()}
         if parent:
