@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from glm_experiments.errors import UserError, cli_main
-from glm_experiments.tracking.mlflow_tracker import SHORT_NAMES
+from glm_experiments.naming import SHORT_NAMES
 
 ROLE_TAG = "glm_experiments.role"  # same tag as glm_experiments.tracking.sweep
 NOT_TRAINING_RUNS = {"sweep_parent", "comparison"}

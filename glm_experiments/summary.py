@@ -8,7 +8,11 @@ from rich.table import Table
 
 def print_summary(cfg, result) -> None:
     console = Console()
-    table = Table(title=f"{cfg.method.name} on {cfg.model.name} / {cfg.data.name}")
+    from glm_experiments.naming import job_label
+    from glm_experiments.run_result import hydra_tags
+
+    varied = job_label(hydra_tags()[1])
+    table = Table(title=f"{cfg.method.name} on {cfg.model.name} / {cfg.data.name}" + (f" ({varied})" if varied else ""))
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")

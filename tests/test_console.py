@@ -22,3 +22,13 @@ def test_callback_prints_only_loss_logs_on_the_main_process():
     State.is_world_process_zero = False
     callback.on_log(None, State(), None, logs={"loss": 1.0})
     assert len(printed) == 1 and printed[0].startswith("step 10/20  loss 1.0000")
+
+
+def test_job_labels_name_what_was_varied():
+    from glm_experiments.naming import job_label, override_parts
+
+    overrides = ["experiment=source_length_ablation", "lengths=src512_tgt128", "method.r=16", "train.max_steps=30",
+                 "data.train_file=/data/train.json", "tracking.tracking_uri=sqlite:///x.db", "hydra.sweep.dir=/tmp/s"]
+    assert job_label(overrides) == "src512-tgt128-r16-steps30"
+    assert override_parts(["method=lora", "method.r=16"], skip_groups=("method",)) == ["r16"]
+    assert job_label(["tracking=none"], "lora_tiny") == "lora_tiny"

@@ -151,7 +151,7 @@ def test_a_finished_run_dir_is_not_overwritten(tmp_path):
 
 def test_a_finished_sweep_dir_is_not_overwritten(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    fake_run(sweep_dir / "0_lora_tiny")
+    fake_run(sweep_dir / "0_lora")  # job 0 of method=lora,freeze
     (sweep_dir / "multirun.yaml").write_text("hydra: {}\n")
     before = snapshot(sweep_dir)
     time.sleep(0.01)
@@ -160,7 +160,7 @@ def test_a_finished_sweep_dir_is_not_overwritten(tmp_path):
     assert refused == (f"error: {sweep_dir} already holds a sweep (1 job directories); not overwriting it: continue "
                        "its jobs with resume=auto, or leave hydra.sweep.dir to its default for a new directory")
     missing = error_line(run_cli([*args, "resume=7"], tmp_path))
-    assert missing.startswith(f"error: resume=7: {sweep_dir}/0_lora_tiny/checkpoints/checkpoint-7 does not exist")
+    assert missing.startswith(f"error: resume=7: {sweep_dir}/0_lora/checkpoints/checkpoint-7 does not exist")
     assert snapshot(sweep_dir) == before
 
 

@@ -195,6 +195,8 @@ def test_sweep_callback_lifecycle(handmade_store, tmp_path, monkeypatch):
     parent = client.get_run(parent_id)
     assert parent.info.status == "RUNNING" and parent.info.run_name == "sweep: method=lora,freeze"
     assert parent.data.tags["sweep.dir"] == str(tmp_path.resolve()) and parent.data.tags["git.commit"]
+    assert parent.data.tags["hydra.choices.method"] == "lora,freeze"  # every job's choice, not the first's
+    assert f"--parent {parent_id}`" in parent.data.tags["mlflow.note.content"]
     ok = JobReturn(overrides=["method=lora"], status=JobStatus.COMPLETED, _return_value=4.5)
     bad = JobReturn(overrides=["method=freeze"], status=JobStatus.FAILED, _return_value=FileNotFoundError("gone.json"))
     callback.on_job_end(cfg, ok)
@@ -318,6 +320,12 @@ def test_sweep_2x2_parent_children_and_compare(tmp_path):
     combos = {(c.data.params["method.name"], float(c.data.params["train.learning_rate"])) for c in children}
     assert combos == {("lora", 1e-3), ("lora", 2e-3), ("freeze", 1e-3), ("freeze", 2e-3)}
     assert all(c.data.params["train.max_steps"] == "2" for c in children)
+    # names say what was swept: distinct run names and job folders
+    names = {c.info.run_name for c in children}
+    assert len(names) == 4 and all("lr0.001" in n or "lr0.002" in n or "lr1e-3" in n or "lr2e-3" in n for n in names), names
+    assert sorted(p.name.split("_", 1)[1].split("-")[0] for p in (tmp_path / "multirun").glob("[0-3]_*")) == [
+        "freeze", "freeze", "lora", "lora"]
+    assert f"--parent {parent.info.run_id}" in proc.stdout + proc.stderr  # the sweep prints the compare command
 
     from glm_experiments.compare import compare_runs, main
 
@@ -325,15 +333,15 @@ def test_sweep_2x2_parent_children_and_compare(tmp_path):
     assert len(rows) == 4
     assert {(r["method"], float(r["train.learning_rate"])) for r in rows} == combos
     for row in rows:
-        for col in ("trainable %", "RSS peak MiB", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "eval loss", "train s",
-                    "tokens/s"):
+        for col in ("trainable %", "RSS peak MiB", "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L", "eval loss", "train s*",
+                    "tokens/s*", "train loss"):
             assert row[col] is not None, (col, row)
     out = tmp_path / "cmp"
     assert main(["--tracking-uri", uri, "--parent", parent.info.run_id, "--out", str(out)]) == 0
     assert_png(out / "loss_curves.png")
     assert_png(out / "final_metrics.png")
     report = (out / "report.md").read_text()
-    assert "| method | train.learning_rate | trainable % |" in report and "Before / after" in report
+    assert "## Scores" in report and "| run | trainable % |" in report and "Before / after" in report
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")} >= {"comparison/report.md"}
 
 
@@ -361,7 +369,9 @@ def test_sweep_with_a_failing_job_records_all(tmp_path):
     assert "missing.json" in parent.data.tags["job.0.error"]
     assert parent.data.metrics["sweep/jobs_completed"] == 1 and parent.data.metrics["sweep/jobs_failed"] == 1
     # the finished job wrote its results; compare shows both, the failed one without metrics
-    assert json.loads((tmp_path / "multirun" / "1_lora_tiny" / "result.json").read_text())["run_id"]
+    job_dir = next((tmp_path / "multirun").glob("1_*"))
+    assert job_dir.name.startswith("1_steps"), job_dir  # named by what the job overrides (the file path is left out)
+    assert json.loads((job_dir / "result.json").read_text())["run_id"]
     from glm_experiments.compare import compare_runs
 
     rows = compare_runs(tracking_uri=uri, parent=parent.info.run_id)

@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig, OmegaConf
 
 from glm_experiments.errors import UserError
+from glm_experiments.naming import override_parts
 
 log = logging.getLogger(__name__)
 
@@ -30,16 +31,6 @@ RUN_DIR_TAG = "glm_experiments.run_dir"
 PROCESS_TAG = "glm_experiments.process"  # host:pid:process start time (pids are reused)
 RESUMED_FROM_TAG = "resumed_from_run_id"
 
-SHORT_NAMES = {
-    "max_source_length": "src",
-    "max_target_length": "tgt",
-    "learning_rate": "lr",
-    "pre_seq_len": "psl",
-    "max_steps": "steps",
-    "per_device_train_batch_size": "bs",
-    "num_last_layers": "last",
-    "num_virtual_tokens": "vt",
-}
 
 
 def override_value(value: Any) -> str:
@@ -68,17 +59,12 @@ def flatten_config(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
 
 
 def run_name(cfg, overrides: list[str]) -> str:
-    """e.g. ``lora-chatglm3-adgen-src512``: the group choices, then what the overrides changed."""
+    """e.g. ``lora-chatglm3-adgen-src512-tgt128``: the method, model and data, then what the overrides changed
+    (group choices such as ``lengths=src512_tgt128`` included, so the jobs of a sweep get distinct names)."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
     parts = [cfg.method.name, cfg.model.name, cfg.data.name]
-    for override in overrides:
-        key, _, value = override.lstrip("+~").partition("=")
-        if "." not in key or key.startswith(("hydra.", "tracking.", "output_dir")) or "/" in value:
-            continue  # file paths make unreadable names; they are in the params anyway
-        leaf = key.rsplit(".", 1)[-1]
-        parts.append(f"{SHORT_NAMES.get(leaf, leaf)}{value}")
-    return "-".join(parts)
+    return "-".join(parts + override_parts(overrides, skip_groups=("method", "model", "data")))
 
 
 def git_commit() -> str | None:

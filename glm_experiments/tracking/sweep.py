@@ -80,6 +80,7 @@ class MlflowSweepCallback(Callback):
         self.enabled = enabled
         self.client = None
         self.parent_run_id: str | None = None
+        self.compare_command = ""
         self.previous_parent: str | None = None
         self.completed = 0
         self.failed = 0
@@ -105,6 +106,10 @@ class MlflowSweepCallback(Callback):
             "hydra.mode": "RunMode.MULTIRUN",
             **{f"hydra.choices.{k}": str(v) for k, v in choices.items() if not k.startswith("hydra/")},
         }
+        for override in swept:  # a swept group has every job's choice, not the first job's
+            key, _, values = override.partition("=")
+            if f"hydra.choices.{key}" in tags:
+                tags[f"hydra.choices.{key}"] = values
         commit = git_commit()
         if commit:
             tags["git.commit"] = commit
@@ -115,12 +120,14 @@ class MlflowSweepCallback(Callback):
             f"Sweep parent: each job of this --multirun is a child run.\n\n"
             f"* swept: `{tags['sweep.params']}`\n* fixed: `{tags['sweep.fixed_overrides']}`\n"
             f"* sweep dir: `{tags['sweep.dir']}`\n\n"
-            f"Compare the children: `python -m glm_experiments.compare --tracking-uri {tracking.tracking_uri} "
-            f"--parent <this run id>`"
         )
         run = self.client.create_run(experiment_id, run_name=parent_name(config, swept),
                                      tags={k: str(v)[:5000] for k, v in tags.items()})
         self.parent_run_id = run.info.run_id
+        self.compare_command = (f"python -m glm_experiments.compare --tracking-uri {tracking.tracking_uri} "
+                                f"--parent {self.parent_run_id}")
+        self.client.set_tag(self.parent_run_id, "mlflow.note.content",
+                            tags["mlflow.note.content"] + f"Compare the children: `{self.compare_command}`")
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
         self.completed = self.failed = 0
         self._closed = False
@@ -209,6 +216,7 @@ class MlflowSweepCallback(Callback):
             self.client.set_terminated(self.parent_run_id, status=status)
             log.info("MLflow sweep parent run %s ended %s (%d jobs, %d failed)", self.parent_run_id, status,
                      self.completed + self.failed, self.failed)
+            print(f"compare the jobs: {self.compare_command}", flush=True)
         except Exception:  # noqa: BLE001
             log.exception("could not end the MLflow sweep parent run %s", self.parent_run_id)
         finally:
