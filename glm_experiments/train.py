@@ -27,6 +27,7 @@ from glm_experiments.evaluation import EvalSet, evaluate_generation, generation_
 from glm_experiments.losses import chunked_loss
 from glm_experiments.methods import get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
+from glm_experiments.models import thudm_adapters
 from glm_experiments.models.loading import load_model_and_tokenizer
 from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
 
@@ -314,7 +315,10 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
     tracker.set_tags({"eval.generation_kwargs": json.dumps(generation_kwargs(cfg.eval, tokenizer, template))})
     # prompt tuning initialises its soft prompt from text, so it needs the tokenizer
     wants_tokenizer = "tokenizer" in inspect.signature(method.apply).parameters
-    model = method.apply(model, cfg.method, tokenizer=tokenizer) if wants_tokenizer else method.apply(model, cfg.method)
+    if thudm_adapters.init_from_dir(cfg.method):  # method.init_from: start from an existing (THUDM/PEFT) adapter
+        model = thudm_adapters.init_method_from(model, cfg.method, cfg.model.family)
+    else:
+        model = method.apply(model, cfg.method, tokenizer=tokenizer) if wants_tokenizer else method.apply(model, cfg.method)
     result.trainable = trainable_summary(model)
     tracker.log_metrics({"model/trainable_params": result.trainable["trainable"],
                          "model/total_params": result.trainable["total"],
@@ -340,6 +344,10 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
         limit = cfg.eval.max_samples or len(dev_samples)
         eval_set = EvalSet(*eval_prompts(dev_samples[:limit], tokenizer, template, cfg.data))
     tracker.log_metrics(data_metrics, step=0)
+    if thudm_adapters.init_from_dir(cfg.method):  # the loss the run starts from (the adapter's, not a fresh one's)
+        start_loss = thudm_adapters.starting_loss(model, train_set, make_collator(cfg.train, tokenizer.pad_token_id))
+        tracker.log_metrics({"train/init_from_loss": start_loss}, step=0)
+        log.info("method.init_from: loss before the first update %.4f", start_loss)
     if cfg.sanity_print:
         _print_sample(train_set[0], tokenizer)
     result.train_metrics["startup_seconds"] = time.perf_counter() - start

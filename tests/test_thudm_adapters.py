@@ -409,3 +409,95 @@ def test_error_unconvertible_config_fields(bases, tmp_path, capsys):
     adapter = _lora_dir(bases, tmp_path, config_extra={"fan_in_fan_out": True})
     err = _convert_error(bases["chatglm3"], "chatglm3", adapter, tmp_path, capsys)
     assert "adapter_config.json: key fan_in_fan_out=True cannot be converted" in err
+
+
+# ----------------------------------------------------------------------------------------------- predict / init_from
+
+
+def _adgen_file(path: Path) -> Path:
+    rows = [{"content": "类型#裙*颜色#蓝色*风格#简约", "summary": "简约的蓝色连衣裙，宽松显瘦。"},
+            {"content": "类型#上衣*材质#棉", "summary": "柔软舒适的棉质上衣。"},
+            {"content": "类型#裤*风格#休闲", "summary": "休闲的裤子，适合夏天穿着。"}]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("kind", ["lora", "ptuning"])
+def test_predict_with_foreign_adapter(kind, bases, tmp_path, monkeypatch, capsys):
+    from glm_experiments import predict
+
+    monkeypatch.setenv("GLM_EXPERIMENTS_CACHE", str(tmp_path / "cache"))
+    base = bases["chatglm3"]
+    if kind == "lora":
+        weights = lora_weights("chatglm3", base, V2_TARGETS, 4)
+        adapter = write_peft_adapter(tmp_path / "finetune_demo_lora", peft06_config("chatglm3", 4, 8, ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]), weights, "safetensors")
+    else:
+        adapter = write_ptuning_main_checkpoint(tmp_path / "checkpoint-10", base, 4, True)
+    out = tmp_path / "preds.jsonl"
+    rc = predict.main(["--model-path", str(base), "--family", "chatglm3", "--adapter", str(adapter), "--input",
+                       str(_adgen_file(tmp_path / "dev.json")), "--output", str(out), "--max-new-tokens", "4",
+                       "--device", "cpu", "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-2000:]
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["method"] == kind and summary["samples"] == 3 and summary["adapter"] == str(adapter)
+    assert set(summary["metrics"]) == {"bleu-4", "rouge-1", "rouge-2", "rouge-l"}
+    assert "metrics (3 samples): bleu-4" in captured.err
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 3
+    assert len(list((tmp_path / "cache" / "adapters").glob("*/method.json"))) == 1  # converted once, into the cache
+
+
+def test_predict_foreign_adapter_error_is_one_line(bases, tmp_path, monkeypatch, capsys):
+    from glm_experiments import predict
+
+    monkeypatch.setenv("GLM_EXPERIMENTS_CACHE", str(tmp_path / "cache"))
+    adapter = write_ptuning_main_checkpoint(tmp_path / "ckpt", bases["chatglm3"], 4, False)
+    cfg = json.loads((adapter / "config.json").read_text())
+    cfg["num_layers"] = 3
+    torch.save({"transformer.prefix_encoder.embedding.weight": torch.zeros(4, 3 * 2 * 32)}, adapter / "pytorch_model.bin")
+    (adapter / "config.json").write_text(json.dumps(cfg))
+    rc = predict.main(["--model-path", str(bases["chatglm3"]), "--family", "chatglm3", "--adapter", str(adapter),
+                       "--input", str(_adgen_file(tmp_path / "dev.json")), "--device", "cpu"])
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error")]
+    assert rc == 1 and len(err) == 1
+    assert "pytorch_model.bin: key transformer.prefix_encoder.embedding.weight gives 192 values per prefix token" in err[0]
+
+
+@pytest.mark.parametrize("kind", ["lora", "ptuning"])
+def test_training_starts_from_foreign_adapter(kind, bases, tmp_path, monkeypatch):
+    """method.init_from=<THUDM adapter>: the run trains the converted adapter (with lr 0 it saves it unchanged) and
+    logs the loss it starts from at step 0."""
+    from conftest import ROOT, run_cli
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("GLM_EXPERIMENTS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the CLI of this checkout, whatever is installed
+    base = bases["chatglm3"]
+    if kind == "lora":
+        weights = lora_weights("chatglm3", base, ["self_attention.query_key_value", "mlp.dense_4h_to_h"], 4)
+        adapter = write_peft_adapter(tmp_path / "lora", peft06_config("chatglm3", 4, 8, ["query_key_value", "dense_4h_to_h"]), weights, "bin")
+        method = ["method=lora", "method.r=4", "method.alpha=8"]
+        weights_file = "adapter_model.safetensors"
+    else:
+        adapter = write_ptuning_main_checkpoint(tmp_path / "checkpoint-10", base, 4, False)
+        method = ["method=ptuning", "method.pre_seq_len=4"]
+        weights_file = "prefix_encoder.safetensors"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_cli([*method, f"method.init_from={adapter}", "model=chatglm3", f"model.path={base}", "model.dtype=float32",
+                      "train.max_steps=1", "train.learning_rate=0", "train.per_device_train_batch_size=4",
+                      "data.max_train_samples=8", "data.dev_file=null", "eval.before_training=false",
+                      f"tracking.tracking_uri={uri}", "tracking.experiment_name=init_from", f"hydra.run.dir={tmp_path / 'run'}"],
+                     tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "method.init_from: loss before the first update" in (tmp_path / "run" / "__main__.log").read_text()
+    converted = next((tmp_path / "cache" / "adapters").glob("*/method.json")).parent
+    start, end = load_file(str(converted / weights_file)), load_file(str(tmp_path / "run" / "adapter" / weights_file))
+    assert set(start) == set(end)
+    for key in start:
+        assert torch.equal(start[key], end[key]), key
+
+    import mlflow
+
+    run_id = json.loads((tmp_path / "run" / "result.json").read_text())["run_id"]
+    history = mlflow.MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/init_from_loss")
+    assert [m.step for m in history] == [0] and math.isfinite(history[0].value)

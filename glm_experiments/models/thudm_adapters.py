@@ -608,3 +608,54 @@ def _plain(cfg: Any) -> Any:
     except ImportError:  # pragma: no cover
         pass
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------- training hook
+
+INIT_FROM_METHODS = {"lora": ("lora", "qlora"), "ptuning": ("ptuning",)}
+
+
+def init_from_dir(method_cfg: Any) -> str | None:
+    """``method.init_from`` when set (methods without the field: None)."""
+    from glm_experiments.methods.base import cfg_get
+
+    value = cfg_get(method_cfg, "init_from", None)
+    return str(value) if value else None
+
+
+def init_method_from(model, method_cfg: Any, family: str | None = None):
+    """``method.apply`` for ``method.init_from=DIR``: the method's trainable parameters start as the adapter in DIR
+    (ours, or THUDM's / PEFT's, converted on the fly into the cache). r/alpha (LoRA) or pre_seq_len/prefix_projection
+    (ptuning) must agree with the adapter; LoRA's target modules, dropout and flags are the adapter's."""
+    from glm_experiments.errors import UserError
+    from glm_experiments.methods.base import cfg_get, read_method_json
+
+    path = init_from_dir(method_cfg)
+    name = cfg_get(method_cfg, "name")
+    if name not in INIT_FROM_METHODS:
+        raise UserError(f"method.init_from works with method=lora or method=ptuning, not method={name}")
+    try:
+        prepared = prepared_adapter(path, model.config, family)
+        saved = read_method_json(prepared)["method"]
+        if saved not in INIT_FROM_METHODS[name]:
+            raise UserError(f"method.init_from={path} holds a {saved} adapter, but method={name}")
+        loaded, _ = load_adapter(model, prepared, family, is_trainable=True, method_cfg=method_cfg)
+    except (CheckpointError, ValueError, FileNotFoundError) as err:
+        raise UserError(f"method.init_from={path}: {err}") from None
+    log.info("method=%s: starting from the adapter in %s (%s)", name, path, prepared)
+    return loaded
+
+
+@torch.no_grad()
+def starting_loss(model, dataset, collator, batch_size: int = 8) -> float:
+    """Mean loss of ``model`` on the first ``batch_size`` training samples, before any update (eval mode)."""
+    was_training = model.training
+    model.eval()
+    try:
+        rows = [dataset[i] for i in range(min(batch_size, len(dataset)))]
+        batch = collator(rows)
+        device = next(p.device for p in model.parameters())
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return float(model(**batch).loss)
+    finally:
+        model.train(was_training)
