@@ -63,8 +63,10 @@ def peft06_config(family: str, r: int, alpha: float, targets: list[str], version
     return cfg
 
 
-def lora_weights(family: str, base: Path, targets: list[str], r: int, seed: int = 1, dora: bool = False) -> dict:
-    """Random lora_A and (non-zero) lora_B for every layer and target, under PEFT 0.6's key names."""
+def lora_weights(family: str, base: Path, targets: list[str], r: int, seed: int = 1, dora: bool = False,
+                 ranks: dict | None = None) -> dict:
+    """Random lora_A and (non-zero) lora_B for every layer and target, under PEFT 0.6's key names (``ranks``: rank
+    per short module name, as a rank_pattern gives it)."""
     gen = torch.Generator().manual_seed(seed)
     sd = tf.read_state_dict(base)
     stack = "transformer.layers" if family == "chatglm" else "transformer.encoder.layers"
@@ -74,8 +76,9 @@ def lora_weights(family: str, base: Path, targets: list[str], r: int, seed: int 
         for t in targets:
             w = sd[f"{stack}.{i}.{t}.weight"]
             p = f"base_model.model.{stack}.{i}.{t}."
-            out[p + "lora_A.weight"] = torch.randn(r, w.shape[1], generator=gen) * 0.2
-            out[p + "lora_B.weight"] = torch.randn(w.shape[0], r, generator=gen) * 0.2
+            rank = (ranks or {}).get(t.rsplit(".", 1)[-1], r)
+            out[p + "lora_A.weight"] = torch.randn(rank, w.shape[1], generator=gen) * 0.2
+            out[p + "lora_B.weight"] = torch.randn(w.shape[0], rank, generator=gen) * 0.2
             if dora:
                 out[p + "lora_magnitude_vector"] = w.norm(dim=1) * (1 + 0.3 * torch.rand(w.shape[0], generator=gen))
     return out
@@ -132,7 +135,7 @@ def write_peft_prefix_adapter(directory: Path, family: str, base: Path, tokens: 
 # ----------------------------------------------------------------------------------------------- references
 
 
-def fold_lora(sd: dict, weights: dict, scale: float, dora: bool = False) -> dict:
+def fold_lora(sd: dict, weights: dict, scale, dora: bool = False) -> dict:
     """THUDM tensors with each LoRA folded into its own (fused) weight: W + scale * B @ A (DoRA: row-normalised
     and rescaled by the magnitude), in float64."""
     out = {k: v.double() for k, v in sd.items()}
@@ -141,7 +144,8 @@ def fold_lora(sd: dict, weights: dict, scale: float, dora: bool = False) -> dict
             continue
         module = key[len("base_model.model."):-len(".lora_A.weight")]
         a, b = weights[key].double(), weights[key.replace("lora_A", "lora_B")].double()
-        w = out[module + ".weight"] + scale * b @ a
+        s = scale(module) if callable(scale) else scale
+        w = out[module + ".weight"] + s * b @ a
         if dora:
             m = weights[key.replace("lora_A.weight", "lora_magnitude_vector")].double()
             w = w * (m / w.norm(dim=1))[:, None]
@@ -217,6 +221,8 @@ def ids_for(family: str, tok) -> list[int]:
     ("chatglm2", "bin", "0.6", ["query_key_value", "dense_h_to_4h"], {}),
     ("glm4", "safetensors", "0.10", ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"], {"use_rslora": True}),
     ("glm4", "bin", "0.10", ["query_key_value", "dense_4h_to_h"], {"use_dora": True}),
+    ("chatglm3", "safetensors", "0.10", ["query_key_value", "dense"],
+     {"rank_pattern": {"query_key_value": 2}, "alpha_pattern": {"dense": 2.0}}),
 ])
 def test_lora_converted_matches_original(family, fmt, version, targets, flags, bases, tmp_path):
     from peft import PeftModel
@@ -224,7 +230,8 @@ def test_lora_converted_matches_original(family, fmt, version, targets, flags, b
     base = bases[family]
     r, alpha = 4, 8.0
     full = [t for t in V2_TARGETS if t.rsplit(".", 1)[-1] in targets]
-    weights = lora_weights(family, base, full, r, dora=flags.get("use_dora", False))
+    ranks = flags.get("rank_pattern", {})
+    weights = lora_weights(family, base, full, r, dora=flags.get("use_dora", False), ranks=ranks)
     adapter = write_peft_adapter(tmp_path / "thudm_adapter", peft06_config(family, r, alpha, targets, version, **flags), weights, fmt)
     dst = run_convert(base, family, adapter, tmp_path / "out")
 
@@ -240,7 +247,11 @@ def test_lora_converted_matches_original(family, fmt, version, targets, flags, b
     ids = ids_for(family, tok)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0]
-    scale = alpha / math.sqrt(r) if flags.get("use_rslora") else alpha / r
+    def scale(module: str) -> float:
+        name = module.rsplit(".", 1)[-1]
+        rank, a = ranks.get(name, r), flags.get("alpha_pattern", {}).get(name, alpha)
+        return a / math.sqrt(rank) if flags.get("use_rslora") else a / rank
+
     cfg = json.loads((base / "config.json").read_text())
     folded = fold_lora(tf.read_state_dict(base), weights, scale, dora=flags.get("use_dora", False))
     expected = tf.reference_chatglm2(folded, cfg, ids)
