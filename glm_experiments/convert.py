@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     import shutil
     import tempfile
 
-    from glm_experiments.models.thudm import CheckpointError, _check_family, convert_checkpoint, read_config
+    from glm_experiments.models.thudm import CheckpointError, _check_family, checkpoint_kind, convert_checkpoint, read_config
 
     dst = Path(args.dst).expanduser()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -54,6 +54,8 @@ def main(argv=None) -> int:
             from glm_experiments.models.thudm_adapters import convert_adapter
 
             src = Path(args.src).expanduser()
+            if checkpoint_kind(src) == "native":
+                raise CheckpointError(f"{src / 'config.json'}: already in transformers' format; nothing to convert")
             cfg = read_config(src)
             _check_family(src, cfg, args.family)
             tmp = Path(tempfile.mkdtemp(prefix="adapter-"))

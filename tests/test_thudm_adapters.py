@@ -101,12 +101,14 @@ def write_ptuning_main_checkpoint(directory: Path, base: Path, pre_seq_len: int,
     transformer.prefix_encoder.* (ChatGLM2's PrefixEncoder: projection embeds into the full kv width)."""
     gen = torch.Generator().manual_seed(seed)
     cfg = json.loads((base / "config.json").read_text())
-    kv_size = cfg["num_layers"] * cfg["kv_channels"] * cfg["multi_query_group_num"] * 2
+    h = cfg["hidden_size"]
+    v1 = "position_encoding_2d" in cfg
+    kv_size = cfg["num_layers"] * (h if v1 else cfg["kv_channels"] * cfg["multi_query_group_num"]) * 2
+    emb = h if v1 and projection else kv_size  # ChatGLM-6B's projection embeds into hidden_size, ChatGLM2's into kv_size
     p = "transformer.prefix_encoder."
-    sd = {p + "embedding.weight": torch.randn(pre_seq_len, kv_size, generator=gen)}
+    sd = {p + "embedding.weight": torch.randn(pre_seq_len, emb, generator=gen)}
     if projection:
-        h = cfg["hidden_size"]
-        sd[p + "trans.0.weight"] = torch.randn(h, kv_size, generator=gen) * 0.1
+        sd[p + "trans.0.weight"] = torch.randn(h, emb, generator=gen) * 0.1
         sd[p + "trans.0.bias"] = torch.randn(h, generator=gen) * 0.1
         sd[p + "trans.2.weight"] = torch.randn(kv_size, h, generator=gen) * 0.3
         sd[p + "trans.2.bias"] = torch.randn(kv_size, generator=gen) * 0.1
@@ -155,9 +157,13 @@ def fold_lora(sd: dict, weights: dict, scale, dora: bool = False) -> dict:
 
 def thudm_prefix(values: torch.Tensor, cfg: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """THUDM get_prompt: (P, L*2*g*d) -> view(P, L*2, g, d), permute([2, 1, 0, 3, 4]).split(2): layer i's
-    (key, value) = slots 2i, 2i+1, each (P, g, d)."""
+    (key, value) = slots 2i, 2i+1, each (P, g, d) (ChatGLM-6B: g = heads, d = hidden / heads)."""
     P = values.shape[0]
-    x = values.view(P, cfg["num_layers"] * 2, cfg["multi_query_group_num"], cfg["kv_channels"]).permute(1, 0, 2, 3)
+    if "position_encoding_2d" in cfg:
+        g, d = cfg["num_attention_heads"], cfg["hidden_size"] // cfg["num_attention_heads"]
+    else:
+        g, d = cfg["multi_query_group_num"], cfg["kv_channels"]
+    x = values.view(P, cfg["num_layers"] * 2, g, d).permute(1, 0, 2, 3)
     return [(x[2 * i], x[2 * i + 1]) for i in range(cfg["num_layers"])]
 
 
@@ -199,6 +205,53 @@ def reference_chatglm2_prefix(sd: dict, cfg: dict, ids: list[int], prefix) -> to
         h = h + (F.silu(gate) * up) @ sd[p + "mlp.dense_4h_to_h.weight"].T
     h = tf.rms_norm(h, sd["transformer.encoder.final_layernorm.weight"], eps)
     return h @ sd["transformer.output_layer.weight"].T
+
+
+def reference_chatglm_v1_prefix(sd: dict, cfg: dict, ids: list[int], prefix) -> torch.Tensor:
+    """ChatGLM-6B with pre_seq_len (modeling_chatglm.py v1): the prefix keys/values are concatenated after RoPE of
+    the new keys (so never rotated), the prefix attention mask is all visible, positions ignore the prefix."""
+    L, H, nh = len(ids), cfg["hidden_size"], cfg["num_attention_heads"]
+    hd, eps, alpha = H // nh, cfg["layernorm_epsilon"], math.sqrt(2 * 28)
+    P = prefix[0][0].shape[0]
+    ctx = ids.index(cfg["bos_token_id"])
+    mask_pos = ids.index(cfg["gmask_token_id"])
+    pos = torch.tensor([t if t < ctx else mask_pos for t in range(L)])
+    block = torch.tensor([0 if t < ctx else t - ctx + 1 for t in range(L)])
+    half = hd // 2
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, half, 2).float() / half))).half().float()
+
+    def rope(x, p):
+        f = (p[:, None].float() * inv_freq).double()
+        emb = torch.cat([f, f], dim=-1)[:, None, :]
+        x1, x2 = x[..., : half // 2], x[..., half // 2 :]
+        return x * emb.cos() + torch.cat([-x2, x1], dim=-1) * emb.sin()
+
+    def gelu(x):
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+    sd = {k: v.double() for k, v in sd.items()}
+    idx = torch.arange(L)
+    allowed = torch.cat([torch.ones(L, P, dtype=torch.bool), (idx[None, :] <= idx[:, None]) | (idx[None, :] < ctx)], dim=1)
+    h = sd["transformer.word_embeddings.weight"][torch.tensor(ids)]
+    for i in range(cfg["num_layers"]):
+        p = f"transformer.layers.{i}."
+        xn = F.layer_norm(h, (H,), sd[p + "input_layernorm.weight"], sd[p + "input_layernorm.bias"], eps)
+        qkv = (xn @ sd[p + "attention.query_key_value.weight"].T + sd[p + "attention.query_key_value.bias"]).view(L, nh, 3 * hd)
+        q, k, v = qkv[..., :hd], qkv[..., hd : 2 * hd], qkv[..., 2 * hd :]
+        q = torch.cat([rope(q[..., :half], pos), rope(q[..., half:], block)], dim=-1)
+        k = torch.cat([rope(k[..., :half], pos), rope(k[..., half:], block)], dim=-1)
+        k = torch.cat([prefix[i][0].double(), k], dim=0)
+        v = torch.cat([prefix[i][1].double(), v], dim=0)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(L, H)
+        attn = attn @ sd[p + "attention.dense.weight"].T + sd[p + "attention.dense.bias"]
+        h = xn * alpha + attn
+        mn = F.layer_norm(h, (H,), sd[p + "post_attention_layernorm.weight"], sd[p + "post_attention_layernorm.bias"], eps)
+        mlp = gelu(mn @ sd[p + "mlp.dense_h_to_4h.weight"].T + sd[p + "mlp.dense_h_to_4h.bias"])
+        h = mn * alpha + mlp @ sd[p + "mlp.dense_4h_to_h.weight"].T + sd[p + "mlp.dense_4h_to_h.bias"]
+    h = F.layer_norm(h, (H,), sd["transformer.final_layernorm.weight"], sd["transformer.final_layernorm.bias"], eps)
+    return h @ sd["lm_head.weight"].T
 
 
 def run_convert(base: Path, family: str, adapter: Path, dst: Path, capsys=None) -> Path:
@@ -326,6 +379,73 @@ def test_ptuning_main_checkpoint_matches_original(family, projection, bases, tmp
     assert_close(_ptuning_logits(dst, family, ids), expected, what=f"{family} ptuning/main.py prefix logits")
     plain = tf.reference_chatglm2({k: v.double() for k, v in tf.read_state_dict(base).items()}, cfg, ids)
     assert (expected - plain).norm() > 1e-2 * plain.norm()  # the prefix matters
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_chatglm_v1_ptuning_main_checkpoint_matches_original(projection, bases, tmp_path):
+    """ChatGLM-6B's ptuning/main.py (the most used P-Tuning v2 script): its PrefixEncoder embeds into hidden_size
+    when projecting."""
+    base = bases["chatglm"]
+    ckpt = write_ptuning_main_checkpoint(tmp_path / "checkpoint-3000", base, 3, projection)
+    dst = run_convert(base, "chatglm", ckpt, tmp_path / "out")
+    cfg = json.loads((base / "config.json").read_text())
+    sd = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
+    p = "transformer.prefix_encoder."
+    x = sd[p + "embedding.weight"].double()
+    if projection:
+        x = torch.tanh(x @ sd[p + "trans.0.weight"].double().T + sd[p + "trans.0.bias"].double())
+        x = x @ sd[p + "trans.2.weight"].double().T + sd[p + "trans.2.bias"].double()
+    _, tok = load_checkpoint(base, "chatglm", torch.float32)
+    ids = ids_for("chatglm", tok)
+    expected = reference_chatglm_v1_prefix(tf.read_state_dict(base), cfg, ids, thudm_prefix(x, cfg))
+    assert_close(_ptuning_logits(dst, "chatglm", ids), expected, what="ChatGLM-6B ptuning/main.py prefix logits")
+    plain = tf.reference_chatglm_v1({k: v.double() for k, v in tf.read_state_dict(base).items()}, cfg, ids)
+    assert (expected - plain).norm() > 1e-2 * plain.norm()  # the prefix matters
+
+
+def test_full_model_save_with_prefix_encoder(bases, tmp_path):
+    """A P-Tuning v2 run that saved the whole model (finetune_demo with THUDM's pre_seq_len, or ptuning/main.py
+    without its prefix-only save): sharded safetensors + index; the prefix encoder is taken, the base ignored."""
+    base = bases["chatglm3"]
+    cfg = json.loads((base / "config.json").read_text())
+    cfg.update(pre_seq_len=4, prefix_projection=False)
+    ckpt = tmp_path / "checkpoint-500"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    table = torch.randn(4, cfg["num_layers"] * 2 * cfg["kv_channels"] * cfg["multi_query_group_num"])
+    fx._save_shards(ckpt, {**fx.chatglm2_state_dict(cfg), "transformer.prefix_encoder.embedding.weight": table},
+                    fmt="safetensors", shards=2)
+    dst = run_convert(base, "chatglm3", ckpt, tmp_path / "out")
+    _, tok = load_checkpoint(base, "chatglm3", torch.float32)
+    ids = ids_for("chatglm3", tok)
+    expected = reference_chatglm2_prefix(tf.read_state_dict(base), cfg, ids, thudm_prefix(table.double(), cfg))
+    assert_close(_ptuning_logits(dst, "chatglm3", ids), expected, what="full-save prefix logits")
+
+
+def test_peft_prefix_tuning_with_projection_encoder(bases, tmp_path):
+    """PREFIX_TUNING saved with its encoder (prompt_encoder.<adapter>.embedding / transform.{0,2}) instead of the
+    computed prompt_embeddings."""
+    base = bases["glm4"]
+    cfg = json.loads((base / "config.json").read_text())
+    token_dim, L, hid, P = cfg["kv_channels"] * cfg["multi_query_group_num"], cfg["num_layers"], 24, 5
+    gen = torch.Generator().manual_seed(7)
+    w = {"base_model.prompt_encoder.default.embedding.weight": torch.randn(P, token_dim, generator=gen),
+         "base_model.prompt_encoder.default.transform.0.weight": torch.randn(hid, token_dim, generator=gen) * 0.2,
+         "base_model.prompt_encoder.default.transform.0.bias": torch.randn(hid, generator=gen) * 0.1,
+         "base_model.prompt_encoder.default.transform.2.weight": torch.randn(L * 2 * token_dim, hid, generator=gen) * 0.5,
+         "base_model.prompt_encoder.default.transform.2.bias": torch.randn(L * 2 * token_dim, generator=gen) * 0.1}
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": P, "token_dim": token_dim,
+              "num_layers": L, "num_attention_heads": cfg["multi_query_group_num"], "num_transformer_submodules": 1,
+              "encoder_hidden_size": hid, "prefix_projection": True, "base_model_name_or_path": "THUDM/glm-4-9b-chat"}
+    adapter = write_peft_adapter(tmp_path / "pt", config, w, "bin")
+    dst = run_convert(base, "glm4", adapter, tmp_path / "out")
+    v = {k.rsplit("default.", 1)[1]: t.double() for k, t in w.items()}
+    x = torch.tanh(v["embedding.weight"] @ v["transform.0.weight"].T + v["transform.0.bias"])
+    x = x @ v["transform.2.weight"].T + v["transform.2.bias"]
+    _, tok = load_checkpoint(base, "glm4", torch.float32)
+    ids = ids_for("glm4", tok)
+    expected = reference_chatglm2_prefix(tf.read_state_dict(base), cfg, ids, thudm_prefix(x, cfg))
+    assert_close(_ptuning_logits(dst, "glm4", ids), expected, what="PEFT PREFIX_TUNING (encoder) logits")
 
 
 @pytest.mark.parametrize("family,fmt", [("chatglm3", "safetensors"), ("glm4", "bin"), ("chatglm2", "bin")])
