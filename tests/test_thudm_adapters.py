@@ -632,3 +632,24 @@ def test_training_starts_from_foreign_adapter(kind, bases, tmp_path, monkeypatch
     run_id = json.loads((tmp_path / "run" / "result.json").read_text())["run_id"]
     history = mlflow.MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/init_from_loss")
     assert [m.step for m in history] == [0] and math.isfinite(history[0].value)
+
+
+# ----------------------------------------------------------------------------------------------- v1 fidelity
+
+
+def test_chatglm_v1_residual_alpha_is_sqrt_56_for_any_depth(bases):
+    """The original builds GLMBlock without passing num_layers (default 28): a 2-layer checkpoint uses sqrt(56)."""
+    model, tok = load_checkpoint(bases["chatglm"], "chatglm", torch.float32)
+    assert model.config.num_hidden_layers == 2
+    assert all(layer.alpha == math.sqrt(56) for layer in model.transformer.layers)
+    cfg = json.loads((bases["chatglm"] / "config.json").read_text())
+    ids = ids_for("chatglm", tok)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    sd = {k: v.double() for k, v in tf.read_state_dict(bases["chatglm"]).items()}
+    assert_close(logits, tf.reference_chatglm_v1(sd, cfg, ids), what="v1 logits, alpha sqrt(56)")
+    for layer in model.transformer.layers:  # the config's depth would give another model
+        layer.alpha = math.sqrt(2 * 2)
+    with torch.no_grad():
+        other = model(input_ids=torch.tensor([ids])).logits[0]
+    assert (other - logits).norm() > 1e-2 * logits.norm()
