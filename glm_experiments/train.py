@@ -344,10 +344,8 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
         limit = cfg.eval.max_samples or len(dev_samples)
         eval_set = EvalSet(*eval_prompts(dev_samples[:limit], tokenizer, template, cfg.data))
     tracker.log_metrics(data_metrics, step=0)
-    if thudm_adapters.init_from_dir(cfg.method):  # the loss the run starts from (the adapter's, not a fresh one's)
-        start_loss = thudm_adapters.starting_loss(model, train_set, make_collator(cfg.train, tokenizer.pad_token_id))
-        tracker.log_metrics({"train/init_from_loss": start_loss}, step=0)
-        log.info("method.init_from: loss before the first update %.4f", start_loss)
+    if thudm_adapters.init_from_dir(cfg.method) and not resume_from:  # the loss the run starts from (the adapter's, not a fresh one's)
+        thudm_adapters.log_starting_loss(model, train_set, make_collator(cfg.train, tokenizer.pad_token_id), tracker)
     if cfg.sanity_print:
         _print_sample(train_set[0], tokenizer)
     result.train_metrics["startup_seconds"] = time.perf_counter() - start

@@ -647,15 +647,27 @@ def init_method_from(model, method_cfg: Any, family: str | None = None):
 
 
 @torch.no_grad()
-def starting_loss(model, dataset, collator, batch_size: int = 8) -> float:
-    """Mean loss of ``model`` on the first ``batch_size`` training samples, before any update (eval mode)."""
+def starting_loss(model, dataset, collator, batch_size: int = 4) -> float | None:
+    """Mean loss of ``model`` on the first ``batch_size`` training samples, before any update (eval mode, on the
+    device the model is on); None under ZeRO-3, whose partitioned weights need the engine."""
+    from glm_experiments.distributed import zero3_partitioned
+
+    if zero3_partitioned(model) or len(dataset) == 0:
+        return None
     was_training = model.training
     model.eval()
     try:
-        rows = [dataset[i] for i in range(min(batch_size, len(dataset)))]
-        batch = collator(rows)
+        batch = collator([dataset[i] for i in range(min(batch_size, len(dataset)))])
         device = next(p.device for p in model.parameters())
         batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
         return float(model(**batch).loss)
     finally:
         model.train(was_training)
+
+
+def log_starting_loss(model, dataset, collator, tracker) -> None:
+    """``train/init_from_loss`` at step 0: the loss the run starts from (the adapter's, not a fresh one's)."""
+    loss = starting_loss(model, dataset, collator)
+    if loss is not None:
+        tracker.log_metrics({"train/init_from_loss": loss}, step=0)
+        log.info("method.init_from: loss before the first update %.4f", loss)
