@@ -254,6 +254,19 @@ def reference_chatglm_v1_prefix(sd: dict, cfg: dict, ids: list[int], prefix) -> 
     return h @ sd["lm_head.weight"].T
 
 
+def load_checkpoint_state(base: Path, folded: dict) -> dict:
+    """Native-model state dict of THUDM tensors (through the base conversion, not the adapter mapping)."""
+    from glm_experiments.models.thudm import glm_config_from_thudm, map_v2_key
+
+    cfg = json.loads((base / "config.json").read_text())
+    config = glm_config_from_thudm(cfg, "chatglm3")
+    out = {}
+    for key, tensor in folded.items():
+        for target, value in map_v2_key(key, lambda t=tensor: t, config, cfg["num_layers"]) or []:
+            out[target] = value
+    return out
+
+
 def run_convert(base: Path, family: str, adapter: Path, dst: Path, capsys=None) -> Path:
     rc = convert.main(["--family", family, "--src", str(base), "--dst", str(dst), "--adapter", str(adapter)])
     assert rc == 0
@@ -631,7 +644,32 @@ def test_training_starts_from_foreign_adapter(kind, bases, tmp_path, monkeypatch
 
     run_id = json.loads((tmp_path / "run" / "result.json").read_text())["run_id"]
     history = mlflow.MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/init_from_loss")
-    assert [m.step for m in history] == [0] and math.isfinite(history[0].value)
+    assert [m.step for m in history] == [0]
+
+    # that loss is the original adapter's on the run's first 4 samples, not the bare base's
+    from conftest import compose
+
+    from glm_experiments.data.dataset import load_split, make_collator
+    from glm_experiments.data.templates import get_template
+
+    cfg = compose(["model=chatglm3", f"model.path={base}"])
+    model, tok = load_checkpoint(base, "chatglm3", torch.float32)
+    rows, _, _ = load_split(cfg.data.train_file, tok, get_template("chatglm3"), cfg.data, tmp_path / "tok")
+    batch = make_collator(cfg.train, tok.pad_token_id)([rows[i] for i in range(4)])
+    with torch.no_grad():
+        base_loss = float(model(**batch).loss)
+    if kind == "lora":
+        folded = fold_lora(tf.read_state_dict(base), weights, 8 / 4)
+        model.load_state_dict({k: v.float() for k, v in load_checkpoint_state(base, folded).items()}, strict=False)
+    else:
+        from glm_experiments.methods import ptuning
+
+        model = ptuning.import_thudm_prefix(model, adapter)  # the pre-existing THUDM prefix reader, not the converter
+    model.eval()
+    with torch.no_grad():
+        adapter_loss = float(model(**batch).loss)
+    assert abs(history[0].value - adapter_loss) <= 1e-5 * adapter_loss
+    assert abs(adapter_loss - base_loss) > 1e-4 * base_loss  # (random tiny weights: the adapter moves it a little)
 
 
 # ----------------------------------------------------------------------------------------------- v1 fidelity
