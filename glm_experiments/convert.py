@@ -37,12 +37,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pathlib import Path
-
     import shutil
     import tempfile
+    from pathlib import Path
 
-    from glm_experiments.models.thudm import CheckpointError, _check_family, checkpoint_kind, convert_checkpoint, read_config
+    from glm_experiments.models.thudm import (
+        CheckpointError,
+        _check_family,
+        checkpoint_kind,
+        convert_checkpoint,
+        read_config,
+    )
 
     dst = Path(args.dst).expanduser()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):

@@ -51,9 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.run and args.adapter:
         p.error("give either --run or --adapter (with --model-path and --family), not both")
-    if not args.run:
-        if not args.adapter or not args.family or (args.family != "tiny" and not args.model_path):
-            p.error("give --run, or --adapter with --family and --model-path")
+    if not args.run and (not args.adapter or not args.family or (args.family != "tiny" and not args.model_path)):
+        p.error("give --run, or --adapter with --family and --model-path")
     for name in ("batch_size", "max_new_tokens", "max_samples"):
         value = getattr(args, name)
         if value is not None and value <= 0:

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-import test_families as tf  # noqa: E402
-import thudm_fixtures as fx  # noqa: E402
-from conftest import assert_close  # noqa: E402
+import test_families as tf
+import thudm_fixtures as fx
+from conftest import assert_close
 
-from glm_experiments import convert  # noqa: E402
-from glm_experiments.models.thudm import CheckpointError, load_checkpoint  # noqa: E402
-from glm_experiments.models.thudm_adapters import convert_adapter  # noqa: E402
+from glm_experiments import convert
+from glm_experiments.models.thudm import CheckpointError, load_checkpoint
+from glm_experiments.models.thudm_adapters import convert_adapter
 
 V2_FAMILIES = ["chatglm2", "chatglm3", "glm4"]
 V2_TARGETS = ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
@@ -141,11 +141,11 @@ def fold_lora(sd: dict, weights: dict, scale, dora: bool = False) -> dict:
     """THUDM tensors with each LoRA folded into its own (fused) weight: W + scale * B @ A (DoRA: row-normalised
     and rescaled by the magnitude), in float64."""
     out = {k: v.double() for k, v in sd.items()}
-    for key in weights:
+    for key, lora_a in weights.items():
         if not key.endswith("lora_A.weight"):
             continue
         module = key[len("base_model.model."):-len(".lora_A.weight")]
-        a, b = weights[key].double(), weights[key.replace("lora_A", "lora_B")].double()
+        a, b = lora_a.double(), weights[key.replace("lora_A", "lora_B")].double()
         s = scale(module) if callable(scale) else scale
         w = out[module + ".weight"] + s * b @ a
         if dora:

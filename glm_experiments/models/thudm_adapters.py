@@ -47,7 +47,13 @@ from typing import Any
 
 import torch
 
-from glm_experiments.models.thudm import CheckpointError, cache_root, find_weight_files, is_v1_config, iter_tensors
+from glm_experiments.models.thudm import (
+    CheckpointError,
+    cache_root,
+    find_weight_files,
+    is_v1_config,
+    iter_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +72,9 @@ V2_MODULES = {
 }
 # ChatGLM-6B module names (under transformer.layers.N), kept by our v1 class
 V1_MODULES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-_SHORT_V2 = {"query_key_value": ["q_proj", "k_proj", "v_proj"], "dense": ["o_proj"], "dense_h_to_4h": ["gate_up_proj"],
-             "dense_4h_to_h": ["down_proj"]}
 _LAYER_KEY = re.compile(r"transformer\.(encoder\.layers|layers)\.(\d+)\.(.+)")
-_FAMILY_HINTS = [("glm4", re.compile(r"glm-?4", re.I)), ("chatglm3", re.compile(r"chatglm3", re.I)),
-                 ("chatglm2", re.compile(r"chatglm2", re.I)), ("chatglm", re.compile(r"chatglm-6b(?!\d)", re.I))]
+_FAMILY_HINTS = [("glm4", re.compile(r"glm-?4", re.IGNORECASE)), ("chatglm3", re.compile(r"chatglm3", re.IGNORECASE)),
+                 ("chatglm2", re.compile(r"chatglm2", re.IGNORECASE)), ("chatglm", re.compile(r"chatglm-6b(?!\d)", re.IGNORECASE))]
 
 
 # ----------------------------------------------------------------------------------------------- model dims
@@ -255,7 +259,7 @@ def convert_lora(src: Path, dst: Path, dims: BaseDims, family: str | None = None
     targets: set[str] = set()
     ranks: dict[str, int] = {}
     for key, tensor in state.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = key.removeprefix(PEFT_PREFIX)
         match = _LAYER_KEY.fullmatch(name)
         if not match:
             raise CheckpointError(f"{weights_file}: key {key}: not a LoRA weight of a ChatGLM layer"
@@ -461,7 +465,7 @@ def convert_peft_prefix(src: Path, dst: Path, dims: BaseDims, family: str | None
     raw = read_weights(weights_file)
     state: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
-        name = key[len("base_model."):] if key.startswith("base_model.") else key
+        name = key.removeprefix("base_model.")
         name = re.sub(r"^prompt_encoder\.(?:[A-Za-z0-9_\-]+\.)?(embedding|transform)", r"prompt_encoder.\1", name)
         if name == "prompt_embeddings":
             state["prompt_embeddings"] = tensor
