@@ -132,6 +132,8 @@ class LoraMethodConfig(MethodConfig):
     # ["all-linear"] or module names; empty = the family's default
     target_modules: list[str] = field(default_factory=list)
     bias: str = "none"
+    # start from this adapter (ours, or a THUDM/PEFT one: converted on the fly) instead of a fresh LoRA
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -148,6 +150,8 @@ class PtuningMethodConfig(MethodConfig):
     prefix_projection: bool = False
     prefix_hidden_size: int = ranged(512, **AT_LEAST_1)
     prefix_dropout: float = ranged(0.1, **PROBABILITY)
+    # start from this prefix encoder (ours, ptuning/main.py's, or PEFT PREFIX_TUNING: converted on the fly)
+    init_from: Optional[str] = None
 
 
 @dataclass

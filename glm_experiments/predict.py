@@ -9,6 +9,13 @@ sample is the reference. Writes one JSON line per sample (input, reference, pred
 per-sample scores), the mean metrics (the run's ``data.metrics``) beside it as ``<output>.metrics.json``,
 and prints a metrics line and, last on stdout, the same summary as one JSON line.
 Generation settings are the run's ``eval`` settings (greedy by default) unless overridden.
+
+An adapter trained elsewhere (THUDM's ptuning/main.py, ChatGLM3's finetune_demo LoRA or PREFIX_TUNING, or one of
+ours) is evaluated without a run, on a base checkpoint; the data format and generation settings are the project's
+defaults for ``--data`` (converted once into the cache, see ``glm_experiments.models.thudm_adapters``):
+
+    python -m glm_experiments.predict --model-path /data/chatglm3-6b --family chatglm3 \
+        --adapter output/adgen-lora/checkpoint-3000 --input AdvertiseGen/dev.json
 """
 
 from __future__ import annotations
@@ -27,7 +34,12 @@ log = logging.getLogger("glm_experiments.predict")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m glm_experiments.predict", description=__doc__.split("\n\n")[0])
-    add_run_arguments(p)
+    add_run_arguments(p, required=False)
+    foreign = p.add_argument_group("an adapter without a run (instead of --run)")
+    foreign.add_argument("--adapter", default=None, help="adapter directory: THUDM/PEFT (converted on the fly) or ours")
+    foreign.add_argument("--model-path", default=None, help="base checkpoint directory (THUDM layout or converted)")
+    foreign.add_argument("--family", default=None, choices=["chatglm", "chatglm2", "chatglm3", "glm4", "tiny"])
+    foreign.add_argument("--data", default="adgen", help="data config naming the input format and metrics (default adgen)")
     p.add_argument("--input", required=True, help="data file in the run's data format (JSON lines or a JSON array)")
     p.add_argument("--output", default=None,
                    help="predictions file (.jsonl); default: <run>/predictions/predict-<input name>.jsonl")
@@ -37,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (generation, weight loading)")
     args = p.parse_args(argv)
+    if args.run and args.adapter:
+        p.error("give either --run or --adapter (with --model-path and --family), not both")
+    if not args.run and (not args.adapter or not args.family or (args.family != "tiny" and not args.model_path)):
+        p.error("give --run, or --adapter with --family and --model-path")
     for name in ("batch_size", "max_new_tokens", "max_samples"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -51,9 +67,12 @@ def predict(args: argparse.Namespace) -> dict:
     from glm_experiments.run_loading import check_adapter, find_run_dir, load_run, load_run_config
 
     # everything that can be checked without loading the model (or importing torch), first
-    run_dir = find_run_dir(args.run, args.tracking_uri)
-    cfg = load_run_config(run_dir)
-    check_adapter(run_dir)
+    if args.run:
+        run_dir = find_run_dir(args.run, args.tracking_uri)
+        cfg = load_run_config(run_dir)
+        check_adapter(run_dir)
+    else:
+        run_dir, cfg = Path.cwd(), _default_config(args)
     input_path = resolve_data_path(args.input, "--input")
     samples, report = load_samples(input_path, cfg.data)
     if args.max_samples:
@@ -66,7 +85,7 @@ def predict(args: argparse.Namespace) -> dict:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    loaded = load_run(run_dir, device=args.device)
+    loaded = load_run(run_dir, device=args.device) if args.run else _load_foreign(cfg, args)
     eval_cfg = OmegaConf.create(OmegaConf.to_container(cfg.eval, resolve=True))
     if args.batch_size:
         eval_cfg.batch_size = args.batch_size
@@ -83,9 +102,12 @@ def predict(args: argparse.Namespace) -> dict:
         row["source"] = sample.source
 
     output = Path(args.output) if args.output else run_dir / "predictions" / f"predict-{input_path.stem}.jsonl"
+    if not args.run:
+        run_dir = None
     write_predictions(rows, output)
     summary = {
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir) if run_dir else None,
+        "adapter": args.adapter,
         "method": loaded.method,
         "input": str(input_path),
         "samples": len(rows),
@@ -99,6 +121,40 @@ def predict(args: argparse.Namespace) -> dict:
     metrics_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     summary["metrics_file"] = str(metrics_path)
     return summary
+
+
+def _default_config(args: argparse.Namespace):
+    """The project's config for ``--family`` / ``--model-path`` / ``--data``, as the CLI would compose it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    import glm_experiments.config  # noqa: F401  (registers the schema)
+    from glm_experiments.__main__ import CONF_DIR
+
+    overrides = [f"model={args.family}", f"data={args.data}"]
+    if args.model_path:
+        overrides.append(f"model.path={Path(args.model_path).expanduser().resolve()}")
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose("train", overrides=overrides)
+    except HydraException as exc:
+        raise UserError(f"cannot compose the config for {' '.join(overrides)}: {str(exc).splitlines()[0]}") from None
+
+
+def _load_foreign(cfg, args: argparse.Namespace):
+    """(base from --model-path) + (--adapter, converted on the fly), in eval mode on the device."""
+    from glm_experiments.models.thudm import CheckpointError
+    from glm_experiments.models.thudm_adapters import load_adapter
+    from glm_experiments.run_loading import LoadedRun, default_device, load_base
+
+    try:
+        model, tokenizer, template = load_base(cfg)
+        model, method = load_adapter(model, args.adapter, args.family)
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        raise UserError(f"--adapter {args.adapter}: {exc}") from None
+    model.to(args.device or default_device())
+    model.eval()
+    return LoadedRun(run_dir=Path.cwd(), cfg=cfg, model=model, tokenizer=tokenizer, template=template, method=method)
 
 
 @cli_main

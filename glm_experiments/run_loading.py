@@ -218,8 +218,8 @@ def load_run(run: str | os.PathLike, tracking_uri: str | None = None, device: st
     return LoadedRun(run_dir=run_dir, cfg=cfg, model=model, tokenizer=tokenizer, template=template, method=method)
 
 
-def add_run_arguments(parser) -> None:
+def add_run_arguments(parser, required: bool = True) -> None:
     """--run / --tracking-uri, shared by predict, merge and chat."""
-    parser.add_argument("--run", required=True, help="run directory (holding .hydra/ and adapter/) or MLflow run id")
+    parser.add_argument("--run", required=required, help="run directory (holding .hydra/ and adapter/) or MLflow run id")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI for a run id (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")

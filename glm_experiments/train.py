@@ -33,6 +33,7 @@ from glm_experiments.metrics import DEFINITIONS
 from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer
 from glm_experiments.run_dirs import resolve_resume
 from glm_experiments.run_result import RunResult, hydra_tags
+from glm_experiments.models import thudm_adapters
 from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,10 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
     template = get_template(cfg.model.template or cfg.model.family)
     # what generate() is really called with (stop ids included), beside the eval.* params
     tracker.set_tags({"eval.generation_kwargs": json.dumps(generation_kwargs(cfg.eval, tokenizer, template))})
-    model = method.apply(model, cfg.method, tokenizer=tokenizer)  # prompt tuning initialises from text
+    if thudm_adapters.init_from_dir(cfg.method):  # method.init_from: start from an existing (THUDM/PEFT) adapter
+        model = thudm_adapters.init_method_from(model, cfg.method, cfg.model.family)
+    else:
+        model = method.apply(model, cfg.method, tokenizer=tokenizer)  # prompt tuning initialises from text
     result.trainable = trainable_summary(model)
     tracker.log_metrics({"model/trainable_params": result.trainable["trainable"],
                          "model/total_params": result.trainable["total"],
@@ -325,6 +329,8 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
         limit = cfg.eval.max_samples or len(dev_samples)
         eval_set = EvalSet(*eval_prompts(dev_samples[:limit], tokenizer, template, cfg.data))
     tracker.log_metrics(data_metrics, step=0)
+    if thudm_adapters.init_from_dir(cfg.method) and not resume_from:  # the loss the run starts from (the adapter's, not a fresh one's)
+        thudm_adapters.log_starting_loss(model, train_set, make_collator(cfg.train, tokenizer.pad_token_id), tracker)
     if cfg.sanity_print:
         _print_sample(train_set[0], tokenizer)
     result.train_metrics["startup_seconds"] = time.perf_counter() - start

@@ -138,7 +138,8 @@ def reference_chatglm2(sd: dict, cfg: dict, ids: list[int]) -> torch.Tensor:
 def reference_chatglm_v1(sd: dict, cfg: dict, ids: list[int]) -> torch.Tensor:
     """ChatGLM-6B forward (2D RoPE, bidirectional context, alpha residual) over THUDM tensors."""
     L, H, nh = len(ids), cfg["hidden_size"], cfg["num_attention_heads"]
-    hd, eps, alpha = H // nh, cfg["layernorm_epsilon"], math.sqrt(2 * cfg["num_layers"])
+    hd, eps = H // nh, cfg["layernorm_epsilon"]
+    alpha = math.sqrt(2 * 28)  # GLMBlock(num_layers=28) default: the original never passes the config's depth
     ctx = ids.index(cfg["bos_token_id"])
     mask_pos = ids.index(cfg["gmask_token_id"])
     pos = torch.tensor([t if t < ctx else mask_pos for t in range(L)])

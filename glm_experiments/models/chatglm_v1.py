@@ -5,7 +5,9 @@ The parameter names are THUDM's own, so a ChatGLM-6B state dict loads as it is
 ``lm_head.weight``). The architecture follows the original ``modeling_chatglm.py``:
 
 * LayerNorm (with bias) before attention and MLP; residual ``alpha * x_norm + f(x_norm)``,
-  ``alpha = sqrt(2 * num_layers)``; GeLU (tanh approximation) MLP; biases everywhere.
+  ``alpha = sqrt(2 * 28)`` for every depth: the original builds ``GLMBlock`` without passing ``num_layers``,
+  whose default is 28, so a pruned or test checkpoint with fewer layers still uses sqrt(56);
+  GeLU (tanh approximation) MLP; biases everywhere.
 * qkv laid out per head: the projection's output is viewed as (heads, 3 * head_dim) and split in q, k, v.
 * 2D RoPE: the first half of each head's dims rotates with the position ids, the second half with the block
   position ids (rotate-half style within each half); ``inv_freq`` rounded to fp16 as the original computes it.
@@ -37,6 +39,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from glm_experiments.compat import CACHE, pop_cache
+
+# GLMBlock's num_layers default in the original modeling_chatglm.py; ChatGLMModel never passes its own
+# config.num_layers, so the residual scale is sqrt(2 * 28) whatever the checkpoint's depth
+ORIGINAL_BLOCK_NUM_LAYERS = 28
 
 
 class ChatGLMv1Config(PretrainedConfig):
@@ -164,7 +170,7 @@ class ChatGLMv1Block(GradientCheckpointingLayer):
         self.attention = ChatGLMv1Attention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = ChatGLMv1MLP(config)
-        self.alpha = (2 * config.num_hidden_layers) ** 0.5
+        self.alpha = (2 * ORIGINAL_BLOCK_NUM_LAYERS) ** 0.5
 
     def forward(self, hidden_states, rope=None, allowed=None, past_key_values=None, use_cache=False):
         attn_input = self.input_layernorm(hidden_states)
