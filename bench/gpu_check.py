@@ -115,13 +115,13 @@ CLI_GPU_MODEL = dict(hidden_size=768, num_hidden_layers=6, num_attention_heads=1
 
 
 # ============================================================================ environment
-def ensure_packages(device: str, wheels: Path = WHEELS) -> dict:
+def ensure_packages(device: str, wheels: Path = WHEELS, site: Path | None = None) -> dict:
     """Install the carried wheels of whatever needed module is missing, into ``<tmp>/glm_gpu_check/site-packages``
     (added to sys.path and PYTHONPATH for the case processes). pip first; if pip is unusable, unzip the wheels."""
     import torch
 
     needed = dict(NEEDED, **(NEEDED_CUDA if device == "cuda" and torch.cuda.is_available() else {}))
-    site = Path(tempfile.gettempdir()) / "glm_gpu_check" / "site-packages"
+    site = site or Path(tempfile.gettempdir()) / "glm_gpu_check" / "site-packages"
     if site.is_dir():  # a warm machine: what an earlier run installed
         _add_site(site)
     missing = {m: d for m, d in needed.items() if importlib.util.find_spec(m) is None}
