@@ -171,6 +171,12 @@ def environment(device: str) -> dict:
             info[name] = importlib.import_module(name).__version__
         except Exception as exc:  # noqa: BLE001
             info[name] = f"not importable: {type(exc).__name__}: {exc}"[:300]
+    try:  # what the machine has (issue 19: "check with pip list in the first run")
+        listed = subprocess.run([sys.executable, "-m", "pip", "list", "--format=json", "--disable-pip-version-check"],
+                                capture_output=True, text=True, timeout=60)
+        info["pip_list"] = {p["name"]: p["version"] for p in json.loads(listed.stdout or "[]")}
+    except Exception as exc:  # noqa: BLE001
+        info["pip_list"] = f"pip list failed: {exc}"[:300]
     if device == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=torch.cuda.get_device_name(0), gpu_memory_mib=props.total_memory / MIB,

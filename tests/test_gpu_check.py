@@ -55,6 +55,25 @@ def test_cpu_dry_run_measures_or_skips_every_case(tmp_path):
         assert f"| {title} |" in md, key
 
 
+@pytest.mark.slow
+def test_isolated_case_and_budget_skip(tmp_path):
+    """On CUDA every train case runs in its own process (--isolate auto): that path, and a case skipped for the
+    overall budget, with its reason."""
+    script = str(ROOT / "bench" / "gpu_check.py")
+    base = [sys.executable, script, "--device", "cpu", "--layers", "1", "--tiny"]
+    proc = subprocess.run([*base, "--isolate", "yes", "--only", "lora_lowmem", "--out", str(tmp_path / "a")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    case = json.loads((tmp_path / "a" / "gpu_check.json").read_text())["cases"]["lora_lowmem"]
+    assert case["status"] == "measured" and case["loss_finite"] and case["gradient_checkpointing"], case
+    proc = subprocess.run([*base, "--budget", "0", "--only", "lora,cli", "--out", str(tmp_path / "b")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = json.loads((tmp_path / "b" / "gpu_check.json").read_text())["cases"]
+    assert list(cases) == ["lora", "cli"]
+    assert all(c["status"] == "skipped" and c["reason"].startswith("budget") for c in cases.values()), cases
+
+
 def test_traced_column_covers_every_28_layer_case():
     """The GPU run finds a traced figure of the very same config (override list) for every train case."""
     traced = gpu_check.traced_figures()
