@@ -9,7 +9,7 @@ Nothing else goes into the out dir (the device tool returns at most 8 files): th
 
 Start: modules the check needs and the GPU machine lacks (hydra-core, omegaconf, antlr4, datasets + pyarrow,
 bitsandbytes) are installed from the carried wheels (scripts/fetch_gpu_wheels.sh -> gpu_wheels/) with
-``pip install --no-index --find-links gpu_wheels --no-deps --target <tmp>/site-packages`` (a ``site-packages``
+``pip install --no-index --find-links gpu_wheels --no-deps --target <tmp>/.../site-packages`` (a ``site-packages``
 path: dill, under ``datasets``' fingerprinting, pickles modules from any other path by value and fails).
 
 Cases, in this order (models: random weights built directly on the device in bf16, ``GlmForCausalLM`` with
@@ -116,15 +116,17 @@ CLI_GPU_MODEL = dict(hidden_size=768, num_hidden_layers=6, num_attention_heads=1
 
 # ============================================================================ environment
 def ensure_packages(device: str, wheels: Path = WHEELS, site: Path | None = None) -> dict:
-    """Install the carried wheels of whatever needed module is missing, into ``<tmp>/glm_gpu_check/site-packages``
+    """Install the carried wheels of whatever needed module is missing, into ``<tmp>/glm_gpu_check/pyX.Y/site-packages``
     (added to sys.path and PYTHONPATH for the case processes). pip first; if pip is unusable, unzip the wheels."""
     import torch
 
     needed = dict(NEEDED, **(NEEDED_CUDA if device == "cuda" and torch.cuda.is_available() else {}))
-    site = site or Path(tempfile.gettempdir()) / "glm_gpu_check" / "site-packages"
-    if site.is_dir():  # a warm machine: what an earlier run installed
-        _add_site(site)
+    # one per Python version (the wheels are cp312): never shadows what this interpreter already has
+    site = site or Path(tempfile.gettempdir()) / "glm_gpu_check" / f"py{sys.version_info[0]}.{sys.version_info[1]}" / "site-packages"
     missing = {m: d for m, d in needed.items() if importlib.util.find_spec(m) is None}
+    if missing and site.is_dir():  # a warm machine: what an earlier run installed
+        _add_site(site)
+        missing = {m: d for m, d in missing.items() if importlib.util.find_spec(m) is None}
     report = {"missing_before": sorted(missing.values()), "installed": [], "how": None}
     if not missing:
         return report
@@ -680,6 +682,9 @@ def main(argv=None) -> int:
         return 1
     isolate = args.isolate == "yes" or (args.isolate == "auto" and cuda)
     only = {k for k in args.only.split(",") if k}
+    unknown = only - {c[0] for c in CASES}
+    if unknown:
+        parser.error(f"--only: unknown case(s) {sorted(unknown)}; known: {', '.join(c[0] for c in CASES)}")
     traced = {} if args.tiny or args.layers != 28 else traced_figures()
     for key, title, overrides, layers, ref_key, cap in CASES:
         if only and key not in only:

@@ -74,6 +74,36 @@ def test_isolated_case_and_budget_skip(tmp_path):
     assert all(c["status"] == "skipped" and c["reason"].startswith("budget") for c in cases.values()), cases
 
 
+def test_cuda_case_settings_come_from_the_project_config():
+    """What the GPU run will train, composed from conf/ exactly as it will be there (no GPU needed to check it)."""
+    from argparse import Namespace
+
+    args = Namespace(tiny=False, device="cuda", warmup=2, steps=4, cli_steps=None)
+    spec = {key: gpu_check.train_spec(key, overrides, layers or 28, args)
+            for key, _t, overrides, layers, *_ in gpu_check.CASES if key not in ("cli", "pytest_gpu")}
+    demo = {"batch": 4, "source": 256, "target": 512}
+    for key in ("lora", "lora_lowmem", "ptuning", "ptuning_lowmem", "full_4l"):
+        assert {k: spec[key][k] for k in demo} == demo, key
+    for key in ("lora", "ptuning", "qlora", "lora_r32_lf"):
+        assert not spec[key]["gradient_checkpointing"] and spec[key]["loss_chunk_size"] == 0, key
+    for key in ("lora_lowmem", "ptuning_lowmem", "qlora_lowmem", "full_4l"):
+        assert spec[key]["gradient_checkpointing"] and spec[key]["loss_chunk_size"] == 256, key
+    assert spec["lora"]["method_cfg"]["r"] == 8 and spec["ptuning"]["method_cfg"]["pre_seq_len"] == 128
+    assert spec["qlora"]["method_cfg"]["name"] == "qlora" and spec["qlora"]["method_cfg"]["quant_type"] == "nf4"
+    assert (spec["qlora"]["batch"], spec["qlora"]["source"] + spec["qlora"]["target"]) == (1, 1024)
+    for key in ("lora_r32_lf", "lora_r32_lf_ckpt"):  # LLaMA-Factory's setting
+        assert spec[key]["method_cfg"]["r"] == 32 and (spec[key]["batch"], spec[key]["source"] + spec[key]["target"]) == (4, 1024)
+    assert spec["lora_r32_lf_ckpt"]["gradient_checkpointing"] and spec["full_4l"]["layers"] == 4
+    assert spec["lora"]["layers"] == 28 and spec["lora"]["shape"]["hidden_size"] == 4096
+    # the CLI case's overrides on a GPU compose (hydra.* is the runtime's, not the config's)
+    from conftest import compose
+
+    cli = [o for o in gpu_check.cli_overrides(args, ROOT / "unused") if not o.startswith("hydra.")]
+    cfg = compose(cli)
+    assert cfg.model.tiny.hidden_size == gpu_check.CLI_GPU_MODEL["hidden_size"] and cfg.train.max_steps == 300
+    assert cfg.tracking.enabled is False and list(cfg.data.metrics) == ["accuracy"] and cfg.model.dtype == "auto"
+
+
 def test_traced_column_covers_every_28_layer_case():
     """The GPU run finds a traced figure of the very same config (override list) for every train case."""
     traced = gpu_check.traced_figures()
