@@ -366,6 +366,10 @@ def train_case(spec: dict) -> dict:
     out["build_seconds"] = time.perf_counter() - start
     summary = trainable_summary(model)
     out["trainable_params"] = summary["trainable"]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # QLoRA: PEFT's k-bit preparation upcasts every non-4-bit weight (embedding, head, norms) to fp32
+    out["embedding_dtype"] = str(base.get_input_embeddings().weight.dtype)
+    out["head_dtype"] = str(base.get_output_embeddings().weight.dtype)
     # N for MFU: every parameter of the unquantised shape plus the method's trainable ones (adapter / prefix)
     n_params = param_count(config) + (summary["trainable"] if method_cfg.name != "full" else 0)
     out["n_params"] = n_params
@@ -698,6 +702,8 @@ def main(argv=None) -> int:
             write_report(report, out)
             continue
         print(f"[{time.perf_counter() - started:6.1f} s] {key}: {title}", flush=True)
+        case["status"] = "running"  # what the JSON says if the whole command is killed during this case
+        write_report(report, out)
         t0 = time.perf_counter()
         try:
             if key == "cli":
