@@ -14,13 +14,14 @@ the config, and a sweep's jobs copy that cache). This module imports no torch: a
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from glm_experiments.errors import UserError
+from glm_experiments.errors import EXIT_BAD_INPUT, UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -98,4 +99,5 @@ def _refuse_on_error(check) -> None:
     try:
         check()
     except UserError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        print(one_line(exc), file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None  # bad input: exit 2, as every entry point
