@@ -131,7 +131,7 @@ class LoraMethodConfig(MethodConfig):
     dropout: float = ranged(0.05, **PROBABILITY)
     # ["all-linear"] or module names; empty = the family's default
     target_modules: list[str] = field(default_factory=list)
-    bias: str = "none"
+    bias: str = one_of("none", "none", "all", "lora_only")
     # start from this adapter (ours, or a THUDM/PEFT one: converted on the fly) instead of a fresh LoRA
     init_from: Optional[str] = None
 

@@ -31,6 +31,10 @@ def as_user_error(exc: BaseException) -> UserError | None:
     if isinstance(exc, OSError):  # unwritable directory, disk full, ...: the path and the reason
         where = f"{exc.filename}: " if exc.filename else ""
         return UserError(f"{where}{exc.strerror or exc}")
+    database = sys.modules.get("sqlalchemy.exc")  # only loaded where an MLflow store was opened
+    if database is not None and isinstance(exc, database.DBAPIError):  # a corrupt or locked mlflow.db
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return UserError(f"cannot use the MLflow store: {first} (pass another --tracking-uri / tracking.tracking_uri)")
     return None
 
 

@@ -254,14 +254,13 @@ def reset_peak_memory() -> None:
 
 
 def run(cfg: DictConfig) -> RunResult:
+    preflight(cfg)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = run_dir / "checkpoints"
     reset_peak_memory()
     set_seed(cfg.seed)
     resume_from = resolve_resume(cfg.resume, checkpoint_dir)
-
-    preflight(cfg)
     method = get_method(cfg.method.name)
 
     tags, overrides = hydra_tags()

@@ -62,6 +62,7 @@ BAD_SETTINGS = [
     (["method.alpha=0"], "method.alpha=0: expected > 0"),
     (["method.dropout=1.0"], "method.dropout=1.0: expected in [0, 1)"),
     (["method.dropout=-0.1"], "method.dropout=-0.1: expected in [0, 1)"),
+    (["method.bias=some"], "method.bias=some: expected one of none, all, lora_only"),
     (["method=qlora", "method.r=0"], "method.r=0: expected >= 1"),
     (["method=qlora", "method.bits=3"], "method.bits=3: expected one of 4, 8"),
     (["method=qlora", "method.quant_type=int4"], "method.quant_type=int4: expected one of nf4, fp4"),
@@ -159,6 +160,16 @@ def test_cli_main_sorts_errors(capsys, monkeypatch):
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
     with pytest.raises(UserError):
         raising(UserError("bad value"))([])
+
+
+def test_compare_with_a_corrupt_mlflow_db(tmp_path, capsys):
+    from glm_experiments.compare import main
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(os.urandom(4096))
+    assert main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "x"]) == EXIT_BAD_INPUT
+    assert capsys.readouterr().err == ("error: cannot use the MLflow store: (sqlite3.DatabaseError) file is not a "
+                                       "database (pass another --tracking-uri / tracking.tracking_uri)\n")
 
 
 # ---------------------------------------------------------------------------------------- data files
