@@ -489,7 +489,7 @@ def _lora_dir(bases, tmp_path, family="chatglm3", mutate=None, config_extra=None
 def _convert_error(base, family, adapter, tmp_path, capsys) -> str:
     rc = convert.main(["--family", family, "--src", str(base), "--dst", str(tmp_path / "out"), "--adapter", str(adapter)])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2  # bad input
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     return err
@@ -603,7 +603,7 @@ def test_predict_foreign_adapter_error_is_one_line(bases, tmp_path, monkeypatch,
     rc = predict.main(["--model-path", str(bases["chatglm3"]), "--family", "chatglm3", "--adapter", str(adapter),
                        "--input", str(_adgen_file(tmp_path / "dev.json")), "--device", "cpu"])
     err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("error")]
-    assert rc == 1 and len(err) == 1
+    assert rc == 2 and len(err) == 1
     assert "pytorch_model.bin: key transformer.prefix_encoder.embedding.weight gives 192 values per prefix token" in err[0]
 
 
@@ -628,7 +628,7 @@ def test_training_starts_from_foreign_adapter(kind, bases, tmp_path, monkeypatch
         weights_file = "prefix_encoder.safetensors"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = run_cli([*method, f"method.init_from={adapter}", "model=chatglm3", f"model.path={base}", "model.dtype=float32",
-                      "train.max_steps=1", "train.learning_rate=0", "train.per_device_train_batch_size=4",
+                      "train.max_steps=1", "train.learning_rate=1e-12", "train.per_device_train_batch_size=4",
                       "data.max_train_samples=8", "data.dev_file=null", "eval.before_training=false",
                       f"tracking.tracking_uri={uri}", "tracking.experiment_name=init_from", f"hydra.run.dir={tmp_path / 'run'}"],
                      tmp_path)
@@ -637,8 +637,8 @@ def test_training_starts_from_foreign_adapter(kind, bases, tmp_path, monkeypatch
     converted = next((tmp_path / "cache" / "adapters").glob("*/method.json")).parent
     start, end = load_file(str(converted / weights_file)), load_file(str(tmp_path / "run" / "adapter" / weights_file))
     assert set(start) == set(end)
-    for key in start:
-        assert torch.equal(start[key], end[key]), key
+    for key in start:  # one AdamW step of lr 1e-12 moves each weight by ~1e-12: the adapter is where training began
+        assert_close(end[key], start[key], rel=1e-6, what=key)
 
     import mlflow
 
