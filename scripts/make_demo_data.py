@@ -15,7 +15,7 @@ template sentences about invented people, companies and places; the output lists
 `head_relation_tail`, one a line, for the relations 出生地, 毕业院校, 创始人, 总部, 成立时间.
 
 history_demo: long ChatGLM3-format conversations (JSON lines) whose last answer depends on the FIRST
-turn only: the customer first names a garment (类型/颜色/材质), then asks 8-14 unrelated questions
+turn only: the customer first names a garment (类型/颜色/材质), then asks 10-17 unrelated questions
 (sizes, delivery, washing, returns, styles, patterns: no colour or material word in them), then asks
 "刚才那件衣服是什么颜色、什么面料？". The reply copies the first turn ("那件是红色的牛仔布外套。").
 Each conversation is 600-950 tiny-model tokens before the last reply: max_source_length=512 cuts the
