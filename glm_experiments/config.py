@@ -242,6 +242,8 @@ class TrackingConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
     artifact_location: Optional[str] = None
     experiment_name: str = "glm_experiments"
+    # one line shown as the MLflow experiment's description (tag mlflow.note.content); conf/experiment/*.yaml set it
+    description: Optional[str] = None
     run_name: Optional[str] = None
     log_adapter: bool = True
 

@@ -14,7 +14,16 @@ spo_demo: triple extraction in instruction/input/output format (a JSON array, on
 template sentences about invented people, companies and places; the output lists the triples
 `head_relation_tail`, one a line, for the relations 出生地, 毕业院校, 创始人, 总部, 成立时间.
 
-    python scripts/make_demo_data.py            # writes data/{adgen_demo,conversations_demo,spo_demo}/{train,dev}.json
+history_demo: long ChatGLM3-format conversations (JSON lines) whose last answer depends on the FIRST
+turn only: the customer first names a garment (类型/颜色/材质), then asks 10-17 unrelated questions
+(sizes, delivery, washing, returns, styles, patterns: no colour or material word in them), then asks
+"刚才那件衣服是什么颜色、什么面料？". The reply copies the first turn ("那件是红色的牛仔布外套。").
+Each conversation is 600-950 tiny-model tokens before the last reply: max_source_length=512 cuts the
+first turn away (the template keeps the end of the source), 1024 keeps everything
+(conf/experiment/source_length_ablation.yaml). Earlier replies are context only (`"loss": false`)
+except the first one, which repeats the facts at short range.
+
+    python scripts/make_demo_data.py            # writes data/{adgen_demo,conversations_demo,spo_demo,history_demo}/{train,dev}.json
     python scripts/make_demo_data.py --only spo_demo --out /tmp/data
 """
 
@@ -297,11 +306,85 @@ def make_spo_set(out: Path, seed: int, train: int, dev: int) -> None:
     write_json_array(out / "spo_demo" / "dev.json", records[train:])
 
 
+# ----------------------------------------------------------------------------- history_demo
+CITIES_SHIP = ["北京", "上海", "广州", "深圳", "杭州", "成都", "武汉", "南京", "西安", "重庆"]
+HISTORY_FIRST = [
+    "我刚看中一件衣服，你先帮我记一下：类型#{kind}*颜色#{color}*材质#{material}",
+    "帮我记住这件商品：类型#{kind}*颜色#{color}*材质#{material}，待会儿我再问你。",
+    "先记一下我想买的这件：类型#{kind}*颜色#{color}*材质#{material}",
+]
+HISTORY_FINAL = ["刚才那件衣服是什么颜色、什么面料？", "我最开始让你记的那件是什么颜色、什么面料的？",
+                 "对了，刚才那件衣服是什么颜色和面料来着？"]
+
+
+def _filler_turn(rng: random.Random) -> tuple[str, str]:
+    """One unrelated question and its (long) answer: no colour or material word in either."""
+    topic = rng.randrange(7)
+    style, pattern = rng.choice(list(STYLES)), rng.choice(list(PATTERNS))
+    key = rng.choice(list(DETAILS))
+    detail = rng.choice(list(DETAILS[key]))
+    ending = rng.choice(ENDINGS)
+    if topic == 0:
+        h, w, size = rng.randint(150, 185), rng.randint(80, 160), rng.choice(SIZES)
+        return (f"我身高{h}厘米，体重{w}斤，平时穿衣服喜欢宽松一点，应该选什么尺码比较合适？",
+                f"根据您的身高{h}厘米和体重{w}斤，建议选择{size}码，如果喜欢宽松一点的效果可以再选大一码，"
+                f"每件商品的详情页都有尺码表，下单前可以对照一下自己的肩宽和胸围。")
+    if topic == 1:
+        city, days = rng.choice(CITIES_SHIP), rng.randint(2, 5)
+        return (f"发货到{city}一般要几天？能不能指定快递公司？",
+                f"发往{city}的订单一般{days}天左右送达，下单后二十四小时内安排发货，"
+                f"默认使用合作的快递公司，暂时不能指定，物流信息可以在订单页面随时查看。")
+    if topic == 2:
+        return ("这类衣服平时应该怎么洗护才不容易变形？",
+                "建议翻面后放进洗衣袋轻柔机洗或者手洗，水温不要超过三十度，不要长时间浸泡，"
+                "洗完后平铺晾干，避免暴晒和烘干，这样能保持版型，穿得更久。")
+    if topic == 3:
+        days = rng.choice([7, 15])
+        return ("如果买回去穿着不合适，可以退换吗？运费谁出？",
+                f"支持{days}天无理由退换，商品不影响二次销售就可以申请，"
+                f"质量问题的运费由我们承担，其他情况可以使用运费险，退款会在收到退货后三天内处理。")
+    if topic == 4:
+        return (f"{style}风格的衣服一般适合什么场合穿？",
+                f"{style}风格的衣服{STYLES[style]}，{PATTERNS[pattern]}，{DETAILS[key][detail]}{ending}")
+    if topic == 5:
+        return (f"{pattern}图案配{detail}的款式好看吗？",
+                f"{PATTERNS[pattern]}，{DETAILS[key][detail]}，{STYLES[style]}{ending}")
+    n = rng.randint(2, 9)
+    return (f"你们店里现在有什么优惠活动吗？买{n}件能便宜多少？",
+            f"现在店铺有满减活动，买{n}件可以享受额外的折扣，新用户还可以领取优惠券，"
+            f"活动期间的订单同样支持退换，具体的优惠金额以结算页面显示为准。")
+
+
+def make_history_conversation(rng: random.Random) -> dict:
+    kind, color, material = rng.choice(list(TYPES)), rng.choice(list(COLORS)), rng.choice(list(MATERIALS))
+    turns = [
+        {"role": "user", "content": rng.choice(HISTORY_FIRST).format(kind=kind, color=color, material=material)},
+        {"role": "assistant", "content": f"好的，已经记下：一件{color}的{material}{kind}。"},
+    ]
+    # unrelated turns until the conversation is ~950-1,350 characters (~620-900 tiny-model tokens)
+    target, length = rng.randint(950, 1350), sum(len(t["content"]) for t in turns) + len(SHOP_SYSTEM)
+    while length < target:
+        question, answer = _filler_turn(rng)
+        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer, "loss": False}]
+        length += len(question) + len(answer)
+    turns += [{"role": "user", "content": rng.choice(HISTORY_FINAL)},
+              {"role": "assistant", "content": f"那件是{color}的{material}{kind}。"}]
+    return {"conversations": [{"role": "system", "content": SHOP_SYSTEM}] + turns}
+
+
+def make_history_set(out: Path, seed: int, train: int, dev: int) -> None:
+    rng = random.Random(f"{seed}:history_demo")
+    records = unique_records(make_history_conversation, rng, train + dev, lambda r: json.dumps(r, ensure_ascii=False))
+    write_jsonl(out / "history_demo" / "train.json", records[:train])
+    write_jsonl(out / "history_demo" / "dev.json", records[train:])
+
+
 # (generator, default train size, default dev size)
 DATASETS = {
     "adgen_demo": (make_adgen, 3000, 200),
     "conversations_demo": (make_conversations, 1000, 100),
     "spo_demo": (make_spo_set, 1000, 100),
+    "history_demo": (make_history_set, 100, 24),
 }
 
 

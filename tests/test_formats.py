@@ -343,7 +343,8 @@ def test_accepts_the_structured_data_config(tmp_path):
 
 
 # ------------------------------------------------------------------------------ demo sets
-DEMO_SETS = {"adgen_demo": "adgen", "conversations_demo": "conversations", "spo_demo": "instruction"}
+DEMO_SETS = {"adgen_demo": "adgen", "conversations_demo": "conversations", "spo_demo": "instruction",
+             "history_demo": "conversations"}
 
 
 @pytest.mark.parametrize("name", sorted(DEMO_SETS))

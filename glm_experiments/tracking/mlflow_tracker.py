@@ -107,16 +107,22 @@ def store_lock(tracking_uri: str):
 
 def open_experiment(tracking_cfg):
     """``(MlflowClient, experiment id)`` of ``tracking_cfg.experiment_name``, created (artifacts beside a
-    SQLite store) if missing."""
+    SQLite store) if missing. ``tracking_cfg.description`` (if set) becomes the experiment's description
+    (the ``mlflow.note.content`` tag the UI shows), on creation and whenever it changed."""
     from mlflow import MlflowClient
 
+    description = tracking_cfg.get("description")
+    note = "mlflow.note.content"
     with store_lock(tracking_cfg.tracking_uri):
         client = MlflowClient(tracking_uri=tracking_cfg.tracking_uri)  # builds the store: tables on first use
         experiment = client.get_experiment_by_name(tracking_cfg.experiment_name)
         if experiment is not None:
+            if description and experiment.tags.get(note) != description:
+                client.set_experiment_tag(experiment.experiment_id, note, description)
             return client, experiment.experiment_id
         location = tracking_cfg.get("artifact_location") or artifact_root_for(tracking_cfg.tracking_uri)
-        return client, client.create_experiment(tracking_cfg.experiment_name, artifact_location=location)
+        tags = {note: description} if description else None
+        return client, client.create_experiment(tracking_cfg.experiment_name, artifact_location=location, tags=tags)
 
 
 def this_process() -> str:
