@@ -4,7 +4,7 @@ Shared by the ``predict``, ``merge`` and ``chat`` entry points. A run is named b
 
 * its run directory (the one holding ``.hydra/config.yaml`` and ``adapter/``), or its ``adapter/``
   directory, or
-* an MLflow run id: the run's ``output_dir`` param gives the directory; if it is not on this machine
+* an MLflow run id: the run's ``output_dir`` tag gives the directory; if it is not on this machine
   the run's ``hydra/`` and ``adapter/`` artifacts are downloaded instead.
 
 Every failure is a :class:`~glm_experiments.errors.UserError` with a one-line message.
@@ -91,7 +91,7 @@ def _run_dir_from_mlflow(run_id: str, tracking_uri: str | None) -> Path:
         info = client.get_run(run_id)
     except MlflowException:
         raise UserError(f"run not found: no MLflow run {run_id} in {uri}") from None
-    output_dir = info.data.params.get("output_dir")
+    output_dir = info.data.tags.get("output_dir") or info.data.params.get("output_dir")  # a param before 2026-12
     if output_dir and _is_run_dir(Path(output_dir)):
         return Path(output_dir).resolve()
     # the directory is gone or on another machine: rebuild it from the run's artifacts

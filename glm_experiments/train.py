@@ -282,7 +282,10 @@ def run(cfg: DictConfig) -> RunResult:
 
 
 def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, result: RunResult) -> None:
-    tracker.log_params(flatten_config(cfg))
+    params = flatten_config(cfg)
+    # where the run writes is not a setting: a tag, so MLflow's compare view does not list it as a difference
+    tracker.set_tags({"output_dir": params.pop("output_dir")})
+    tracker.log_params(params)
     tracker.set_tags({f"metric_definition.{m}": DEFINITIONS[m] for m in cfg.data.metrics if m in DEFINITIONS})
 
     # ---- data files read and validated before any weight loads (a 6B model takes minutes)

@@ -49,6 +49,7 @@ def test_default_run_is_tracked(default_run):
     assert params["method.target_modules"] == "[]" and params["resume"] == "null"
     assert tags["hydra.choices.method"] == "lora" and tags["hydra.choices.model"] == "tiny"
     assert "tracking.tracking_uri=" in tags["hydra.overrides"]
+    assert "output_dir" not in params and tags["output_dir"]  # a place, not a setting: not a param
     assert tags["mlflow.runName"] == "lora-tiny-adgen_demo"
     assert "method3" in tags["metric_definition.bleu-4"]
     generation = json.loads(tags["eval.generation_kwargs"])
