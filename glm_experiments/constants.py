@@ -18,3 +18,29 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 def cache_root() -> Path:
     """Where the tiny model, converted checkpoints and tokenised data are cached ($GLM_EXPERIMENTS_CACHE)."""
     return Path(os.environ.get("GLM_EXPERIMENTS_CACHE", Path.home() / ".cache" / "glm_experiments"))
+
+
+def build_once(dst: Path, done_file: str, build) -> Path:
+    """``dst``, made by ``build(tmp_dir)`` the first time (``dst/done_file`` marks it complete).
+
+    Concurrent callers (sweep jobs, ranks) wait on a file lock; the build happens in a temporary directory beside
+    ``dst`` that is renamed at the end, so a killed build never looks finished."""
+    import shutil
+    import tempfile
+
+    from filelock import FileLock
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{dst}.lock"):
+        if (dst / done_file).is_file():
+            return dst
+        tmp = Path(tempfile.mkdtemp(prefix=f"{dst.name}.tmp-", dir=dst.parent))
+        try:
+            build(tmp)
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(tmp, dst)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return dst

@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +29,7 @@ from transformers import GlmConfig, GlmForCausalLM, PreTrainedModel, PreTrainedT
 
 from glm_experiments.errors import UserError
 from glm_experiments.models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
-from glm_experiments.constants import TORCH_DTYPES, cache_root
+from glm_experiments.constants import TORCH_DTYPES, build_once, cache_root
 from glm_experiments.models.tokenizers import TokenizerError, build_tokenizer
 
 log = logging.getLogger(__name__)
@@ -525,27 +523,14 @@ def converted_path(path: str | os.PathLike, family: str) -> Path:
     """The transformers-format copy of a THUDM checkpoint, converted once per (path, file mtimes) into
     ``$GLM_EXPERIMENTS_CACHE/converted/<hash>`` (default ~/.cache/glm_experiments); concurrent callers wait on
     a file lock. Directories already in transformers' format are returned as they are."""
-    from filelock import FileLock
-
     path = Path(path).expanduser()
     if checkpoint_kind(path) == "native":
         return path
     _check_family(path, read_config(path), family)
-    root = cache_root() / "converted"
-    root.mkdir(parents=True, exist_ok=True)
-    key = _fingerprint(path, family)
-    dst = root / key
-    with FileLock(str(root / f"{key}.lock")):
-        if (dst / "conversion.json").is_file():
-            return dst
-        tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=root))
-        try:
-            log.info("converting %s (%s) into %s", path, family, dst)
-            convert_checkpoint(path, tmp, family)
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return dst
+    dst = cache_root() / "converted" / _fingerprint(path, family)
+
+    def convert(tmp: Path) -> None:
+        log.info("converting %s (%s) into %s", path, family, dst)
+        convert_checkpoint(path, tmp, family)
+
+    return build_once(dst, "conversion.json", convert)

@@ -40,16 +40,15 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from glm_experiments.constants import build_once, cache_root
 from glm_experiments.models.thudm import (
     CheckpointError,
-    cache_root,
     find_weight_files,
     is_v1_config,
     iter_tensors,
@@ -543,30 +542,20 @@ def prepared_adapter(src: str | os.PathLike, config: Any, family: str | None = N
     """A directory in this project's adapter format for ``src``: ``src`` itself when it has a method.json, else
     its conversion, made once into ``$GLM_EXPERIMENTS_CACHE/adapters/<hash>`` (keyed by the files and the base's
     dims; concurrent callers wait on a file lock)."""
-    from filelock import FileLock
 
     src = Path(src).expanduser()
     if adapter_kind(src) == "ours":
         return src
     dims = base_dims(config)
     root = cache_root() / "adapters"
-    root.mkdir(parents=True, exist_ok=True)
     key = _fingerprint(src, dims, family)
     dst = root / key
-    with FileLock(str(root / f"{key}.lock")):
-        if (dst / "method.json").is_file():
-            return dst
-        tmp = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=root))
-        try:
-            log.info("converting adapter %s into %s", src, dst)
-            convert_adapter(src, tmp, config, family)
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    return dst
+
+    def convert(tmp: Path) -> None:
+        log.info("converting adapter %s into %s", src, dst)
+        convert_adapter(src, tmp, config, family)
+
+    return build_once(dst, "method.json", convert)
 
 
 def load_adapter(model, adapter_dir: str | os.PathLike, family: str | None = None, *, is_trainable: bool = False,

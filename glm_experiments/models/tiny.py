@@ -13,20 +13,17 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
 from glm_experiments.config import TinyModelConfig
-from glm_experiments.constants import PROJECT_ROOT, cache_root
+from glm_experiments.constants import PROJECT_ROOT, build_once, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -163,18 +160,11 @@ def tiny_key(cfg: TinyModelConfig, corpus_path: Path = DEMO_CORPUS) -> str:
 
 
 def ensure_tiny_checkpoint(cfg: TinyModelConfig, corpus_path: Path = DEMO_CORPUS) -> Path:
-    """Directory of the pre-trained tiny model + tokenizer, building it on first use."""
+    """Directory of the pre-trained tiny model + tokenizer, building it on first use (once, whoever asks first:
+    parallel sweep jobs and ranks wait for it)."""
     out = cache_root() / "tiny" / tiny_key(cfg, corpus_path)
-    if (out / "done").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):  # parallel sweep jobs / ranks build it once
-        if (out / "done").exists():
-            return out
-        # built beside its final place and renamed at the end: a killed build never looks finished
-        staging = out.with_name(out.name + ".partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(out, ignore_errors=True)
+
+    def pretrain_into(staging: Path) -> None:
         log.info("pre-training the tiny base model once (cached in %s)", out)
         start = time.perf_counter()
         torch.manual_seed(0)
@@ -190,6 +180,6 @@ def ensure_tiny_checkpoint(cfg: TinyModelConfig, corpus_path: Path = DEMO_CORPUS
         stats = {"loss_first": losses[0], "loss_last": sum(losses[-10:]) / 10, "seconds": time.perf_counter() - start}
         (staging / "pretrain.json").write_text(json.dumps(stats, indent=2))
         (staging / "done").write_text("ok\n")
-        os.replace(staging, out)
         log.info("tiny base pre-trained: loss %.2f -> %.2f in %.0f s", stats["loss_first"], stats["loss_last"], stats["seconds"])
-    return out
+
+    return out if (out / "done").exists() else build_once(out, "done", pretrain_into)
