@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 from transformers import SchedulerType, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from glm_experiments.compat import silence_known_renames
 from glm_experiments.console import quiet_trainer
 from glm_experiments.config import check_settings
 from glm_experiments.data.dataset import eval_prompts, load_split, make_collator
@@ -37,7 +36,6 @@ from glm_experiments.models import thudm_adapters
 from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
 
 log = logging.getLogger(__name__)
-silence_known_renames()
 
 TRAINABLE_FILE = "trainable.safetensors"
 

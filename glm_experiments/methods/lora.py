@@ -15,8 +15,11 @@ from typing import Any
 
 from torch import nn
 
+from glm_experiments.compat import silence_known_renames
 from glm_experiments.config import LoraMethodConfig
 from glm_experiments.methods.base import Method, cfg_get, check_settings, read_method_json, register, write_method_json
+
+silence_known_renames()  # peft calls transformers' deprecated is_gradient_checkpointing on every wrap and load
 
 NAME = "lora"
 DEFAULTS = LoraMethodConfig()  # the schema owns every default
