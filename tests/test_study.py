@@ -37,7 +37,7 @@ def test_debug_smoke_shortens_any_study():
     assert smoke.eval.max_samples <= 8 and smoke.eval.max_new_tokens <= 16 and not smoke.eval.before_training
     assert 0 < smoke.train.save_steps <= smoke.train.max_steps
     # only the lengths of a run change, not what the study compares
-    assert (smoke.data.name, smoke.data.max_source_length, smoke.method.name) == ("history_demo", 512, "lora")
+    assert (smoke.data.name, smoke.data.max_source_length, smoke.method.name) == ("history_demo", 512, "full")
     assert compose(["debug=smoke"]).train.max_steps == smoke.train.max_steps  # with the default run too
     assert compose([]).train.max_steps != smoke.train.max_steps  # and off by default
 

@@ -231,7 +231,7 @@ def test_sweep_callback_does_nothing_without_tracking(monkeypatch, tmp_path):
 @pytest.mark.parametrize("overrides, expected", [
     (["experiment=source_length_ablation"], {"data.max_source_length": 512, "data.max_target_length": 128}),
     (["experiment=source_length_ablation", "lengths=src1024_tgt256"],
-     {"data.max_source_length": 1024, "data.max_target_length": 256, "method.name": "lora"}),
+     {"data.max_source_length": 1024, "data.max_target_length": 256, "method.name": "full"}),
     (["experiment=lora_rank_sweep", "method.r=16"], {"method.r": 16, "method.alpha": 32}),
     (["experiment=method_comparison", "method=ptuning"], {"method.name": "ptuning"}),
     # the memory-lean presets whose peaks bench/run.py --only memory_trace traces
