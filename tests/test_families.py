@@ -98,14 +98,17 @@ def rms_norm(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def reference_chatglm2(sd: dict, cfg: dict, ids: list[int]) -> torch.Tensor:
-    """ChatGLM2/3/GLM-4 forward (modeling_chatglm.py, original_rope) over THUDM tensors; logits (L, vocab)."""
+def reference_chatglm2(sd: dict, cfg: dict, ids: list[int], prefix=None) -> torch.Tensor:
+    """ChatGLM2/3/GLM-4 forward (modeling_chatglm.py, original_rope) over THUDM tensors; logits (L, vocab).
+
+    ``prefix``: P-Tuning v2's per-layer (keys, values), each (P, groups, d): they start every layer's keys/values
+    (not rotated), every query sees all of them, position ids count the real tokens from 0."""
     L, d = len(ids), cfg["kv_channels"]
     nh, ng, eps = cfg["num_attention_heads"], cfg["multi_query_group_num"], cfg["layernorm_epsilon"]
     rot = d // 2
     base = 10000 * cfg.get("rope_ratio", 1)
     theta = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float) / rot))
-    angles = torch.outer(torch.arange(L, dtype=torch.float), theta)
+    angles = torch.outer(torch.arange(L, dtype=torch.float), theta).to(sd["transformer.output_layer.weight"].dtype)
     cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
 
     def rope(x):  # (L, heads, d): pairs (0,1), (2,3), ... of the first rot dims
@@ -116,16 +119,19 @@ def reference_chatglm2(sd: dict, cfg: dict, ids: list[int]) -> torch.Tensor:
         return torch.cat([out, xp], dim=-1)
 
     h = sd["transformer.embedding.word_embeddings.weight"][torch.tensor(ids)]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    P = prefix[0][0].shape[0] if prefix else 0
+    allowed = torch.cat([torch.ones(L, P, dtype=torch.bool), torch.ones(L, L, dtype=torch.bool).tril()], dim=1)
     for i in range(cfg["num_layers"]):
         p = f"transformer.encoder.layers.{i}."
         x = rms_norm(h, sd[p + "input_layernorm.weight"], eps)
         qkv = x @ sd[p + "self_attention.query_key_value.weight"].T + sd[p + "self_attention.query_key_value.bias"]
         q, k, v = qkv.split([nh * d, ng * d, ng * d], dim=-1)
         q, k, v = rope(q.view(L, nh, d)), rope(k.view(L, ng, d)), v.view(L, ng, d)
+        if prefix:
+            k, v = torch.cat([prefix[i][0].to(k.dtype), k]), torch.cat([prefix[i][1].to(v.dtype), v])
         k, v = k.repeat_interleave(nh // ng, dim=1), v.repeat_interleave(nh // ng, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(L, nh * d)
         h = h + attn @ sd[p + "self_attention.dense.weight"].T
         x = rms_norm(h, sd[p + "post_attention_layernorm.weight"], eps)
@@ -135,8 +141,11 @@ def reference_chatglm2(sd: dict, cfg: dict, ids: list[int]) -> torch.Tensor:
     return h @ sd["transformer.output_layer.weight"].T
 
 
-def reference_chatglm_v1(sd: dict, cfg: dict, ids: list[int]) -> torch.Tensor:
-    """ChatGLM-6B forward (2D RoPE, bidirectional context, alpha residual) over THUDM tensors."""
+def reference_chatglm_v1(sd: dict, cfg: dict, ids: list[int], prefix=None) -> torch.Tensor:
+    """ChatGLM-6B forward (2D RoPE, bidirectional context, alpha residual) over THUDM tensors.
+
+    ``prefix``: P-Tuning v2's per-layer (keys, values), each (P, heads, head_dim), concatenated after RoPE of the
+    new keys (never rotated), visible to every query; positions ignore them (modeling_chatglm.py v1)."""
     L, H, nh = len(ids), cfg["hidden_size"], cfg["num_attention_heads"]
     hd, eps = H // nh, cfg["layernorm_epsilon"]
     alpha = math.sqrt(2 * 28)  # GLMBlock(num_layers=28) default: the original never passes the config's depth
@@ -148,7 +157,7 @@ def reference_chatglm_v1(sd: dict, cfg: dict, ids: list[int]) -> torch.Tensor:
     inv_freq = (1.0 / (10000 ** (torch.arange(0, half, 2).float() / half))).half().float()
 
     def rope(x, p):  # (L, heads, half), rotate-half style
-        f = p[:, None].float() * inv_freq
+        f = (p[:, None].float() * inv_freq).to(x.dtype)
         emb = torch.cat([f, f], dim=-1)[:, None, :]
         x1, x2 = x[..., : half // 2], x[..., half // 2 :]
         return x * emb.cos() + torch.cat([-x2, x1], dim=-1) * emb.sin()
@@ -157,7 +166,8 @@ def reference_chatglm_v1(sd: dict, cfg: dict, ids: list[int]) -> torch.Tensor:
         return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
     idx = torch.arange(L)
-    allowed = (idx[None, :] <= idx[:, None]) | (idx[None, :] < ctx)
+    P = prefix[0][0].shape[0] if prefix else 0
+    allowed = torch.cat([torch.ones(L, P, dtype=torch.bool), (idx[None, :] <= idx[:, None]) | (idx[None, :] < ctx)], dim=1)
     h = sd["transformer.word_embeddings.weight"][torch.tensor(ids)]
     for i in range(cfg["num_layers"]):
         p = f"transformer.layers.{i}."
@@ -166,6 +176,8 @@ def reference_chatglm_v1(sd: dict, cfg: dict, ids: list[int]) -> torch.Tensor:
         q, k, v = qkv[..., :hd], qkv[..., hd : 2 * hd], qkv[..., 2 * hd :]
         q = torch.cat([rope(q[..., :half], pos), rope(q[..., half:], block)], dim=-1)
         k = torch.cat([rope(k[..., :half], pos), rope(k[..., half:], block)], dim=-1)
+        if prefix:
+            k, v = torch.cat([prefix[i][0].to(k.dtype), k]), torch.cat([prefix[i][1].to(v.dtype), v])
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
         probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(L, H)

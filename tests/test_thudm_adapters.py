@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import test_families as tf
@@ -167,91 +166,19 @@ def thudm_prefix(values: torch.Tensor, cfg: dict) -> list[tuple[torch.Tensor, to
     return [(x[2 * i], x[2 * i + 1]) for i in range(cfg["num_layers"])]
 
 
-def reference_chatglm2_prefix(sd: dict, cfg: dict, ids: list[int], prefix) -> torch.Tensor:
-    """ChatGLM2/3/GLM-4 with pre_seq_len: each layer's keys/values start with the prefix (not rotated), every query
-    sees the whole prefix, position ids count the real tokens from 0 (modeling_chatglm.py)."""
-    L, d = len(ids), cfg["kv_channels"]
-    nh, ng, eps = cfg["num_attention_heads"], cfg["multi_query_group_num"], cfg["layernorm_epsilon"]
-    P = prefix[0][0].shape[0]
-    rot = d // 2
-    base = 10000 * cfg.get("rope_ratio", 1)
-    theta = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.float) / rot))
-    angles = torch.outer(torch.arange(L, dtype=torch.float), theta).double()
-    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
-
-    def rope(x):
-        xr, xp = x[..., :rot], x[..., rot:]
-        xr = xr.reshape(L, x.shape[1], rot // 2, 2)
-        x0, x1 = xr[..., 0], xr[..., 1]
-        return torch.cat([torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1).flatten(2), xp], dim=-1)
-
-    sd = {k: v.double() for k, v in sd.items()}
-    h = sd["transformer.embedding.word_embeddings.weight"][torch.tensor(ids)]
-    allowed = torch.cat([torch.ones(L, P, dtype=torch.bool), torch.ones(L, L, dtype=torch.bool).tril()], dim=1)
-    for i in range(cfg["num_layers"]):
-        p = f"transformer.encoder.layers.{i}."
-        x = tf.rms_norm(h, sd[p + "input_layernorm.weight"], eps)
-        qkv = x @ sd[p + "self_attention.query_key_value.weight"].T + sd[p + "self_attention.query_key_value.bias"]
-        q, k, v = qkv.split([nh * d, ng * d, ng * d], dim=-1)
-        q, k, v = rope(q.view(L, nh, d)), rope(k.view(L, ng, d)), v.view(L, ng, d)
-        k = torch.cat([prefix[i][0].double(), k], dim=0).repeat_interleave(nh // ng, dim=1)
-        v = torch.cat([prefix[i][1].double(), v], dim=0).repeat_interleave(nh // ng, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(d)
-        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-        attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(L, nh * d)
-        h = h + attn @ sd[p + "self_attention.dense.weight"].T
-        x = tf.rms_norm(h, sd[p + "post_attention_layernorm.weight"], eps)
-        gate, up = (x @ sd[p + "mlp.dense_h_to_4h.weight"].T).chunk(2, dim=-1)
-        h = h + (F.silu(gate) * up) @ sd[p + "mlp.dense_4h_to_h.weight"].T
-    h = tf.rms_norm(h, sd["transformer.encoder.final_layernorm.weight"], eps)
-    return h @ sd["transformer.output_layer.weight"].T
+def double_state(base: Path) -> dict:
+    """The THUDM checkpoint's tensors in float64, for the references with a prefix."""
+    return {k: v.double() for k, v in tf.read_state_dict(base).items()}
 
 
-def reference_chatglm_v1_prefix(sd: dict, cfg: dict, ids: list[int], prefix) -> torch.Tensor:
-    """ChatGLM-6B with pre_seq_len (modeling_chatglm.py v1): the prefix keys/values are concatenated after RoPE of
-    the new keys (so never rotated), the prefix attention mask is all visible, positions ignore the prefix."""
-    L, H, nh = len(ids), cfg["hidden_size"], cfg["num_attention_heads"]
-    hd, eps, alpha = H // nh, cfg["layernorm_epsilon"], math.sqrt(2 * 28)
-    P = prefix[0][0].shape[0]
-    ctx = ids.index(cfg["bos_token_id"])
-    mask_pos = ids.index(cfg["gmask_token_id"])
-    pos = torch.tensor([t if t < ctx else mask_pos for t in range(L)])
-    block = torch.tensor([0 if t < ctx else t - ctx + 1 for t in range(L)])
-    half = hd // 2
-    inv_freq = (1.0 / (10000 ** (torch.arange(0, half, 2).float() / half))).half().float()
-
-    def rope(x, p):
-        f = (p[:, None].float() * inv_freq).double()
-        emb = torch.cat([f, f], dim=-1)[:, None, :]
-        x1, x2 = x[..., : half // 2], x[..., half // 2 :]
-        return x * emb.cos() + torch.cat([-x2, x1], dim=-1) * emb.sin()
-
-    def gelu(x):
-        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
-
-    sd = {k: v.double() for k, v in sd.items()}
-    idx = torch.arange(L)
-    allowed = torch.cat([torch.ones(L, P, dtype=torch.bool), (idx[None, :] <= idx[:, None]) | (idx[None, :] < ctx)], dim=1)
-    h = sd["transformer.word_embeddings.weight"][torch.tensor(ids)]
-    for i in range(cfg["num_layers"]):
-        p = f"transformer.layers.{i}."
-        xn = F.layer_norm(h, (H,), sd[p + "input_layernorm.weight"], sd[p + "input_layernorm.bias"], eps)
-        qkv = (xn @ sd[p + "attention.query_key_value.weight"].T + sd[p + "attention.query_key_value.bias"]).view(L, nh, 3 * hd)
-        q, k, v = qkv[..., :hd], qkv[..., hd : 2 * hd], qkv[..., 2 * hd :]
-        q = torch.cat([rope(q[..., :half], pos), rope(q[..., half:], block)], dim=-1)
-        k = torch.cat([rope(k[..., :half], pos), rope(k[..., half:], block)], dim=-1)
-        k = torch.cat([prefix[i][0].double(), k], dim=0)
-        v = torch.cat([prefix[i][1].double(), v], dim=0)
-        scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
-        probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-        attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(L, H)
-        attn = attn @ sd[p + "attention.dense.weight"].T + sd[p + "attention.dense.bias"]
-        h = xn * alpha + attn
-        mn = F.layer_norm(h, (H,), sd[p + "post_attention_layernorm.weight"], sd[p + "post_attention_layernorm.bias"], eps)
-        mlp = gelu(mn @ sd[p + "mlp.dense_h_to_4h.weight"].T + sd[p + "mlp.dense_h_to_4h.bias"])
-        h = mn * alpha + mlp @ sd[p + "mlp.dense_4h_to_h.weight"].T + sd[p + "mlp.dense_4h_to_h.bias"]
-    h = F.layer_norm(h, (H,), sd["transformer.final_layernorm.weight"], sd["transformer.final_layernorm.bias"], eps)
-    return h @ sd["lm_head.weight"].T
+def prefix_encoder_output(sd: dict, projection: bool) -> torch.Tensor:
+    """THUDM's PrefixEncoder in plain torch (float64): the embedding, or embedding -> Linear -> tanh -> Linear."""
+    p = "transformer.prefix_encoder."
+    x = sd[p + "embedding.weight"].double()
+    if projection:
+        x = torch.tanh(x @ sd[p + "trans.0.weight"].double().T + sd[p + "trans.0.bias"].double())
+        x = x @ sd[p + "trans.2.weight"].double().T + sd[p + "trans.2.bias"].double()
+    return x
 
 
 def load_checkpoint_state(base: Path, folded: dict) -> dict:
@@ -323,7 +250,7 @@ def test_lora_converted_matches_original(family, fmt, version, targets, flags, b
     expected = tf.reference_chatglm2(folded, cfg, ids)
     assert_close(logits, expected, what=f"{family} LoRA {targets} logits")
     # the adapter really changes the output (a no-op adapter would pass too)
-    plain = tf.reference_chatglm2({k: v.double() for k, v in tf.read_state_dict(base).items()}, cfg, ids)
+    plain = tf.reference_chatglm2(double_state(base), cfg, ids)
     assert (expected - plain).norm() > 1e-2 * plain.norm()
 
 
@@ -381,16 +308,12 @@ def test_ptuning_main_checkpoint_matches_original(family, projection, bases, tmp
 
     cfg = json.loads((base / "config.json").read_text())
     sd = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
-    p = "transformer.prefix_encoder."
-    x = sd[p + "embedding.weight"].double()
-    if projection:
-        x = torch.tanh(x @ sd[p + "trans.0.weight"].double().T + sd[p + "trans.0.bias"].double())
-        x = x @ sd[p + "trans.2.weight"].double().T + sd[p + "trans.2.bias"].double()
+    x = prefix_encoder_output(sd, projection)
     _, tok = load_checkpoint(base, family, torch.float32)
     ids = ids_for(family, tok)
-    expected = reference_chatglm2_prefix(tf.read_state_dict(base), cfg, ids, thudm_prefix(x, cfg))
+    expected = tf.reference_chatglm2(double_state(base), cfg, ids, prefix=thudm_prefix(x, cfg))
     assert_close(_ptuning_logits(dst, family, ids), expected, what=f"{family} ptuning/main.py prefix logits")
-    plain = tf.reference_chatglm2({k: v.double() for k, v in tf.read_state_dict(base).items()}, cfg, ids)
+    plain = tf.reference_chatglm2(double_state(base), cfg, ids)
     assert (expected - plain).norm() > 1e-2 * plain.norm()  # the prefix matters
 
 
@@ -403,16 +326,12 @@ def test_chatglm_v1_ptuning_main_checkpoint_matches_original(projection, bases, 
     dst = run_convert(base, "chatglm", ckpt, tmp_path / "out")
     cfg = json.loads((base / "config.json").read_text())
     sd = torch.load(ckpt / "pytorch_model.bin", weights_only=True)
-    p = "transformer.prefix_encoder."
-    x = sd[p + "embedding.weight"].double()
-    if projection:
-        x = torch.tanh(x @ sd[p + "trans.0.weight"].double().T + sd[p + "trans.0.bias"].double())
-        x = x @ sd[p + "trans.2.weight"].double().T + sd[p + "trans.2.bias"].double()
+    x = prefix_encoder_output(sd, projection)
     _, tok = load_checkpoint(base, "chatglm", torch.float32)
     ids = ids_for("chatglm", tok)
-    expected = reference_chatglm_v1_prefix(tf.read_state_dict(base), cfg, ids, thudm_prefix(x, cfg))
+    expected = tf.reference_chatglm_v1(double_state(base), cfg, ids, prefix=thudm_prefix(x, cfg))
     assert_close(_ptuning_logits(dst, "chatglm", ids), expected, what="ChatGLM-6B ptuning/main.py prefix logits")
-    plain = tf.reference_chatglm_v1({k: v.double() for k, v in tf.read_state_dict(base).items()}, cfg, ids)
+    plain = tf.reference_chatglm_v1(double_state(base), cfg, ids)
     assert (expected - plain).norm() > 1e-2 * plain.norm()  # the prefix matters
 
 
@@ -431,7 +350,7 @@ def test_full_model_save_with_prefix_encoder(bases, tmp_path):
     dst = run_convert(base, "chatglm3", ckpt, tmp_path / "out")
     _, tok = load_checkpoint(base, "chatglm3", torch.float32)
     ids = ids_for("chatglm3", tok)
-    expected = reference_chatglm2_prefix(tf.read_state_dict(base), cfg, ids, thudm_prefix(table.double(), cfg))
+    expected = tf.reference_chatglm2(double_state(base), cfg, ids, prefix=thudm_prefix(table.double(), cfg))
     assert_close(_ptuning_logits(dst, "chatglm3", ids), expected, what="full-save prefix logits")
 
 
@@ -457,7 +376,7 @@ def test_peft_prefix_tuning_with_projection_encoder(bases, tmp_path):
     x = x @ v["transform.2.weight"].T + v["transform.2.bias"]
     _, tok = load_checkpoint(base, "glm4", torch.float32)
     ids = ids_for("glm4", tok)
-    expected = reference_chatglm2_prefix(tf.read_state_dict(base), cfg, ids, thudm_prefix(x, cfg))
+    expected = tf.reference_chatglm2(double_state(base), cfg, ids, prefix=thudm_prefix(x, cfg))
     assert_close(_ptuning_logits(dst, "glm4", ids), expected, what="PEFT PREFIX_TUNING (encoder) logits")
 
 
@@ -471,7 +390,7 @@ def test_peft_prefix_tuning_matches_original(family, fmt, bases, tmp_path):
              else __import__("safetensors.torch").torch.load_file(str(adapter / "adapter_model.safetensors")))["prompt_embeddings"]
     _, tok = load_checkpoint(base, family, torch.float32)
     ids = ids_for(family, tok)
-    expected = reference_chatglm2_prefix(tf.read_state_dict(base), cfg, ids, thudm_prefix(table.double(), cfg))
+    expected = tf.reference_chatglm2(double_state(base), cfg, ids, prefix=thudm_prefix(table.double(), cfg))
     assert_close(_ptuning_logits(dst, family, ids), expected, what=f"{family} PEFT PREFIX_TUNING logits")
 
 
@@ -684,7 +603,7 @@ def test_chatglm_v1_residual_alpha_is_sqrt_56_for_any_depth(bases):
     ids = ids_for("chatglm", tok)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0]
-    sd = {k: v.double() for k, v in tf.read_state_dict(bases["chatglm"]).items()}
+    sd = double_state(bases["chatglm"])
     assert_close(logits, tf.reference_chatglm_v1(sd, cfg, ids), what="v1 logits, alpha sqrt(56)")
     for layer in model.transformer.layers:  # the config's depth would give another model
         layer.alpha = math.sqrt(2 * 2)
