@@ -15,7 +15,6 @@ the released ``ice_text.model`` does, in both model types, so normalisation orde
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
@@ -59,24 +58,9 @@ CASES = [
 
 def v1_sp_model(model_type: str) -> bytes:
     """A ChatGLM-6B-like ice_text.model: default normalisation, the original's user-defined symbols."""
-    out = io.BytesIO()
     lines = [fx._v1_preprocess(line) for line in fx.corpus()] + ["ＡＢＣ１２３ 全角 空格 UPPER lower", "😀 emoji", "Hello World line1 line2 x y a b c d 类型#裙*版型#宽松*风格"]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=out,
-        model_type=model_type,
-        vocab_size=520 if model_type == "unigram" else 600,
-        character_coverage=1.0,
-        num_threads=1,
-        minloglevel=2,
-        hard_vocab_limit=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        user_defined_symbols=fx.chatglm_v1_user_symbols(),
-    )
-    return out.getvalue()
+    return fx.train_sentencepiece(lines, model_type=model_type, vocab_size=520 if model_type == "unigram" else 600,
+                                  pad_id=3, user_defined_symbols=fx.chatglm_v1_user_symbols())
 
 
 def v1_reference(sp, offset=0, remove_space=False, do_lower_case=False):

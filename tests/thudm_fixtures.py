@@ -61,48 +61,29 @@ def _v1_preprocess(text: str) -> str:
     return text
 
 
-@functools.lru_cache(maxsize=None)
-def sentencepiece_bytes(kind: str) -> bytes:
-    """A trained SentencePiece model: kind "chatglm2" (BPE, as ChatGLM2/3) or "chatglm" (Unigram, as ice_text)."""
+def train_sentencepiece(lines, **settings) -> bytes:
+    """A SentencePiece model trained offline on ``lines``; ids 0-2 are unk, bos, eos as in every ChatGLM tokenizer."""
     import sentencepiece as spm
 
     out = io.BytesIO()
-    common = dict(
-        model_writer=out,
-        character_coverage=1.0,
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        num_threads=1,
-        minloglevel=2,
-        hard_vocab_limit=False,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-    )
-    if kind == "chatglm2":
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(corpus()),
-            model_type="bpe",
-            vocab_size=700,
-            byte_fallback=True,
-            split_digits=True,
-            pad_id=-1,
-            **common,
-        )
-    elif kind == "chatglm":
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter([_v1_preprocess(line) for line in corpus()]),
-            model_type="unigram",
-            vocab_size=500,
-            byte_fallback=False,
-            pad_id=3,
-            user_defined_symbols=chatglm_v1_user_symbols(),
-            **common,
-        )
-    else:
-        raise ValueError(kind)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=out, character_coverage=1.0,
+                                   num_threads=1, minloglevel=2, hard_vocab_limit=False, unk_id=0, bos_id=1, eos_id=2,
+                                   **settings)
     return out.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def sentencepiece_bytes(kind: str) -> bytes:
+    """A trained SentencePiece model: kind "chatglm2" (BPE, as ChatGLM2/3) or "chatglm" (Unigram, as ice_text)."""
+    common = dict(add_dummy_prefix=True, remove_extra_whitespaces=False, normalization_rule_name="identity")
+    if kind == "chatglm2":
+        return train_sentencepiece(corpus(), model_type="bpe", vocab_size=700, byte_fallback=True, split_digits=True,
+                                   pad_id=-1, **common)
+    if kind == "chatglm":
+        return train_sentencepiece([_v1_preprocess(line) for line in corpus()], model_type="unigram", vocab_size=500,
+                                   byte_fallback=False, pad_id=3, user_defined_symbols=chatglm_v1_user_symbols(),
+                                   **common)
+    raise ValueError(kind)
 
 
 GLM4_PATTERN = (
