@@ -85,7 +85,7 @@ class ChatSession:
             self.history = self.history[2:]  # one user + one assistant message
             dropped += 1
         if len(ids) > budget:  # the query alone is too long: keep its end (and the template's head)
-            head = getattr(self.template, "prefix", lambda _t: [])(self.tokenizer)
+            head = self.template.prefix(self.tokenizer)
             ids = ids[: len(head)] + ids[len(ids) - (budget - len(head)):]
         return ids, dropped
 

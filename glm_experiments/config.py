@@ -96,7 +96,7 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    # tiny | chatglm | chatglm2 | chatglm3 | glm4 | hf (a directory already in native HF format)
+    # a module of models/families/: tiny | chatglm | chatglm2 | chatglm3 | glm4 | hf (a directory in transformers' format)
     family: str = MISSING
     path: Optional[str] = None
     # auto = bf16 where the hardware supports it, fp32 on CPU
@@ -105,7 +105,7 @@ class ModelConfig:
     # convert a THUDM checkpoint once into ~/.cache/glm_experiments/converted (sweeps reuse it)
     # instead of mapping it in memory on every run
     cache_conversion: bool = True
-    # chat template family used to tokenise (defaults to the model family's own)
+    # chat template (data/templates.py) used to tokenise; null = the family's own (Family.template)
     template: Optional[str] = None
     tiny: Optional[TinyModelConfig] = None
 

@@ -44,7 +44,13 @@ def main(argv=None) -> int:
     import tempfile
     from pathlib import Path
 
-    from glm_experiments.models.thudm import CheckpointError, _check_family, checkpoint_kind, convert_checkpoint, read_config
+    from glm_experiments.models.thudm import (
+        CheckpointError,
+        check_family,
+        checkpoint_kind,
+        convert_checkpoint,
+        read_config,
+    )
 
     dst = Path(args.dst).expanduser()
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -58,7 +64,7 @@ def main(argv=None) -> int:
             if checkpoint_kind(src) == "native":
                 raise CheckpointError(f"{src / 'config.json'}: already in transformers' format; nothing to convert")
             cfg = read_config(src)
-            _check_family(src, cfg, args.family)
+            check_family(src, cfg, args.family)
             tmp = Path(tempfile.mkdtemp(prefix="adapter-"))
             _, method = convert_adapter(args.adapter, tmp / "adapter", cfg, args.family, base_model_name_or_path=str(dst.resolve()))
         convert_checkpoint(args.src, dst, args.family, max_shard_size=args.shard_size, dtype=DTYPES[args.dtype])

@@ -183,9 +183,8 @@ def default_device() -> str:
 
 def load_base(cfg: DictConfig, method: str | None = None):
     """(base model, tokenizer, template) as the run built them, before its method was applied."""
-    from glm_experiments.data.templates import get_template
     from glm_experiments.methods import get_method
-    from glm_experiments.models.loading import load_model_and_tokenizer
+    from glm_experiments.models.loading import load_model_and_tokenizer, template_for
 
     quantization = None
     if method is not None:
@@ -193,7 +192,7 @@ def load_base(cfg: DictConfig, method: str | None = None):
         module.check_available()
         quantization = module.quantization_config(cfg.method)
     model, tokenizer = load_model_and_tokenizer(cfg.model, quantization_config=quantization)
-    template = get_template(cfg.model.template or cfg.model.family)
+    template = template_for(cfg.model)
     return model, tokenizer, template
 
 

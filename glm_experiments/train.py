@@ -13,27 +13,57 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
-from transformers import SchedulerType, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+from transformers import (
+    SchedulerType,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_pt_utils import (
+    LengthGroupedSampler,
+    get_length_grouped_indices,
+)
 
-from glm_experiments.console import quiet_trainer
 from glm_experiments.config import check_settings
+from glm_experiments.console import quiet_trainer
 from glm_experiments.data.dataset import eval_prompts, load_split, make_collator
 from glm_experiments.data.formats import load_samples, resolve_data_path
-from glm_experiments.data.templates import get_template
-from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
+from glm_experiments.distributed import (
+    barrier,
+    gather_to_main,
+    gathered,
+    is_main,
+    local_main_first,
+    zero3_partitioned,
+)
 from glm_experiments.errors import UserError
-from glm_experiments.evaluation import EvalSet, evaluate_generation, generation_kwargs, load_eval_set, write_predictions
+from glm_experiments.evaluation import (
+    EvalSet,
+    evaluate_generation,
+    generation_kwargs,
+    load_eval_set,
+    write_predictions,
+)
 from glm_experiments.hydra_checks import check_creatable
 from glm_experiments.interrupts import sigterm_as_interrupt
 from glm_experiments.losses import chunked_loss
 from glm_experiments.methods import get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
-from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer
+from glm_experiments.models import thudm_adapters
+from glm_experiments.models.loading import (
+    check_lengths,
+    load_model_and_tokenizer,
+    template_for,
+)
 from glm_experiments.run_dirs import resolve_resume
 from glm_experiments.run_result import RunResult, hydra_tags
-from glm_experiments.models import thudm_adapters
-from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
+from glm_experiments.tracking.mlflow_tracker import (
+    Tracker,
+    flatten_config,
+    git_commit,
+    run_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +186,7 @@ class TrackingCallback(TrainerCallback):
         metrics = {}
         for key, value in logs.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                name = key[5:] if key.startswith("eval_") else key
+                name = key.removeprefix("eval_")
                 metrics[("eval/" if key.startswith("eval_") else "train/") + name] = value
         metrics.update(peak_memory_mib())
         self.tracker.log_metrics(metrics, step=state.global_step)
@@ -192,10 +222,7 @@ def preflight(cfg: DictConfig) -> None:
     check_creatable("output_dir", cfg.output_dir)
     check_train_options(cfg)
     check_lengths(cfg)
-    try:
-        get_template(cfg.model.template or cfg.model.family)
-    except ValueError as exc:
-        raise UserError(f"model.template={cfg.model.template or 'null'} (model.family={cfg.model.family}): {exc}") from None
+    template_for(cfg.model)
     get_method(cfg.method.name).check_available()
     if cfg.deepspeed.config and importlib.util.find_spec("deepspeed") is None:
         raise UserError(f"deepspeed={cfg.deepspeed.name} needs the deepspeed package, which is not installed "
@@ -296,7 +323,7 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
     # ---- model + method
     quantization = method.quantization_config(cfg.method)
     model, tokenizer = load_model_and_tokenizer(cfg.model, quantization_config=quantization)
-    template = get_template(cfg.model.template or cfg.model.family)
+    template = template_for(cfg.model)
     # what generate() is really called with (stop ids included), beside the eval.* params
     tracker.set_tags({"eval.generation_kwargs": json.dumps(generation_kwargs(cfg.eval, tokenizer, template))})
     if thudm_adapters.init_from_dir(cfg.method):  # method.init_from: start from an existing (THUDM/PEFT) adapter

@@ -183,10 +183,10 @@ def prefix_encoder_output(sd: dict, projection: bool) -> torch.Tensor:
 
 def load_checkpoint_state(base: Path, folded: dict) -> dict:
     """Native-model state dict of THUDM tensors (through the base conversion, not the adapter mapping)."""
-    from glm_experiments.models.thudm import glm_config_from_thudm, map_v2_key
+    from glm_experiments.models.thudm_layouts import glm_config_from_thudm, map_v2_key
 
     cfg = json.loads((base / "config.json").read_text())
-    config = glm_config_from_thudm(cfg, "chatglm3")
+    config = glm_config_from_thudm(cfg)
     out = {}
     for key, tensor in folded.items():
         for target, value in map_v2_key(key, lambda t=tensor: t, config, cfg["num_layers"]) or []:

@@ -81,7 +81,7 @@ BAD_SETTINGS = [
     (["launcher.master_port=70000"], "launcher.master_port=70000: expected 0 (a free port) or in [1, 65535]"),
     (["seed=-1"], "seed=-1: expected in [0, 4294967295]"),
     (["model=chatglm3", "model.path=null"], "model=chatglm3 needs model.path=<checkpoint directory>; got None"),
-    (["model.family=gpt"], "model.family='gpt': expected tiny, chatglm, chatglm2, chatglm3, glm4 or hf"),
+    (["model.family=gpt"], "model.family='gpt': expected one of chatglm, chatglm2, chatglm3, glm4, hf, tiny"),
 ]
 
 
@@ -301,7 +301,7 @@ def test_cli_lengths_beyond_a_native_models_positions(native_dir, tmp_path):
     # read from config.json before any weight: the weights here are not even readable
     d = _copy(native_dir, tmp_path)
     (d / "model.safetensors").write_bytes(b"\0" * 100)
-    _fail(["model.family=hf", f"model.path={d}", "data.max_source_length=2000", "tracking=none"], tmp_path,
+    _fail(["model.family=hf", "model.template=chatglm3", f"model.path={d}", "data.max_source_length=2000", "tracking=none"], tmp_path,
           f"data.max_source_length 2000 + data.max_target_length 96 = 2096 exceeds the model's 2048 positions "
           f"(max_position_embeddings in {d / 'config.json'})")
 
@@ -310,7 +310,7 @@ def test_cli_lengths_beyond_a_native_models_positions(native_dir, tmp_path):
 def test_cli_corrupt_config_json(native_dir, tmp_path):
     d = _copy(native_dir, tmp_path)
     (d / "config.json").write_text('{"model_type": "glm",')
-    _fail(["model.family=hf", f"model.path={d}", "tracking=none"], tmp_path, f"{d / 'config.json'}: invalid JSON (",
+    _fail(["model.family=hf", "model.template=chatglm3", f"model.path={d}", "tracking=none"], tmp_path, f"{d / 'config.json'}: invalid JSON (",
           exact=False)
 
 
@@ -319,7 +319,7 @@ def test_cli_truncated_weights(native_dir, tmp_path):
     d = _copy(native_dir, tmp_path)
     weights = d / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    _fail(["model.family=hf", f"model.path={d}", "tracking=none"], tmp_path,
+    _fail(["model.family=hf", "model.template=chatglm3", f"model.path={d}", "tracking=none"], tmp_path,
           f"{d}: cannot read its weights (SafetensorError: ", exact=False)
 
 
@@ -329,7 +329,7 @@ def test_cli_missing_tokenizer(native_dir, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (d / name).unlink()
     (d / "model.safetensors").write_bytes(b"\0" * 100)  # found before the weights are read
-    _fail(["model.family=hf", f"model.path={d}", "tracking=none"], tmp_path,
+    _fail(["model.family=hf", "model.template=chatglm3", f"model.path={d}", "tracking=none"], tmp_path,
           f"{d}: cannot load its tokenizer (Couldn't instantiate the backend tokenizer from one of:)")
 
 
@@ -340,7 +340,7 @@ def test_cli_data_is_validated_before_the_model_loads(native_dir, tmp_path):
     (d / "model.safetensors").write_bytes(b"\0" * 100)
     data = tmp_path / "train.json"
     data.write_text('{"content": "a", "summary": "b"}\n{"content": "\\udc00", "summary": "b"}\n')
-    _fail(["model.family=hf", f"model.path={d}", f"data.train_file={data}", "tracking=none"], tmp_path,
+    _fail(["model.family=hf", "model.template=chatglm3", f"model.path={d}", f"data.train_file={data}", "tracking=none"], tmp_path,
           f"1 bad record(s) of 2 in {data} (format adgen; data.on_error=skip drops them):\n"
           f"  {data}:2: lone surrogate '\\udc00' (a \\u escape without its pair): not valid Unicode text")
 

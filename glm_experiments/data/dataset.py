@@ -134,7 +134,7 @@ def eval_prompts(samples: list[Sample], tokenizer, template, data_cfg) -> tuple[
             continue
         ids = template.prompt(tokenizer, context)
         if len(ids) > data_cfg.max_source_length:
-            head = getattr(template, "prefix", lambda _t: [])(tokenizer)
+            head = template.prefix(tokenizer)
             keep = data_cfg.max_source_length - len(head)
             ids = ids[: len(head)] + ids[len(ids) - keep :]
         prompts.append(ids)

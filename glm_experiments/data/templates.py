@@ -59,6 +59,9 @@ class ChatGLM3Template:
     def stop_ids(self, tokenizer) -> list[int]:
         return [tokenizer.eos_token_id, _special(tokenizer, "<|user|>"), _special(tokenizer, "<|observation|>")]
 
+    def generation_bos(self, tokenizer) -> int | None:
+        return None
+
     def encode(self, tokenizer, messages: list[dict]) -> Encoded:
         ids = self.prefix(tokenizer)
         mask = [False] * len(ids)
@@ -123,13 +126,20 @@ class ChatGLM2Template:
     def stop_ids(self, tokenizer) -> list[int]:
         return [tokenizer.eos_token_id]
 
+    def prefix(self, tokenizer) -> list[int]:
+        # kept when a long prompt is cut from the left, as encode()'s head_len=2 keeps it for training
+        return [_special(tokenizer, "[gMASK]"), _special(tokenizer, "sop")]
+
+    def generation_bos(self, tokenizer) -> int | None:
+        return None
+
     def prompt(self, tokenizer, messages: list[dict]) -> list[int]:
         history, query, _ = _round_pairs(messages + [{"role": "assistant", "content": ""}])
-        return [_special(tokenizer, "[gMASK]"), _special(tokenizer, "sop")] + _encode(tokenizer, self._prompt_text(history, query))
+        return self.prefix(tokenizer) + _encode(tokenizer, self._prompt_text(history, query))
 
     def encode(self, tokenizer, messages: list[dict]) -> Encoded:
         history, query, reply = _round_pairs(messages)
-        source = [_special(tokenizer, "[gMASK]"), _special(tokenizer, "sop")] + _encode(tokenizer, self._prompt_text(history, query))
+        source = self.prefix(tokenizer) + _encode(tokenizer, self._prompt_text(history, query))
         target = _encode(tokenizer, reply or "") + [tokenizer.eos_token_id]
         return Encoded(source + target, [IGNORE_INDEX] * len(source) + target, len(source), head_len=2)
 
@@ -150,6 +160,12 @@ class ChatGLMTemplate:
 
     def stop_ids(self, tokenizer) -> list[int]:
         return [_special(tokenizer, "<eop>")]
+
+    def prefix(self, tokenizer) -> list[int]:
+        return []  # [gMASK] <sop> end the prompt: nothing at its start must survive truncation
+
+    def generation_bos(self, tokenizer) -> int | None:
+        return _special(tokenizer, "<sop>")  # THUDM's generation_config.json names <sop> as bos
 
     def prompt(self, tokenizer, messages: list[dict]) -> list[int]:
         history, query, _ = _round_pairs(messages + [{"role": "assistant", "content": ""}])

@@ -1,7 +1,7 @@
 """LoRA through PEFT.
 
-``target_modules``: ``[]`` = the family default (native GLM: q_proj, k_proj, v_proj, o_proj;
-``config.model_type`` "chatglm_v1" / "chatglm": query_key_value), ``["all-linear"]`` = every linear
+``target_modules``: ``[]`` = the model class's default (``Architecture.lora_targets`` of its family: native GLM
+q_proj, k_proj, v_proj, o_proj; ChatGLM-6B query_key_value), ``["all-linear"]`` = every linear
 layer but the output head, otherwise the module names given.
 
 Saved with PEFT's ``save_pretrained`` (adapter weights + adapter_config.json only) + ``method.json``;
@@ -17,7 +17,15 @@ from torch import nn
 
 from glm_experiments.compat import silence_known_renames
 from glm_experiments.config import LoraMethodConfig
-from glm_experiments.methods.base import Method, cfg_get, check_settings, read_method_json, register, write_method_json
+from glm_experiments.methods.base import (
+    Method,
+    cfg_get,
+    check_settings,
+    read_method_json,
+    register,
+    write_method_json,
+)
+from glm_experiments.models.families import architecture_of
 
 silence_known_renames()  # peft calls transformers' deprecated is_gradient_checkpointing on every wrap and load
 
@@ -26,15 +34,9 @@ DEFAULTS = LoraMethodConfig()  # the schema owns every default
 # checkpoints written by either method hold a plain LoRA adapter
 COMPATIBLE = ("lora", "qlora")
 
-FUSED_QKV_TYPES = ("chatglm_v1", "chatglm")
-DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-
 
 def default_target_modules(model: nn.Module) -> list[str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in FUSED_QKV_TYPES:
-        return ["query_key_value"]
-    return list(DEFAULT_TARGETS)
+    return list(architecture_of(model).lora_targets)
 
 
 def resolve_target_modules(model: nn.Module, cfg: Any) -> list[str] | str:

@@ -22,7 +22,7 @@ Saved: ``soft_prompt.safetensors`` + ``method.json``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,9 +32,7 @@ from transformers.utils import ModelOutput
 from glm_experiments.compat import CACHE, pop_cache
 from glm_experiments.config import PromptTuningMethodConfig
 from glm_experiments.methods.base import (
-    split_virtual_mask,
     Method,
-    register,
     cfg_get,
     check_settings,
     freeze_all,
@@ -43,20 +41,21 @@ from glm_experiments.methods.base import (
     override_method,
     read_method_json,
     real_position_ids,
+    register,
     save_safetensors,
+    split_virtual_mask,
     write_method_json,
 )
+from glm_experiments.models.families import architecture_of
 
 NAME = "prompt_tuning"
 DEFAULTS = PromptTuningMethodConfig()  # the schema owns every default
 PROMPT_ATTR = "soft_prompt"
 WEIGHTS_FILE = "soft_prompt.safetensors"
-# model types whose forward needs input_ids (no inputs_embeds path)
-NEEDS_INPUT_IDS = ("chatglm_v1",)
 
 
 class SoftPrompt(nn.Module):
-    def __init__(self, num_virtual_tokens: int, hidden_size: int, init: Optional[torch.Tensor] = None):
+    def __init__(self, num_virtual_tokens: int, hidden_size: int, init: torch.Tensor | None = None):
         super().__init__()
         if num_virtual_tokens <= 0:
             raise ValueError(f"method=prompt_tuning: num_virtual_tokens must be > 0, got {num_virtual_tokens}")
@@ -66,7 +65,7 @@ class SoftPrompt(nn.Module):
             with torch.no_grad():
                 self.embedding.weight.copy_(init)
 
-    def forward(self, batch_size: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    def forward(self, batch_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         x = self.embedding.weight.unsqueeze(0).expand(batch_size, -1, -1)
         return x.to(dtype) if dtype is not None else x
 
@@ -100,14 +99,14 @@ def _install_forward(model: nn.Module) -> None:
 def _forward(
     model: nn.Module,
     orig,
-    input_ids: Optional[torch.Tensor] = None,
-    attention_mask: Optional[torch.Tensor] = None,
-    position_ids: Optional[torch.Tensor] = None,
-    inputs_embeds: Optional[torch.Tensor] = None,
-    labels: Optional[torch.Tensor] = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
     **kwargs: Any,
 ):
-    past_key_values: Optional[Cache] = pop_cache(kwargs)
+    past_key_values: Cache | None = pop_cache(kwargs)
     sp = _prompt(model)
     n_virtual = sp.num_virtual_tokens
     ref = input_ids if input_ids is not None else inputs_embeds
@@ -151,15 +150,12 @@ def _forward(
     return out
 
 
-def apply(model: nn.Module, cfg: Any, tokenizer: Any = None, *, init: Optional[torch.Tensor] = None) -> nn.Module:
+def apply(model: nn.Module, cfg: Any, tokenizer: Any = None, *, init: torch.Tensor | None = None) -> nn.Module:
     if isinstance(getattr(model, PROMPT_ATTR, None), nn.Module):
         raise ValueError(f"method=prompt_tuning is already applied to this {type(model).__name__}")
-    if getattr(getattr(model, "config", None), "model_type", None) in NEEDS_INPUT_IDS:
-        raise ValueError(
-            f"method=prompt_tuning does not support {model.config.model_type}: its positions and attention "
-            "pattern are computed from the token ids ([gMASK]/<sop>), so a soft prompt cannot be put in front. "
-            "Use method=ptuning (P-Tuning v2) instead."
-        )
+    refusal = architecture_of(model).no_soft_prompt_because
+    if refusal:
+        raise ValueError(f"method=prompt_tuning does not support {model.config.model_type}: {refusal}")
     n = int(cfg_get(cfg, "num_virtual_tokens", DEFAULTS.num_virtual_tokens))
     if n <= 0:
         raise ValueError(f"method=prompt_tuning: num_virtual_tokens must be > 0, got {n}")

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,9 +47,7 @@ from transformers.utils import ModelOutput
 from glm_experiments.compat import CACHE, pop_cache
 from glm_experiments.config import PtuningMethodConfig
 from glm_experiments.methods.base import (
-    split_virtual_mask,
     Method,
-    register,
     cfg_get,
     check_settings,
     freeze_all,
@@ -59,9 +57,12 @@ from glm_experiments.methods.base import (
     override_method,
     read_method_json,
     real_position_ids,
+    register,
     save_safetensors,
+    split_virtual_mask,
     write_method_json,
 )
+from glm_experiments.models.families import architecture_of
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class PrefixEncoder(nn.Module):
         prefix_projection: bool = False,
         prefix_hidden_size: int = 512,
         prefix_dropout: float = 0.1,
-        embedding_dim: Optional[int] = None,
+        embedding_dim: int | None = None,
     ):
         super().__init__()
         if pre_seq_len <= 0:
@@ -132,7 +133,7 @@ class PrefixEncoder(nn.Module):
             "head_dim": self.head_dim,
         }
 
-    def forward(self, batch_size: int, dtype: Optional[torch.dtype] = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward(self, batch_size: int, dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-layer keys and values, each ``(batch, kv_heads, pre_seq_len, head_dim)``."""
         tokens = self.prefix_tokens.unsqueeze(0).expand(batch_size, -1)
         x = self.embedding(tokens)
@@ -236,15 +237,15 @@ def _install_forward(model: nn.Module) -> None:
 def _forward(
     model: nn.Module,
     orig,
-    input_ids: Optional[torch.Tensor] = None,
-    attention_mask: Optional[torch.Tensor] = None,
-    position_ids: Optional[torch.Tensor] = None,
-    inputs_embeds: Optional[torch.Tensor] = None,
-    labels: Optional[torch.Tensor] = None,
-    use_cache: Optional[bool] = None,
+    input_ids: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    use_cache: bool | None = None,
     **kwargs: Any,
 ):
-    past_key_values: Optional[Cache] = pop_cache(kwargs)
+    past_key_values: Cache | None = pop_cache(kwargs)
     enc = _encoder(model)
     ref = input_ids if input_ids is not None else inputs_embeds
     if ref is None:
@@ -299,21 +300,11 @@ def _forward(
     return out
 
 
-def _chatglm_v1_positions(model, input_ids, attention_mask):
-    from glm_experiments.models.chatglm_v1 import chatglm_v1_positions
-
-    return chatglm_v1_positions(input_ids, attention_mask, model.config)[0]
-
-
-# model types whose position ids are not "count the attended tokens" (a model may instead define
-# ``prefix_free_position_ids(input_ids, attention_mask)``); called on a first pass only
-POSITION_IDS_FNS = {"chatglm_v1": _chatglm_v1_positions}
-
-
 def _position_ids(model, input_ids, mask_real, q_len, past_real, batch, device) -> torch.Tensor:
-    own = getattr(model, "prefix_free_position_ids", None)
-    special = POSITION_IDS_FNS.get(getattr(model.config, "model_type", None))
-    if own is not None or special is not None:
+    # a class whose positions are not "count the attended tokens" declares how (Architecture.prefix_position_ids);
+    # called on a first pass only
+    special = architecture_of(model).prefix_position_ids
+    if special is not None:
         if past_real:
             raise ValueError(
                 f"method=ptuning: {type(model).__name__} needs explicit position_ids once tokens are cached "
@@ -321,7 +312,7 @@ def _position_ids(model, input_ids, mask_real, q_len, past_real, batch, device) 
             )
         if input_ids is None:
             raise ValueError(f"method=ptuning: {type(model).__name__} computes positions from input_ids")
-        return own(input_ids, mask_real) if own is not None else special(model, input_ids, mask_real)
+        return special(model, input_ids, mask_real)
     return real_position_ids(mask_real, q_len, past_real, batch, device)
 
 
@@ -359,7 +350,7 @@ def _prepare_inputs_for_generation(model, orig, input_ids, **kwargs):
 
 
 # --------------------------------------------------------------------------- method API
-def apply(model: nn.Module, cfg: Any, tokenizer: Any = None, *, embedding_dim: Optional[int] = None) -> nn.Module:
+def apply(model: nn.Module, cfg: Any, tokenizer: Any = None, *, embedding_dim: int | None = None) -> nn.Module:
     """Freeze ``model`` and give it a trainable prefix encoder (see the module docstring)."""
     if isinstance(getattr(model, ENCODER_ATTR, None), nn.Module):
         raise ValueError(f"method=ptuning is already applied to this {type(model).__name__}")

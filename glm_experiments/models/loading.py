@@ -8,10 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
-from transformers import AutoTokenizer
 
 from glm_experiments.errors import UserError
+from glm_experiments.models.families import get_family
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +49,9 @@ def max_positions(model_cfg) -> tuple[int, str]:
     """The model's position limit and where it is set, from its config alone (no weights are read)."""
     if model_cfg.family == "tiny":
         return model_cfg.tiny.max_position_embeddings, "model.tiny.max_position_embeddings"
-    _check_family(model_cfg.family)
-    path = _checkpoint_dir(model_cfg)
-    from glm_experiments.models.thudm import read_config
+    get_family(model_cfg.family)
+    path = checkpoint_dir(model_cfg)
+    from glm_experiments.models.checkpoint_files import read_config
 
     config = read_config(path)
     # native (transformers) configs, ChatGLM2/3 and GLM-4, ChatGLM-6B: as glm_config_from_thudm / ChatGLMv1Config map them
@@ -76,47 +75,27 @@ def check_lengths(cfg) -> None:
                             f"the model's {limit} positions ({where})")
 
 
-FAMILIES = ("tiny", "chatglm", "chatglm2", "chatglm3", "glm4", "hf")
-
-
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise UserError(f"model.family={family!r}: expected tiny, chatglm, chatglm2, chatglm3, glm4 or hf")
-
-
-def _checkpoint_dir(model_cfg) -> Path:
+def checkpoint_dir(model_cfg) -> Path:
     if not model_cfg.path or not Path(model_cfg.path).expanduser().is_dir():
         raise UserError(f"model={model_cfg.name} needs model.path=<checkpoint directory>; got {model_cfg.path!r}")
     return Path(model_cfg.path).expanduser()
 
 
 def load_model_and_tokenizer(model_cfg, quantization_config=None):
+    """(model, tokenizer) as ``model.family``'s record loads them; padding on the left for batched generation."""
+    family = get_family(model_cfg.family)
     with _attention_errors_as_user_errors(model_cfg.attn_implementation):
-        return _load(model_cfg, quantization_config)
-
-
-def _load(model_cfg, quantization_config):
-    dtype = resolve_dtype(model_cfg.dtype)
-    family = model_cfg.family
-    if family == "tiny":
-        from glm_experiments.models.tiny import ensure_tiny_checkpoint
-
-        tiny_cfg = OmegaConf.to_object(model_cfg.tiny) if isinstance(model_cfg.tiny, DictConfig) else model_cfg.tiny
-        from glm_experiments.models.thudm import from_pretrained_strict
-
-        path = ensure_tiny_checkpoint(tiny_cfg)
-        model = from_pretrained_strict(
-            path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, quantization_config=quantization_config
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    elif family in ("chatglm", "chatglm2", "chatglm3", "glm4", "hf"):
-        _checkpoint_dir(model_cfg)
-        from glm_experiments.models.thudm import load_checkpoint
-
-        extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
-        model, tokenizer = load_checkpoint(model_cfg.path, family, dtype, cached=model_cfg.cache_conversion,
-                                           attn_implementation=model_cfg.attn_implementation, **extra)
-    else:
-        _check_family(family)
-    tokenizer.padding_side = "left"  # batched generation
+        model, tokenizer = family.load(model_cfg, resolve_dtype(model_cfg.dtype), quantization_config)
+    tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def template_for(model_cfg):
+    """The chat template of a model config: model.template, else its family's own."""
+    from glm_experiments.data.templates import get_template
+
+    name = get_family(model_cfg.family).template_name(model_cfg)
+    try:
+        return get_template(name)
+    except ValueError as exc:
+        raise UserError(f"model.template={name}: {exc}") from None

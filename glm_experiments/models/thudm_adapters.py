@@ -47,12 +47,13 @@ from typing import Any
 import torch
 
 from glm_experiments.constants import build_once, cache_root
-from glm_experiments.models.thudm import (
+from glm_experiments.models.checkpoint_files import (
     CheckpointError,
     find_weight_files,
-    is_v1_config,
     iter_tensors,
 )
+from glm_experiments.models.families import family_names, get_family
+from glm_experiments.models.thudm_layouts import glm_config_from_thudm, is_v1_config
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,6 @@ V2_MODULES = {
 # ChatGLM-6B module names (under transformer.layers.N), kept by our v1 class
 V1_MODULES = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 _LAYER_KEY = re.compile(r"transformer\.(encoder\.layers|layers)\.(\d+)\.(.+)")
-_FAMILY_HINTS = [("glm4", re.compile(r"glm-?4", re.IGNORECASE)), ("chatglm3", re.compile(r"chatglm3", re.IGNORECASE)),
-                 ("chatglm2", re.compile(r"chatglm2", re.IGNORECASE)), ("chatglm", re.compile(r"chatglm-6b(?!\d)", re.IGNORECASE))]
 
 
 # ----------------------------------------------------------------------------------------------- model dims
@@ -111,9 +110,7 @@ def base_dims(config: Any) -> BaseDims:
         if is_v1_config(config):
             h, heads = config["hidden_size"], config["num_attention_heads"]
             return BaseDims("v1", config["num_layers"], h, h, h, config.get("inner_hidden_size") or 4 * h, heads, h // heads)
-        from glm_experiments.models.thudm import glm_config_from_thudm
-
-        config = glm_config_from_thudm(config, "chatglm3")
+        config = glm_config_from_thudm(config)
     model_type = getattr(config, "model_type", None)
     if model_type == "chatglm_v1":
         h, heads = config.hidden_size, config.num_attention_heads
@@ -186,18 +183,20 @@ def adapter_kind(directory: str | os.PathLike) -> str:
 
 
 def _family_hint(text: Any) -> str | None:
-    for family, pattern in _FAMILY_HINTS:
-        if isinstance(text, str) and pattern.search(text):
-            return family
+    """The family whose name_pattern a checkpoint name (an adapter's base_model_name_or_path) matches."""
+    for name in family_names():
+        pattern = get_family(name).name_pattern
+        if isinstance(text, str) and pattern and re.search(pattern, text, re.IGNORECASE):
+            return name
     return None
 
 
 def _check_family_hint(file: Path, key: str, value: Any, family: str | None) -> None:
     hint = _family_hint(value)
-    if family in (None, "tiny", "hf") or hint is None or hint == family:
+    if family is None or not get_family(family).name_pattern or hint is None or hint == family:
         return
-    if {hint, family} <= {"chatglm2", "chatglm3"}:
-        # same architecture; a ChatGLM3 demo trained on a ChatGLM2 base (or the reverse) is the user's choice
+    if hint in get_family(family).shares_weights_with:
+        # same shapes and vocabulary; a ChatGLM3 demo trained on a ChatGLM2 base (or the reverse) is the user's choice
         log.warning("%s: %s=%r names %s, converting for %s", file, key, value, hint, family)
         return
     raise CheckpointError(f"{file}: key {key}={value!r} is a {hint} model, but the base is family {family}")

@@ -30,7 +30,16 @@ import json
 import os
 from pathlib import Path
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 from transformers import PreTrainedTokenizerFast
 
 from glm_experiments.errors import UserError
@@ -376,30 +385,40 @@ def _v1_options(directory: Path) -> dict:
     return options
 
 
-def build_tokenizer(directory: str | os.PathLike, family: str) -> PreTrainedTokenizerFast:
-    """The fast tokenizer of a THUDM checkpoint directory for ``family``."""
+def chatglm_v1_tokenizer_from_dir(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """ChatGLM-6B's tokenizer from a checkpoint directory (ice_text.model + tokenizer_config.json)."""
     directory = Path(directory)
-    if family == "chatglm":
-        path = directory / "ice_text.model"
-        if not path.is_file():
-            if (directory / "tokenizer.model").is_file():
-                raise TokenizerError(
-                    f"{directory}: has tokenizer.model but no ice_text.model: not a ChatGLM-6B (v1) checkpoint;"
-                    " use family chatglm2/chatglm3/glm4"
-                )
-            raise TokenizerError(f"{directory}: ice_text.model not found (ChatGLM-6B tokenizer)")
-        return chatglm_v1_tokenizer(path, **_v1_options(directory))
-    if family not in ("chatglm2", "chatglm3", "glm4"):
-        raise TokenizerError(f"unknown family {family!r}; expected chatglm, chatglm2, chatglm3 or glm4")
+    path = directory / "ice_text.model"
+    if not path.is_file():
+        if (directory / "tokenizer.model").is_file():
+            raise TokenizerError(
+                f"{directory}: has tokenizer.model but no ice_text.model: not a ChatGLM-6B (v1) checkpoint;"
+                " use family chatglm2/chatglm3/glm4"
+            )
+        raise TokenizerError(f"{directory}: ice_text.model not found (ChatGLM-6B tokenizer)")
+    return chatglm_v1_tokenizer(path, **_v1_options(directory))
+
+
+def _tokenizer_model(directory: str | os.PathLike, family: str, kind: str) -> Path:
+    """``tokenizer.model`` of ``directory``, checked to be a ``kind`` ("sentencepiece"/"tiktoken") file."""
+    directory = Path(directory)
     path = directory / "tokenizer.model"
     if not path.is_file():
         hint = " (found ice_text.model: a ChatGLM-6B checkpoint, use family chatglm)" if (directory / "ice_text.model").is_file() else ""
         raise TokenizerError(f"{path}: tokenizer file not found{hint}")
-    kind = tokenizer_file_kind(path)
-    if family == "glm4":
-        if kind != "tiktoken":
-            raise TokenizerError(f"{path}: is a SentencePiece model, but family glm4 needs GLM-4's tiktoken file")
-        return glm4_tokenizer(path)
-    if kind != "sentencepiece":
-        raise TokenizerError(f"{path}: is a tiktoken (GLM-4) file, but family {family} needs a SentencePiece model")
-    return chatglm2_tokenizer(path)
+    found = tokenizer_file_kind(path)
+    if found != kind:
+        if found == "tiktoken":
+            raise TokenizerError(f"{path}: is a tiktoken (GLM-4) file, but family {family} needs a SentencePiece model")
+        raise TokenizerError(f"{path}: is a SentencePiece model, but family {family} needs GLM-4's tiktoken file")
+    return path
+
+
+def chatglm2_tokenizer_from_dir(directory: str | os.PathLike, family: str = "chatglm2") -> PreTrainedTokenizerFast:
+    """ChatGLM2-6B's / ChatGLM3-6B's tokenizer from a checkpoint directory (SentencePiece tokenizer.model)."""
+    return chatglm2_tokenizer(_tokenizer_model(directory, family, "sentencepiece"))
+
+
+def glm4_tokenizer_from_dir(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """GLM-4's tokenizer from a checkpoint directory (tiktoken tokenizer.model)."""
+    return glm4_tokenizer(_tokenizer_model(directory, "glm4", "tiktoken"))
