@@ -27,7 +27,10 @@ DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfl
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m glm_experiments.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", required=True, choices=["chatglm", "chatglm2", "chatglm3", "glm4"])
+    from glm_experiments.models.families import family_names, get_family
+
+    thudm_families = [name for name in family_names() if get_family(name).layout is not None]
+    parser.add_argument("--family", required=True, choices=thudm_families)
     parser.add_argument("--src", required=True, help="THUDM checkpoint directory (config.json model_type chatglm)")
     parser.add_argument("--dst", required=True, help="output directory (created; must be empty if it exists)")
     parser.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB (default 2GB)")

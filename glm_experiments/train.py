@@ -1,4 +1,7 @@
-"""One run: build the pieces the config names, evaluate, train, evaluate, save, log."""
+"""One run, as a recipe read top to bottom: ``preflight`` (every check that needs no weights), ``setup`` (data
+files, model, method, tokenised data), an ``Evaluator`` (generation metrics before, during and after training),
+``train`` (transformers' Trainer, trainer.py), ``evaluate_after`` and ``save_and_log``. ``run`` ties them to one
+MLflow run that ends FINISHED, FAILED or KILLED."""
 
 from __future__ import annotations
 
@@ -6,197 +9,43 @@ import importlib.util
 import json
 import logging
 import math
-import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
-from transformers import (
-    SchedulerType,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
-from transformers.trainer_pt_utils import (
-    LengthGroupedSampler,
-    get_length_grouped_indices,
-)
+from omegaconf import DictConfig
+from transformers import SchedulerType, Trainer, set_seed
 
 from glm_experiments.config import check_settings
 from glm_experiments.console import quiet_trainer
 from glm_experiments.data.dataset import eval_prompts, load_split, make_collator
 from glm_experiments.data.formats import load_samples, resolve_data_path
-from glm_experiments.distributed import (
-    barrier,
-    gather_to_main,
-    gathered,
-    is_main,
-    local_main_first,
-    zero3_partitioned,
-)
+from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
-from glm_experiments.evaluation import (
-    EvalSet,
-    evaluate_generation,
-    generation_kwargs,
-    load_eval_set,
-    write_predictions,
-)
+from glm_experiments.evaluation import EvalSet, evaluate_generation, generation_kwargs, load_eval_set, write_predictions
 from glm_experiments.hydra_checks import check_creatable
 from glm_experiments.interrupts import sigterm_as_interrupt
-from glm_experiments.losses import chunked_loss
-from glm_experiments.methods import get_method, trainable_summary
+from glm_experiments.methods import Method, get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
 from glm_experiments.models import thudm_adapters
-from glm_experiments.models.loading import (
-    check_lengths,
-    load_model_and_tokenizer,
-    template_for,
-)
+from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, template_for
 from glm_experiments.run_dirs import resolve_resume
 from glm_experiments.run_result import RunResult, hydra_tags
-from glm_experiments.tracking.mlflow_tracker import (
-    Tracker,
-    flatten_config,
-    git_commit,
-    run_name,
+from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
+from glm_experiments.trainer import (  # noqa: F401  (GlmTrainer, TRAINABLE_FILE: imported from here by tests and bench)
+    TRAINABLE_FILE,
+    GlmTrainer,
+    TrackingCallback,
+    peak_memory_mib,
+    reset_peak_memory,
+    training_arguments,
 )
 
 log = logging.getLogger(__name__)
 
-TRAINABLE_FILE = "trainable.safetensors"
 
-
-# ----------------------------------------------------------------------------- memory
-def peak_memory_mib() -> dict[str, float]:
-    """Peak figures, not means: CPU RSS high-water mark, and CUDA max allocated/reserved where there is a GPU."""
-    out = {"perf/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        out["perf/cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        out["perf/cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
-    return out
-
-
-# ---------------------------------------------------------------------------- trainer
-class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
-    """transformers' length-grouped order, drawn from ``seed + epoch`` instead of the global RNG.
-
-    transformers' own sampler permutes with the global torch RNG at the start of each epoch, whose state
-    then depends on everything run before (dropout, model init): a resumed run skipped the right number
-    of batches of a *different* order, and its losses left the uninterrupted run's after the checkpoint.
-    """
-
-    def __init__(self, batch_size: int, lengths: list[int], seed: int):
-        super().__init__(batch_size, lengths=lengths)
-        self.seed, self.epoch = int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:  # called by Trainer / accelerate before every epoch
-        self.epoch = int(epoch)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
-
-
-class GlmTrainer(Trainer):
-    """transformers' Trainer plus: non-pad tokens/s, checkpoints holding only the trainable tensors, and the
-    chunked cross-entropy of ``train.loss_chunk_size``.
-
-    A checkpoint of an adapter method never contains the frozen base (the seeds' P-Tuning runs wrote
-    12 GB per checkpoint); resuming loads those tensors back bit-exactly, with the optimizer, scheduler,
-    RNG and data position that Trainer saves beside them.
-    """
-
-    def __init__(self, *args, method_cfg=None, loss_chunk_size: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.method_cfg = method_cfg
-        self.loss_chunk_size = loss_chunk_size
-        self.tokens_seen = 0
-        self._window_tokens = 0
-        self._window_start = time.perf_counter()
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        mask = inputs.get("attention_mask")  # a packed batch has no padding and no mask
-        tokens = int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
-        self.tokens_seen += tokens
-        self._window_tokens += tokens
-        return super().training_step(model, inputs, num_items_in_batch)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self.loss_chunk_size:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with chunked_loss(self.accelerator.unwrap_model(model), self.loss_chunk_size):
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        if "loss" in logs:
-            now = time.perf_counter()
-            logs["tokens_per_s"] = self._window_tokens / max(now - self._window_start, 1e-9)
-            logs["tokens_seen"] = self.tokens_seen
-            self._window_tokens, self._window_start = 0, now
-        super().log(logs, *args, **kwargs)
-
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        if not self.args.should_save:  # Trainer calls this on every rank
-            return
-        output_dir = Path(output_dir or self.args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        # DeepSpeed passes the gathered weights (under ZeRO-3 the model's own tensors are empty partitions)
-        tensors = state_dict if state_dict else dict(self.model.named_parameters())
-        trainable = {n: tensors[n].detach().cpu().contiguous() for n in names}
-        save_file(trainable, str(output_dir / TRAINABLE_FILE))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        model = model or self.model
-        path = Path(resume_from_checkpoint) / TRAINABLE_FILE
-        if not path.exists():
-            raise UserError(f"cannot resume: {path} not found")
-        saved = load_file(str(path))
-        expected = {n for n, p in model.named_parameters() if p.requires_grad}
-        if set(saved) != expected:
-            missing, extra = sorted(expected - set(saved))[:5], sorted(set(saved) - expected)[:5]
-            raise UserError(f"cannot resume from {path}: trainable tensors differ (missing {missing}, unexpected {extra}); "
-                            "was it written with another method or model?")
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in saved.items():
-                params[name].copy_(tensor)
-
-    def _get_train_sampler(self, train_dataset=None):
-        sampler = super()._get_train_sampler(train_dataset)
-        if type(sampler) is LengthGroupedSampler:  # make the order a function of (seed, epoch): resumable
-            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed)
-        return sampler
-
-
-class TrackingCallback(TrainerCallback):
-    """Trainer logs -> MLflow (train/*), plus generation-based evaluation every eval_steps."""
-
-    def __init__(self, tracker: Tracker, evaluate_fn, eval_steps: int):
-        self.tracker, self.evaluate_fn, self.eval_steps = tracker, evaluate_fn, eval_steps
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        metrics = {}
-        for key, value in logs.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                name = key.removeprefix("eval_")
-                metrics[("eval/" if key.startswith("eval_") else "train/") + name] = value
-        metrics.update(peak_memory_mib())
-        self.tracker.log_metrics(metrics, step=state.global_step)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.eval_steps and state.global_step % self.eval_steps == 0 and state.global_step < state.max_steps:
-            self.evaluate_fn(state.global_step)
-
-
-# ------------------------------------------------------------------------------- run
+# ------------------------------------------------------------------------------- preflight
 def check_train_options(cfg: DictConfig) -> None:
     t = cfg.train
     if t.packing and not get_method(cfg.method.name).packable:
@@ -229,55 +78,7 @@ def preflight(cfg: DictConfig) -> None:
                         "(pip install -e '.[deepspeed]'), or use deepspeed=none")
 
 
-def training_arguments(cfg: DictConfig, checkpoint_dir: Path) -> TrainingArguments:
-    t = cfg.train
-    precision = t.precision
-    if precision == "auto":
-        precision = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    deepspeed = OmegaConf.to_container(cfg.deepspeed.config, resolve=True) if cfg.deepspeed.config else None
-    return TrainingArguments(
-        output_dir=str(checkpoint_dir),
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.eval.batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        logging_steps=t.logging_steps,
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
-        eval_strategy="no",
-        activation_checkpointing=t.gradient_checkpointing,  # transformers 5's name (the old one warns)
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        dataloader_num_workers=t.dataloader_num_workers,
-        bf16=precision == "bfloat16",
-        fp16=precision == "float16",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        report_to="none",
-        remove_unused_columns=False,
-        disable_tqdm=True,  # console.py prints one line per logging step instead
-        save_only_model=False,
-        deepspeed=deepspeed,
-        # on a CPU-only machine accelerate sees the torchrun ranks (gloo) only with use_cpu, DeepSpeed included
-        use_cpu=not torch.cuda.is_available(),
-    )
-
-
-def reset_peak_memory() -> None:
-    """Sweep jobs share one process: without a reset each job would report the peak of all before it."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:  # Linux: "5" resets the RSS high-water mark that ru_maxrss reports
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
+# ------------------------------------------------------------------------------- the run
 def run(cfg: DictConfig) -> RunResult:
     preflight(cfg)
     run_dir = Path(cfg.output_dir)
@@ -296,7 +97,14 @@ def run(cfg: DictConfig) -> RunResult:
     result = RunResult(run_dir=run_dir, run_id=tracker.run_id)
     try:
         with sigterm_as_interrupt():  # ends KILLED below, not RUNNING forever
-            _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker, result)
+            pieces = setup(cfg, method, tracker, result, resume_from)
+            evaluator = Evaluator(cfg, pieces, tracker, run_dir / "predictions", resume_from)
+            forgetting_before = evaluator.forgetting()
+            if cfg.eval.before_training and not resume_from:
+                result.metrics_before = evaluator(0, "before")
+            trainer = train(cfg, pieces, evaluator, tracker, result, checkpoint_dir, resume_from)
+            evaluate_after(cfg, pieces, trainer, evaluator, forgetting_before, tracker, result)
+            save_and_log(cfg, method, pieces, trainer, evaluator.predictions_dir, tracker, result)
     except BaseException as exc:
         tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -305,8 +113,19 @@ def run(cfg: DictConfig) -> RunResult:
     return result
 
 
+@dataclass
+class Pieces:
+    """What ``setup`` builds: the model with its method applied, the tokenizer and template, the data."""
 
-def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, result: RunResult) -> None:
+    model: Any
+    tokenizer: Any
+    template: Any
+    train_set: Any
+    dev_set: Any  # tokenised dev rows (eval loss), or None without a dev file
+    eval_set: EvalSet | None  # dev prompts and references for generation metrics
+
+
+def setup(cfg: DictConfig, method: Method, tracker: Tracker, result: RunResult, resume_from: str | None) -> Pieces:
     params = flatten_config(cfg)
     # where the run writes is not a setting: a tag, so MLflow's compare view does not list it as a difference
     tracker.set_tags({"output_dir": params.pop("output_dir")})
@@ -337,7 +156,7 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
     log.info("method=%s: %s of %s parameters trainable (%.4f%%)", cfg.method.name,
              f"{result.trainable['trainable']:,}", f"{result.trainable['total']:,}", result.trainable["pct"])
 
-    # ---- data
+    # ---- tokenised data
     cache_dir = _data_cache_dir()
     with local_main_first():
         train_set, _, train_stats = load_split(cfg.data.train_file, tokenizer, template, cfg.data, cache_dir, train_loaded)
@@ -361,47 +180,51 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
     if cfg.sanity_print:
         _print_sample(train_set[0], tokenizer)
     result.train_metrics["startup_seconds"] = time.perf_counter() - start
+    return Pieces(model, tokenizer, template, train_set, dev_set, eval_set)
 
-    # ---- generation-based evaluation (before, during, after)
-    predictions_dir = run_dir / "predictions"
 
-    def evaluate(step: int, tag: str | None = None) -> dict:
+class Evaluator:
+    """Generation metrics on the dev prompts (before, every train.eval_steps, after), and the forgetting probe."""
+
+    def __init__(self, cfg: DictConfig, pieces: Pieces, tracker: Tracker, predictions_dir: Path, resume_from):
+        self.cfg, self.pieces, self.tracker, self.predictions_dir = cfg, pieces, tracker, predictions_dir
+        self.forgetting_set = None
+        # rank 0 alone (under ZeRO-3 generation needs every rank: not supported); not measurable after a resume
+        if cfg.eval.forgetting_file and is_main() and not zero3_partitioned(pieces.model) and not resume_from:
+            self.forgetting_set = load_eval_set(cfg.eval.forgetting_file, cfg.eval.forgetting_format, pieces.tokenizer,
+                                                pieces.template, cfg.data.max_source_length, cfg.eval.max_samples)
+
+    def __call__(self, step: int, tag: str | None = None) -> dict:
+        cfg, p = self.cfg, self.pieces
         # rank 0 generates alone, except under ZeRO-3 where every forward needs all ranks (generate syncs them)
-        if eval_set is None or not (is_main() or zero3_partitioned(model)):
+        if p.eval_set is None or not (is_main() or zero3_partitioned(p.model)):
             return {}
-        means, rows = evaluate_generation(model, tokenizer, template, eval_set, cfg.eval, list(cfg.data.metrics))
+        means, rows = evaluate_generation(p.model, p.tokenizer, p.template, p.eval_set, cfg.eval, list(cfg.data.metrics))
         if not is_main():
             return means
         name = tag or f"step{step}"
-        write_predictions(rows, predictions_dir / f"{name}.jsonl")
-        tracker.log_table(rows, f"predictions/{name}.json")
-        tracker.log_metrics({f"eval/{k}": v for k, v in means.items()}, step=step)
+        write_predictions(rows, self.predictions_dir / f"{name}.jsonl")
+        self.tracker.log_table(rows, f"predictions/{name}.json")
+        self.tracker.log_metrics({f"eval/{k}": v for k, v in means.items()}, step=step)
         log.info("eval @ step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in means.items() if k in cfg.data.metrics))
         return means
 
-    forgetting_set = None
-    # rank 0 alone (under ZeRO-3 generation needs every rank: not supported); not measurable after a resume
-    if cfg.eval.forgetting_file and is_main() and not zero3_partitioned(model) and not resume_from:
-        forgetting_set = load_eval_set(cfg.eval.forgetting_file, cfg.eval.forgetting_format, tokenizer, template,
-                                       cfg.data.max_source_length, cfg.eval.max_samples)
-
-    def probe_forgetting() -> dict:
-        if forgetting_set is None:
+    def forgetting(self) -> dict:
+        if self.forgetting_set is None:
             return {}
-        means, _ = evaluate_generation(model, tokenizer, template, forgetting_set, cfg.eval, list(cfg.eval.forgetting_metrics))
-        return {m: means[m] for m in cfg.eval.forgetting_metrics}
+        p, metrics = self.pieces, list(self.cfg.eval.forgetting_metrics)
+        means, _ = evaluate_generation(p.model, p.tokenizer, p.template, self.forgetting_set, self.cfg.eval, metrics)
+        return {m: means[m] for m in metrics}
 
-    forgetting_before = probe_forgetting()
-    if cfg.eval.before_training and not resume_from:
-        result.metrics_before = evaluate(0, "before")
 
-    # ---- train
+def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracker, result: RunResult,
+          checkpoint_dir: Path, resume_from: str | None) -> GlmTrainer:
     trainer = GlmTrainer(
-        model=model,
+        model=pieces.model,
         args=training_arguments(cfg, checkpoint_dir),
-        train_dataset=train_set,
-        data_collator=make_collator(cfg.train, tokenizer.pad_token_id),
-        callbacks=[TrackingCallback(tracker, evaluate, cfg.train.eval_steps)],
+        train_dataset=pieces.train_set,
+        data_collator=make_collator(cfg.train, pieces.tokenizer.pad_token_id),
+        callbacks=[TrackingCallback(tracker, evaluator, cfg.train.eval_steps)],
         method_cfg=cfg.method,
         loss_chunk_size=cfg.train.loss_chunk_size,
     )
@@ -418,28 +241,36 @@ def _run(cfg, run_dir, checkpoint_dir, resume_from, method, tracker: Tracker, re
         tokens_per_s=sum(n for n, _ in per_rank) / train_seconds,
         final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan")),
     )
-    final_step = trainer.state.global_step
     tracker.log_metrics({"perf/train_seconds": train_seconds, "perf/tokens_per_s": result.train_metrics["tokens_per_s"],
                          "perf/startup_seconds": result.train_metrics["startup_seconds"], **peak_memory_mib(),
-                         **rank_memory}, step=final_step)
+                         **rank_memory}, step=trainer.state.global_step)
+    return trainer
 
-    # ---- evaluate + save
-    if dev_set is not None:
-        loss = trainer.evaluate(dev_set)["eval_loss"]
+
+def evaluate_after(cfg: DictConfig, pieces: Pieces, trainer: GlmTrainer, evaluator: Evaluator, forgetting_before: dict,
+                   tracker: Tracker, result: RunResult) -> None:
+    final_step = trainer.state.global_step
+    if pieces.dev_set is not None:
+        loss = trainer.evaluate(pieces.dev_set)["eval_loss"]
         tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}, step=final_step)
         result.metrics_after["loss"] = loss
-    result.metrics_after.update(evaluate(final_step, "after"))
-    for name, after in probe_forgetting().items():
+    result.metrics_after.update(evaluator(final_step, "after"))
+    for name, after in evaluator.forgetting().items():
         # negative change = the general ability the fine-tuning cost
         change = {f"forgetting/{name}_before": forgetting_before[name], f"forgetting/{name}_after": after,
                   f"forgetting/{name}_change": after - forgetting_before[name]}
         tracker.log_metrics(change, step=final_step)
         result.metrics_after.update({k.replace("/", "_"): v for k, v in change.items()})
+
+
+def save_and_log(cfg: DictConfig, method: Method, pieces: Pieces, trainer: GlmTrainer, predictions_dir: Path,
+                 tracker: Tracker, result: RunResult) -> None:
+    run_dir = Path(cfg.output_dir)
     adapter_dir = run_dir / "adapter"
-    save_method(method, model, adapter_dir, cfg.method, trainer)
+    save_method(method, pieces.model, adapter_dir, cfg.method, trainer)
     if not is_main():
         return
-    tokenizer.save_pretrained(adapter_dir)
+    pieces.tokenizer.save_pretrained(adapter_dir)
     result_file = result.write()
     tracker.log_artifacts(run_dir / ".hydra", "hydra")
     tracker.log_artifacts(predictions_dir, "predictions_jsonl")
