@@ -20,6 +20,7 @@ from glm_experiments.config import (
 )
 from glm_experiments.methods import get_method, load_saved, trainable_summary
 from glm_experiments.methods import lora, ptuning, qlora
+from glm_experiments.models.thudm_adapters import load_adapter
 
 torch.set_num_threads(1)
 
@@ -392,8 +393,14 @@ def test_import_thudm_prefix(layout, tmp_path):
         state["transformer.prefix_encoder.trans.2.weight"] = torch.randn(out_dim, hidden).half()
         state["transformer.prefix_encoder.trans.2.bias"] = torch.randn(out_dim).half()
     torch.save(state, tmp_path / "pytorch_model.bin")
+    # ptuning/main.py saves the model's config.json beside the weights
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "chatglm", "pre_seq_len": pre_seq_len,
+                                                      "prefix_projection": layout != "plain"}))
 
-    model = ptuning.import_thudm_prefix(make_model(), tmp_path, PtuningMethodConfig(name="ptuning", pre_seq_len=pre_seq_len, prefix_projection=layout != "plain", prefix_hidden_size=hidden))
+    def import_prefix(cfg=None):
+        return load_adapter(make_model(), tmp_path, method_cfg=cfg, is_trainable=True)[0]
+
+    model = import_prefix(PtuningMethodConfig(name="ptuning", pre_seq_len=pre_seq_len, prefix_projection=layout != "plain", prefix_hidden_size=hidden))
     enc = model.prefix_encoder
     assert enc.pre_seq_len == pre_seq_len and enc.prefix_projection == (layout != "plain")
     assert torch.equal(enc.embedding.weight, state["transformer.prefix_encoder.embedding.weight"].float())
@@ -422,13 +429,14 @@ def test_import_thudm_prefix(layout, tmp_path):
         assert torch.equal(again(input_ids=ids, attention_mask=mask).logits, want)
 
     with pytest.raises(ValueError, match="pre_seq_len: configured 9, saved 5"):
-        ptuning.import_thudm_prefix(make_model(), tmp_path, PtuningMethodConfig(name="ptuning", pre_seq_len=9, prefix_projection=layout != "plain", prefix_hidden_size=hidden))
+        import_prefix(PtuningMethodConfig(name="ptuning", pre_seq_len=9, prefix_projection=layout != "plain", prefix_hidden_size=hidden))
 
 
 def test_import_thudm_prefix_wrong_model(tmp_path):
     torch.save({"transformer.prefix_encoder.embedding.weight": torch.zeros(4, 3 * 2 * KV_DIM)}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "chatglm", "pre_seq_len": 4}))
     with pytest.raises(ValueError, match="needs num_layers\\*2\\*kv_heads\\*head_dim = 2\\*2\\*2\\*16 = 128"):
-        ptuning.import_thudm_prefix(make_model(), tmp_path)
+        load_adapter(make_model(), tmp_path)
 
 
 # --------------------------------------------------------------------------- prompt tuning

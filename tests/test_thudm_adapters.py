@@ -582,8 +582,16 @@ def test_training_starts_from_foreign_adapter(kind, bases, tmp_path, monkeypatch
         model.load_state_dict({k: v.float() for k, v in load_checkpoint_state(base, folded).items()}, strict=False)
     else:
         from glm_experiments.methods import ptuning
+        from glm_experiments.models.thudm_adapter_files import read_weights
 
-        model = ptuning.import_thudm_prefix(model, adapter)  # the pre-existing THUDM prefix reader, not the converter
+        # the prefix encoder built by hand from the THUDM file (not through the converter)
+        state = {k.removeprefix("transformer.prefix_encoder."): v.float() for k, v in read_weights(adapter / "pytorch_model.bin").items()
+                 if k.startswith("transformer.prefix_encoder.")}
+        pre_seq_len, embedding_dim = state["embedding.weight"].shape
+        settings = {"pre_seq_len": pre_seq_len, "prefix_projection": "trans.0.weight" in state,
+                    "prefix_hidden_size": state["trans.0.weight"].shape[0] if "trans.0.weight" in state else 512}
+        model = ptuning.apply(model, settings, embedding_dim=embedding_dim)
+        model.prefix_encoder.load_state_dict(state, strict=True)
     model.eval()
     with torch.no_grad():
         adapter_loss = float(model(**batch).loss)

@@ -6,7 +6,7 @@
 * with it: ``Embedding(pre_seq_len, kv_dim) -> Linear(kv_dim, prefix_hidden_size) -> Tanh ->
   Linear(prefix_hidden_size, num_layers * 2 * kv_dim)`` (kv_dim = kv_heads * head_dim; ChatGLM-6B's
   layout. ChatGLM2's own checkpoints embed into the full ``num_layers * 2 * kv_dim`` instead: the
-  encoder supports both, ``import_thudm_prefix`` reads whichever a checkpoint has).
+  encoder supports both; models/thudm_prefix.py converts whichever a checkpoint has).
 
 The output is viewed as ``(batch, pre_seq_len, num_layers * 2, kv_heads, head_dim)``, dropout is
 applied, and layer ``i`` gets key = slot ``2i`` and value = slot ``2i + 1`` (exactly THUDM's
@@ -404,84 +404,6 @@ def _check_model_dims(model: nn.Module, saved: dict, where: str) -> None:
     diffs = [f"{k}: model {v}, checkpoint {saved[k]}" for k, v in have.items() if k in saved and saved[k] != v]
     if diffs:
         raise ValueError(f"method=ptuning: the prefix in {where} was trained for another model shape (" + "; ".join(diffs) + ")")
-
-
-# --------------------------------------------------------------------------- THUDM checkpoints
-def read_thudm_prefix(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a THUDM ChatGLM(-2/3) P-Tuning v2 checkpoint.
-
-    ``path`` is the checkpoint directory (``pytorch_model.bin`` or ``model.safetensors`` inside) or
-    the file itself. Returns the encoder state dict (keys ``embedding.weight`` [, ``trans.0.*``,
-    ``trans.2.*``]) and the settings it implies (pre_seq_len, prefix_projection, prefix_hidden_size,
-    embedding_dim, out_dim).
-    """
-    path = Path(path)
-    if path.is_dir():
-        for name in ("pytorch_model.bin", "model.safetensors"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise FileNotFoundError(f"no pytorch_model.bin or model.safetensors in {path}")
-    if path.suffix == ".safetensors":
-        raw = load_safetensors(path)
-    else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    state = {}
-    for key, value in raw.items():
-        for prefix in (THUDM_PREFIX, "base_model.model." + THUDM_PREFIX, "prefix_encoder."):
-            if key.startswith(prefix):
-                state[key[len(prefix):]] = value.float()
-                break
-    if "embedding.weight" not in state:
-        sample = ", ".join(sorted(raw)[:5])
-        raise ValueError(f"{path} has no '{THUDM_PREFIX}embedding.weight' (first keys: {sample})")
-    projection = "trans.0.weight" in state
-    expected = {"embedding.weight"} | ({"trans.0.weight", "trans.0.bias", "trans.2.weight", "trans.2.bias"} if projection else set())
-    missing = expected - set(state)
-    if missing:
-        raise ValueError(f"{path}: prefix encoder keys missing: {sorted(missing)}")
-    state = {k: state[k] for k in expected}
-    pre_seq_len, embedding_dim = state["embedding.weight"].shape
-    settings = {
-        "pre_seq_len": int(pre_seq_len),
-        "prefix_projection": projection,
-        "prefix_hidden_size": int(state["trans.0.weight"].shape[0]) if projection else None,
-        "embedding_dim": int(embedding_dim),
-        "out_dim": int(state["trans.2.weight"].shape[0]) if projection else int(embedding_dim),
-    }
-    return state, settings
-
-
-def import_thudm_prefix(model: nn.Module, path: str | Path, cfg: Any = None) -> nn.Module:
-    """Load a THUDM P-Tuning v2 checkpoint into ``model``'s prefix encoder.
-
-    If ptuning is not applied yet it is, with the settings the checkpoint implies (``cfg`` supplies
-    prefix_dropout and, if given, must agree on pre_seq_len / prefix_projection). If it is applied,
-    the encoder's settings must match the checkpoint. Either way a mismatch raises a ValueError
-    naming both values.
-    """
-    state, found = read_thudm_prefix(path)
-    num_layers, kv_heads, head_dim = model_dims(model)
-    out_dim = num_layers * 2 * kv_heads * head_dim
-    if found["out_dim"] != out_dim:
-        raise ValueError(
-            f"method=ptuning: {path} produces {found['out_dim']} values per prefix token, but this model needs "
-            f"num_layers*2*kv_heads*head_dim = {num_layers}*2*{kv_heads}*{head_dim} = {out_dim}"
-        )
-    keys = ["pre_seq_len", "prefix_projection"] + (["prefix_hidden_size"] if found["prefix_projection"] else [])
-    enc = getattr(model, ENCODER_ATTR, None)
-    if isinstance(enc, PrefixEncoder):
-        check_settings(NAME, found, enc.settings(), keys + ["embedding_dim"], where=str(path))
-    else:
-        check_settings(NAME, found, cfg, keys, where=str(path))
-        settings = {k: found[k] for k in ("pre_seq_len", "prefix_projection", "prefix_hidden_size")}
-        settings["prefix_hidden_size"] = settings["prefix_hidden_size"] or 512
-        settings["prefix_dropout"] = cfg_get(cfg, "prefix_dropout", DEFAULTS.prefix_dropout)
-        apply(model, settings, embedding_dim=found["embedding_dim"])
-        enc = _encoder(model)
-    enc.load_state_dict({k: v.to(enc.embedding.weight.dtype) for k, v in state.items()}, strict=True)
-    return model
 
 
 METHOD = register(
