@@ -69,7 +69,9 @@ def chunked_loss(model, chunk_size: int):
     wrapper above it (PEFT adapters and virtual tokens, P-Tuning v2's prefix, Trainer's loss scaling for
     gradient accumulation and ``num_items_in_batch``) works as before. Outputs carry no real logits.
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from glm_experiments.methods.base import unwrap_peft
+
+    causal_lm = unwrap_peft(model)
     head = causal_lm.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None or not head.weight.is_floating_point():
         # an adapted (LoRA on the head), quantised or biased head: its weight alone is not what it computes

@@ -84,6 +84,17 @@ def register(method: Method) -> Method:
     return method
 
 
+def is_peft_model(model: nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The model a PEFT wrapper (LoRA, DoRA, QLoRA) adapts, or ``model`` itself."""
+    return model.get_base_model() if is_peft_model(model) else model
+
+
 # ----------------------------------------------------------------------------- config access
 def cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     """``cfg.key`` for a dataclass / DictConfig / namespace, ``cfg[key]`` for a mapping, else default."""

@@ -55,7 +55,7 @@ def load(model: nn.Module, in_dir: Path, cfg: Any = None) -> nn.Module:
             f"method=full: {in_dir} does not fit {type(model).__name__} "
             f"(missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]})"
         )
-    if tied and hasattr(model, "tie_weights"):
+    if tied:
         model.tie_weights()
     return apply(model)
 

@@ -21,8 +21,10 @@ from glm_experiments.methods.base import (
     Method,
     cfg_get,
     check_settings,
+    is_peft_model,
     read_method_json,
     register,
+    unwrap_peft,
     write_method_json,
 )
 from glm_experiments.models.families import architecture_of
@@ -70,7 +72,7 @@ def apply(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
 
 
 def _settings(model: nn.Module, cfg: Any) -> dict:
-    targets = resolve_target_modules(_base(model), cfg)
+    targets = resolve_target_modules(unwrap_peft(model), cfg)
     return {
         "r": int(cfg_get(cfg, "r", DEFAULTS.r)),
         "alpha": int(cfg_get(cfg, "alpha", DEFAULTS.alpha)),
@@ -80,13 +82,8 @@ def _settings(model: nn.Module, cfg: Any) -> dict:
     }
 
 
-def _base(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def save(model: nn.Module, out_dir: Path, cfg: Any, *, name: str = NAME) -> None:
-    if not hasattr(model, "peft_config"):
+    if not is_peft_model(model):
         raise ValueError(f"method={name}: save() needs the PeftModel returned by apply()/load()")
     out_dir = Path(out_dir)
     model.save_pretrained(str(out_dir))
@@ -121,7 +118,7 @@ def load(model: nn.Module, in_dir: Path, cfg: Any = None, *, is_trainable: bool 
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold the LoRA weights into the base and return the plain base model."""
-    if not hasattr(model, "merge_and_unload"):
+    if not is_peft_model(model):
         raise ValueError("method=lora: merge() needs the PeftModel returned by apply()/load()")
     return model.merge_and_unload()
 

@@ -22,7 +22,7 @@ from glm_experiments.errors import UserError
 from glm_experiments.methods import lora
 from glm_experiments.config import QloraMethodConfig
 from glm_experiments.constants import TORCH_DTYPES
-from glm_experiments.methods.base import Method, cfg_get, register
+from glm_experiments.methods.base import Method, cfg_get, register, unwrap_peft
 
 NAME = "qlora"
 DEFAULTS = QloraMethodConfig()  # the schema owns every default
@@ -135,7 +135,7 @@ def load(model: nn.Module, in_dir: Path, cfg: Any = None, *, is_trainable: bool 
 
 
 def merge(model: nn.Module) -> nn.Module:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     if is_quantized(base):
         raise ValueError(
             "method=qlora: refusing to merge into a quantised base (the merged weights would be re-rounded). "
