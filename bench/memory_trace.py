@@ -7,8 +7,8 @@ states, temporaries) and keeps a running sum of live storage bytes; its maximum 
 what a GPU run asks of PyTorch's caching allocator (``torch.cuda.max_memory_allocated`` measures the
 same thing). Not included: the CUDA context (~0.5 GiB), cuBLAS/flash-attention workspaces, allocator
 rounding and fragmentation, and kernels that differ between CPU and CUDA (attention here is the CPU
-SDPA kernel under bf16 autocast). Checked against reality on CPU (``trace-check`` in bench/run.py): for the
-same fp32 steps the fake trace, the count on real tensors and the process's peak RSS agree within 1 %.
+SDPA kernel under bf16 autocast). Checked against reality on CPU (``trace-check`` in bench/traced_peaks.py):
+for the same fp32 steps the fake trace, the count on real tensors and the process's peak RSS agree within 1 %.
 Hand-written because ``torch.distributed._tools.MemTracker`` assumes every parameter is trained (it hooks
 each one's gradient), which a frozen base is not.
 
@@ -43,7 +43,9 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = id(storage)
-                if key not in self._seen:  # a view of a storage already counted adds nothing
+                if (
+                    key not in self._seen
+                ):  # a view of a storage already counted adds nothing
                     self._seen.add(key)
                     self.live += storage.nbytes()
                     self.peak = max(self.peak, self.live)
@@ -61,7 +63,7 @@ def _fake_world():
     ``.to()``, which under fake tensors must swap parameters and fails; everything is on the (fake) CPU anyway."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import glm_experiments.losses as losses
+    from glm_experiments import losses
 
     original_to, original_select = torch.nn.Module.to, losses.supervised_positions
     torch.nn.Module.to = lambda self, *args, **kwargs: self
@@ -75,8 +77,17 @@ def _fake_world():
         torch.nn.Module.to, losses.supervised_positions = original_to, original_select
 
 
-def training_steps(model_config, method_cfg, batch: int, source_len: int, target_len: int, *,
-                   gradient_checkpointing: bool = False, loss_chunk_size: int = 0, dtype=torch.bfloat16) -> dict:
+def training_steps(
+    model_config,
+    method_cfg,
+    batch: int,
+    source_len: int,
+    target_len: int,
+    *,
+    gradient_checkpointing: bool = False,
+    loss_chunk_size: int = 0,
+    dtype=torch.bfloat16,
+) -> dict:
     """Build ``GlmForCausalLM(model_config)`` in ``dtype``, apply the method and run two training steps on ``batch``
     samples of ``source_len + target_len`` tokens (loss on the target part; bf16 autocast for bf16), counting
     live tensor bytes. Real tensors here; under :func:`trace_training_step` fake ones."""
@@ -96,28 +107,74 @@ def training_steps(model_config, method_cfg, batch: int, source_len: int, target
         model = get_method(method_cfg.name).apply(model, method_cfg)
         weights = tracker.live
         if gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         model.train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        ids = torch.randint(0, model_config.vocab_size, (batch, source_len + target_len))
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-4
+        )
+        ids = torch.randint(
+            0, model_config.vocab_size, (batch, source_len + target_len)
+        )
         labels = ids.clone()
         labels[:, :source_len] = -100
         for _ in range(2):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                with chunked_loss(model, loss_chunk_size) if loss_chunk_size else contextlib.nullcontext():
-                    loss = model(input_ids=ids, labels=labels).loss
+            chunked = (
+                chunked_loss(model, loss_chunk_size)
+                if loss_chunk_size
+                else contextlib.nullcontext()
+            )
+            with (
+                torch.autocast(
+                    "cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16
+                ),
+                chunked,
+            ):
+                loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         summary = trainable_summary(model)
-    return {"peak_mib": tracker.peak / MIB, "weights_mib": weights / MIB, "trainable_params": summary["trainable"],
-            "tokens": batch * (source_len + target_len)}
+    return {
+        "peak_mib": tracker.peak / MIB,
+        "weights_mib": weights / MIB,
+        "trainable_params": summary["trainable"],
+        "tokens": batch * (source_len + target_len),
+    }
 
 
-def trace_training_step(model_config, method_cfg, batch: int, source_len: int, target_len: int, **kwargs) -> dict:
+def trace_training_step(
+    model_config, method_cfg, batch: int, source_len: int, target_len: int, **kwargs
+) -> dict:
     """:func:`training_steps` on fake tensors: the peak without computing anything."""
     with _fake_world():
-        return training_steps(model_config, method_cfg, batch, source_len, target_len, **kwargs)
+        return training_steps(
+            model_config, method_cfg, batch, source_len, target_len, **kwargs
+        )
+
+
+def trace_any_method(
+    model_config, method_cfg, batch: int, source_len: int, target_len: int, **kwargs
+) -> dict:
+    """:func:`trace_training_step` for every method, QLoRA included: bitsandbytes needs CUDA, so QLoRA is traced as
+    LoRA on the bf16 base and its 4-bit weights are counted by arithmetic (minus :func:`nf4_saving_mib`, plus
+    :func:`dequant_transient_mib`)."""
+    if method_cfg.name != "qlora":
+        return trace_training_step(
+            model_config, method_cfg, batch, source_len, target_len, **kwargs
+        )
+    from omegaconf import OmegaConf
+
+    lora_cfg = OmegaConf.merge(method_cfg, {"name": "lora"})
+    r = trace_training_step(
+        model_config, lora_cfg, batch, source_len, target_len, **kwargs
+    )
+    nf4, dequant = nf4_saving_mib(model_config), dequant_transient_mib(model_config)
+    r["peak_mib"] += dequant - nf4
+    r["weights_mib"] -= nf4
+    r["nf4_saving_mib"], r["dequant_transient_mib"] = nf4, dequant
+    return r
 
 
 NF4_BYTES_PER_PARAM = 0.53  # 4 bits + the double-quantised absmax per 64-weight block
@@ -127,7 +184,9 @@ def decoder_linear_params(model_config) -> int:
     """Weights of the decoder's linear layers (q/k/v, o, gate/up, down), all layers: what QLoRA quantises."""
     h, f = model_config.hidden_size, model_config.intermediate_size
     kv = model_config.num_key_value_heads * model_config.head_dim
-    return model_config.num_hidden_layers * (h * (h + 2 * kv) + h * h + h * 2 * f + f * h)
+    return model_config.num_hidden_layers * (
+        h * (h + 2 * kv) + h * h + h * 2 * f + f * h
+    )
 
 
 def nf4_saving_mib(model_config) -> float:

@@ -125,18 +125,15 @@ def predict(args: argparse.Namespace) -> dict:
 
 def _default_config(args: argparse.Namespace):
     """The project's config for ``--family`` / ``--model-path`` / ``--data``, as the CLI would compose it."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    import glm_experiments.config  # noqa: F401  (registers the schema)
-    from glm_experiments.__main__ import CONF_DIR
+    from glm_experiments.compose import compose
 
     overrides = [f"model={args.family}", f"data={args.data}"]
     if args.model_path:
         overrides.append(f"model.path={Path(args.model_path).expanduser().resolve()}")
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose("train", overrides=overrides)
+        return compose(overrides)
     except HydraException as exc:
         raise UserError(f"cannot compose the config for {' '.join(overrides)}: {str(exc).splitlines()[0]}") from None
 

@@ -25,14 +25,10 @@ def tiny_tokenizer():
 
 
 def compose(overrides: list[str] | None = None):
-    """The real config, composed by Hydra as the CLI does."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The real config, composed by Hydra as the CLI does (glm_experiments.compose: bench/ composes with it too)."""
+    from glm_experiments.compose import compose as compose_config
 
-    import glm_experiments.config  # noqa: F401
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose("train", overrides=overrides or [])
+    return compose_config(overrides)
 
 
 def checkout_env(env: dict) -> dict:

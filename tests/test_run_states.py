@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import CONF_DIR, run_cli, signal_after_checkpoint
+from conftest import run_cli, signal_after_checkpoint
 
 # the shortest run that writes checkpoints: 1-sample batches, no evaluation
 QUICK = ["train.per_device_train_batch_size=1", "data.max_train_samples=8", "train.logging_steps=1",
@@ -51,13 +51,9 @@ def mlflow_runs(uri: str, experiment: str) -> dict:
 
 # ------------------------------------------------------------------------------ names
 def test_run_and_sweep_dir_names_are_sub_second_and_per_process():
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from glm_experiments.compose import compose
 
-    import glm_experiments.config  # noqa: F401  (the schema)
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = hydra_compose("train", overrides=["method=freeze"], return_hydra_config=True)
+    cfg = compose(["method=freeze"], return_hydra_config=True)
     stamp = r"\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d\.\d{6}-" + str(os.getpid())
     assert re.fullmatch(rf"outputs/{stamp}_freeze_tiny", cfg.hydra.run.dir), cfg.hydra.run.dir
     assert re.fullmatch(rf"multirun/{stamp}", cfg.hydra.sweep.dir), cfg.hydra.sweep.dir

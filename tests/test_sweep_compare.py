@@ -165,14 +165,9 @@ def test_compare_clear_errors(handmade_store, tmp_path, capsys):
 
 # ------------------------------------------------------------------ fast: the callback alone
 def _hydra_cfg(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from glm_experiments.compose import compose
 
-    import glm_experiments.config  # noqa: F401  (the schema)
-    from conftest import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose("train", overrides=overrides, return_hydra_config=True)
+    return compose(overrides, return_hydra_config=True)
 
 
 def test_sweep_callback_lifecycle(handmade_store, tmp_path, monkeypatch):
