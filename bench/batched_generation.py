@@ -105,7 +105,7 @@ def run(args) -> dict:
 
     from glm_experiments.data.dataset import eval_prompts
     from glm_experiments.data.formats import load_samples, resolve_data_path
-    from glm_experiments.data.templates import get_template
+    from glm_experiments.models.loading import template_for
     from glm_experiments.run_loading import load_run
 
     n = 32 if args.quick else 64
@@ -113,7 +113,7 @@ def run(args) -> dict:
         ["tracking=none"]
     )  # the default run's eval settings: greedy, max_new_tokens 64
     path, tok = tiny_tokenizer()
-    template = get_template(cfg.model.template)
+    template = template_for(cfg.model)
     samples, _ = load_samples(resolve_data_path(cfg.data.dev_file), cfg.data)
     prompts, _, _ = eval_prompts(samples[:n], tok, template, cfg.data)
 

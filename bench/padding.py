@@ -94,7 +94,7 @@ def train_step(model, optimizer, batch: dict | list[dict]) -> float:
 
 def run(args) -> dict:
     from glm_experiments.data.dataset import CausalCollator, PackingCollator
-    from glm_experiments.train import EpochSeededLengthGroupedSampler
+    from glm_experiments.trainer import EpochSeededLengthGroupedSampler
 
     _, tok = tiny_tokenizer()
     vocab, pad = len(tok), tok.pad_token_id

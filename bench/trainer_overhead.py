@@ -23,15 +23,14 @@ from glm_experiments.compose import compose
 def run(args) -> dict:
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
-    from glm_experiments.data.dataset import CausalCollator, load_split
-    from glm_experiments.data.templates import get_template
+    from glm_experiments.data.dataset import CausalCollator, load_split, tokenized_cache_dir
+    from glm_experiments.models.loading import template_for
     from glm_experiments.methods import get_method
     from glm_experiments.tracking.mlflow_tracker import Tracker
-    from glm_experiments.train import (
+    from glm_experiments.trainer import (
         EpochSeededLengthGroupedSampler,
         GlmTrainer,
         TrackingCallback,
-        _data_cache_dir,
         training_arguments,
     )
 
@@ -41,9 +40,9 @@ def run(args) -> dict:
         ["tracking=none", f"train.max_steps={warm + measured}", "train.save_steps=0"]
     )
     path, tok = tiny_tokenizer()
-    template = get_template(cfg.model.template)
+    template = template_for(cfg.model)
     train_set, _, _ = load_split(
-        cfg.data.train_file, tok, template, cfg.data, _data_cache_dir()
+        cfg.data.train_file, tok, template, cfg.data, tokenized_cache_dir()
     )
     bs = cfg.train.per_device_train_batch_size
     # identical batches for both: the exact order our GlmTrainer's sampler draws, fed sequentially

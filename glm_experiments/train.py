@@ -19,7 +19,7 @@ from transformers import SchedulerType, Trainer, set_seed
 
 from glm_experiments.config import check_settings
 from glm_experiments.console import quiet_trainer
-from glm_experiments.data.dataset import eval_prompts, load_split, make_collator
+from glm_experiments.data.dataset import eval_prompts, load_split, make_collator, tokenized_cache_dir
 from glm_experiments.data.formats import load_samples, resolve_data_path
 from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
@@ -157,7 +157,7 @@ def setup(cfg: DictConfig, method: Method, tracker: Tracker, result: RunResult, 
              f"{result.trainable['trainable']:,}", f"{result.trainable['total']:,}", result.trainable["pct"])
 
     # ---- tokenised data
-    cache_dir = _data_cache_dir()
+    cache_dir = tokenized_cache_dir()
     with local_main_first():
         train_set, _, train_stats = load_split(cfg.data.train_file, tokenizer, template, cfg.data, cache_dir, train_loaded)
     if cfg.data.max_train_samples:
@@ -299,12 +299,6 @@ def save_method(method, model, out_dir: Path, method_cfg, trainer: Trainer) -> N
             if is_main():
                 method.save(model, out_dir, method_cfg)
     barrier()
-
-
-def _data_cache_dir() -> Path:
-    from glm_experiments.constants import cache_root
-
-    return cache_root() / "tokenized"
 
 
 def _print_sample(sample: dict, tokenizer) -> None:

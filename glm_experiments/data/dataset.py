@@ -42,6 +42,13 @@ def tokenize_samples(samples: list[Sample], tokenizer, template, data_cfg) -> tu
     return columns, stats
 
 
+def tokenized_cache_dir() -> Path:
+    """Where load_split caches tokenised splits (shared by the jobs of a sweep)."""
+    from glm_experiments.constants import cache_root
+
+    return cache_root() / "tokenized"
+
+
 def fingerprint(path: Path, tokenizer, template, data_cfg) -> str:
     digest = hashlib.sha256(path.read_bytes())
     settings = {
