@@ -112,16 +112,29 @@ def _round_pairs(messages: list[dict]) -> tuple[list[tuple[str, str]], str, str 
     return pairs, last_q, last_r
 
 
-class ChatGLM2Template:
+class _RoundsTemplate:
+    """ChatGLM-6B's and ChatGLM2-6B's plain-text rounds "[Round i]" + 问/答 (no roles, no system prompt)."""
+
+    has_system_role = False
+    reply_starts_with_metadata_line = False
+    first_round = 0
+    newline = "\n"  # between the parts of a round: ChatGLM2 doubles it
+
+    def _prompt_text(self, history, query) -> str:
+        n, i0 = self.newline, self.first_round
+        text = "".join(f"[Round {i + i0}]{n}问：{q}{n}答：{r}{n}" for i, (q, r) in enumerate(history))
+        return text + f"[Round {len(history) + i0}]{n}问：{query}{n}答："
+
+    def clean_response(self, text: str) -> str:
+        return text.strip()
+
+
+class ChatGLM2Template(_RoundsTemplate):
     """ChatGLM2-6B: ``[gMASK] sop`` + "[Round i]\\n\\n问：q\\n\\n答：" prompt + answer + eos; loss on the answer."""
 
     name = "chatglm2"
-    has_system_role = False
-    reply_starts_with_metadata_line = False
-
-    def _prompt_text(self, history, query) -> str:
-        text = "".join(f"[Round {i + 1}]\n\n问：{q}\n\n答：{r}\n\n" for i, (q, r) in enumerate(history))
-        return text + f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
+    first_round = 1
+    newline = "\n\n"
 
     def stop_ids(self, tokenizer) -> list[int]:
         return [tokenizer.eos_token_id]
@@ -143,20 +156,11 @@ class ChatGLM2Template:
         target = _encode(tokenizer, reply or "") + [tokenizer.eos_token_id]
         return Encoded(source + target, [IGNORE_INDEX] * len(source) + target, len(source), head_len=2)
 
-    def clean_response(self, text: str) -> str:
-        return text.strip()
 
-
-class ChatGLMTemplate:
+class ChatGLMTemplate(_RoundsTemplate):
     """ChatGLM-6B (v1): "[Round i]\\n问：q\\n答：" prompt + [gMASK] <sop> + answer + <eop>; labels from <sop> on."""
 
     name = "chatglm"
-    has_system_role = False
-    reply_starts_with_metadata_line = False
-
-    def _prompt_text(self, history, query) -> str:
-        text = "".join(f"[Round {i}]\n问：{q}\n答：{r}\n" for i, (q, r) in enumerate(history))
-        return text + f"[Round {len(history)}]\n问：{query}\n答："
 
     def stop_ids(self, tokenizer) -> list[int]:
         return [_special(tokenizer, "<eop>")]
@@ -177,9 +181,6 @@ class ChatGLMTemplate:
         target = [_special(tokenizer, "<sop>")] + _encode(tokenizer, reply or "") + [_special(tokenizer, "<eop>")]
         # the source ends with <sop>, which starts generation; it is also the first label (as in ptuning/main.py)
         return Encoded(context + target, [IGNORE_INDEX] * len(context) + target, len(context) + 1, head_len=0)
-
-    def clean_response(self, text: str) -> str:
-        return text.strip()
 
 
 TEMPLATES = {

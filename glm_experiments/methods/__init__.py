@@ -10,19 +10,14 @@
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from glm_experiments.discovery import import_modules
 from glm_experiments.methods.base import REGISTRY, Method, read_method_json, trainable_summary
 
 __all__ = ["Method", "get_method", "load_saved", "method_names", "trainable_summary"]
 
 
 def _discover() -> dict[str, Method]:
-    """Every module of this package registers its method on import: adding one needs no list edited here."""
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")  # a no-op once imported
+    import_modules(__name__, __path__)  # each registers its method: adding one needs no list edited here
     return REGISTRY
 
 

@@ -283,6 +283,14 @@ def extend_mask_left(attention_mask: Optional[torch.Tensor], n: int) -> Optional
     return torch.cat([ones, attention_mask], dim=1)
 
 
+def query_shape(input_ids, inputs_embeds, method: str) -> tuple[int, int, torch.device]:
+    """(batch, query length, device) of a forward call given ids or embeddings (methods adding virtual tokens)."""
+    ref = input_ids if input_ids is not None else inputs_embeds
+    if ref is None:
+        raise ValueError(f"method={method}: forward needs input_ids or inputs_embeds")
+    return ref.shape[0], ref.shape[1], ref.device
+
+
 def split_virtual_mask(
     attention_mask: Optional[torch.Tensor], past_real: int, q_len: int, n_virtual: int, method: str
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:

@@ -31,21 +31,10 @@ from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
 from glm_experiments.config import PromptTuningMethodConfig
-from glm_experiments.methods.base import (
-    Method,
-    cfg_get,
-    check_settings,
-    freeze_all,
-    input_embeddings,
-    load_safetensors,
-    override_method,
-    read_method_json,
-    real_position_ids,
-    register,
-    save_safetensors,
-    split_virtual_mask,
-    write_method_json,
-)
+from glm_experiments.methods.base import (Method, cfg_get, check_settings, freeze_all, input_embeddings,
+                                          load_safetensors, override_method, query_shape, read_method_json,
+                                          real_position_ids, register, save_safetensors, split_virtual_mask,
+                                          write_method_json)
 from glm_experiments.models.families import architecture_of
 
 NAME = "prompt_tuning"
@@ -92,27 +81,13 @@ def _init_vectors(model: nn.Module, n: int, init_text: str, tokenizer: Any) -> t
     return weight.detach()[index].float().clone()
 
 
-def _install_forward(model: nn.Module) -> None:
-    override_method(model, "forward", _forward)
-
-
-def _forward(
-    model: nn.Module,
-    orig,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    **kwargs: Any,
-):
+def _forward(model: nn.Module, orig, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+             labels=None, **kwargs: Any):
+    """The model's forward with the soft prompt in front of the embeddings (first pass) or in the cache."""
     past_key_values: Cache | None = pop_cache(kwargs)
     sp = _prompt(model)
     n_virtual = sp.num_virtual_tokens
-    ref = input_ids if input_ids is not None else inputs_embeds
-    if ref is None:
-        raise ValueError("method=prompt_tuning: forward needs input_ids or inputs_embeds")
-    batch, q_len, device = ref.shape[0], ref.shape[1], ref.device
+    batch, q_len, device = query_shape(input_ids, inputs_embeds, NAME)
     seen = past_key_values.get_seq_length() if past_key_values is not None else 0
     first = seen == 0
     past_real = 0 if first else seen - n_virtual
@@ -134,15 +109,8 @@ def _forward(
             pad = torch.full((labels.shape[0], n_virtual), -100, dtype=labels.dtype, device=labels.device)
             labels = torch.cat([pad, labels], dim=1)
 
-    out = orig(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        inputs_embeds=inputs_embeds,
-        labels=labels,
-        **{CACHE: past_key_values},
-        **kwargs,
-    )
+    out = orig(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+               inputs_embeds=inputs_embeds, labels=labels, **{CACHE: past_key_values}, **kwargs)
     if first and isinstance(out, ModelOutput) and out.get("logits") is not None:
         logits = out["logits"]
         if logits.shape[1] == n_virtual + q_len:
@@ -164,7 +132,7 @@ def apply(model: nn.Module, cfg: Any, tokenizer: Any = None, *, init: torch.Tens
     sp = SoftPrompt(n, init.shape[1], init=init).to(input_embeddings(model).weight.device)
     freeze_all(model)
     model.add_module(PROMPT_ATTR, sp)
-    _install_forward(model)
+    override_method(model, "forward", _forward)
     return model
 
 

@@ -46,22 +46,10 @@ from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
 from glm_experiments.config import PtuningMethodConfig
-from glm_experiments.methods.base import (
-    Method,
-    cfg_get,
-    check_settings,
-    freeze_all,
-    input_embeddings,
-    load_safetensors,
-    model_dims,
-    override_method,
-    read_method_json,
-    real_position_ids,
-    register,
-    save_safetensors,
-    split_virtual_mask,
-    write_method_json,
-)
+from glm_experiments.methods.base import (Method, cfg_get, check_settings, freeze_all, input_embeddings,
+                                          load_safetensors, model_dims, override_method, query_shape,
+                                          read_method_json, real_position_ids, register, save_safetensors,
+                                          split_virtual_mask, write_method_json)
 from glm_experiments.models.families import architecture_of
 
 log = logging.getLogger(__name__)
@@ -230,28 +218,12 @@ def _check_reentrant(model: nn.Module) -> None:
         )
 
 
-def _install_forward(model: nn.Module) -> None:
-    override_method(model, "forward", _forward)
-
-
-def _forward(
-    model: nn.Module,
-    orig,
-    input_ids: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-    position_ids: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    use_cache: bool | None = None,
-    **kwargs: Any,
-):
+def _forward(model: nn.Module, orig, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+             labels=None, use_cache=None, **kwargs: Any):
+    """The model's forward with the prefix's keys/values in front of the real tokens' in every layer's cache."""
     past_key_values: Cache | None = pop_cache(kwargs)
     enc = _encoder(model)
-    ref = input_ids if input_ids is not None else inputs_embeds
-    if ref is None:
-        raise ValueError("method=ptuning: forward needs input_ids or inputs_embeds")
-    batch, q_len = ref.shape[0], ref.shape[1]
-    device = ref.device
+    batch, q_len, device = query_shape(input_ids, inputs_embeds, NAME)
     dtype = input_embeddings(model).weight.dtype
     prefix_len = enc.pre_seq_len
 
@@ -285,16 +257,8 @@ def _forward(
     if position_ids is None:
         position_ids = _position_ids(model, input_ids, mask_real, q_len, past_real, batch, device)
 
-    out = orig(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        inputs_embeds=inputs_embeds,
-        labels=labels,
-        use_cache=use_cache,
-        **{CACHE: past_key_values},
-        **kwargs,
-    )
+    out = orig(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+               inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, **{CACHE: past_key_values}, **kwargs)
     if stateless and isinstance(out, ModelOutput) and CACHE in out:
         out[CACHE] = None
     return out
@@ -370,7 +334,7 @@ def apply(model: nn.Module, cfg: Any, tokenizer: Any = None, *, embedding_dim: i
     enc.train(model.training)
     model.add_module(ENCODER_ATTR, enc)
     _allow_cache_under_checkpointing(model)
-    _install_forward(model)
+    override_method(model, "forward", _forward)
     _install_prepare_inputs(model)
     return model
 

@@ -9,9 +9,7 @@ Adding a family = its module here + ``conf/model/<name>.yaml``; nobody keeps a l
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from glm_experiments.discovery import import_modules
 from glm_experiments.models.families.base import (
     GENERIC,
     REGISTRY,
@@ -24,10 +22,7 @@ __all__ = ["Architecture", "Family", "architecture_of", "family_names", "get_fam
 
 
 def _discover() -> dict[str, Family]:
-    """Every module of this package registers its family on import: adding one needs no list edited here."""
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")  # a no-op once imported
+    import_modules(__name__, __path__)  # each registers its family: adding one needs no list edited here
     return REGISTRY
 
 
