@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 import glm_experiments.config  # noqa: F401  (registers the schema before Hydra composes)
-from glm_experiments.errors import DEBUG_FLAG, EXIT_BAD_INPUT, as_user_error, debug_requested, one_line
+from glm_experiments.errors import DEBUG_FLAG, EXIT_BAD_INPUT, UserError, as_user_error, debug_requested, one_line
 from glm_experiments.interrupts import exit_code, signal_name
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -63,4 +63,11 @@ if __name__ == "__main__":
     if DEBUG_FLAG in sys.argv:  # not a Hydra override: tracebacks for our errors and Hydra's own
         sys.argv.remove(DEBUG_FLAG)
         os.environ["HYDRA_FULL_ERROR"] = "1"
+    from glm_experiments.hydra_checks import check_group_choices
+
+    try:
+        check_group_choices(sys.argv[1:], Path(CONF_DIR))
+    except UserError as exc:
+        print(one_line(exc), file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
     main()

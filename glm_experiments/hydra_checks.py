@@ -1,12 +1,16 @@
-"""Hydra callback: an output directory that cannot be created is one ``error:`` line and exit code 2.
+"""Mistakes Hydra would report with a traceback or a screenful, turned into one ``error:`` line and exit code 2.
 
-Hydra creates ``hydra.run.dir`` (``hydra.sweep.dir``) itself, before the task function runs, so a path
-under a file or in a read-only place would end in Hydra's traceback; checked here, before it tries.
+* an output directory that cannot be created (a Hydra callback): Hydra creates ``hydra.run.dir``
+  (``hydra.sweep.dir``) itself, before the task function runs, so a path under a file or in a read-only place
+  would end in Hydra's traceback; checked here, before it tries;
+* a group option that does not exist (``method=lorra``): Hydra lists every option of the group, the schema
+  nodes ``base_*`` that are no options among them; checked on the command line before Hydra starts.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,29 @@ def check_creatable(setting: str, directory: str | os.PathLike) -> None:
         raise UserError(f"{setting}={directory}: cannot be created, {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{setting}={directory}: {existing} is not writable")
+
+
+# Hydra's sweep syntax (choice(...), range(...), glob(...), interval(...)): left to Hydra
+_SWEEP_FUNCTION = re.compile(r"^\w+\(.*\)$")
+
+
+def check_group_choices(argv: list[str], conf_dir: Path) -> None:
+    """Every ``group=option[,option...]`` of the command line names an option file ``conf/<group>/<option>.yaml``.
+    Hydra's own groups (``hydra/...``) and its sweep functions are left to Hydra."""
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        group = key.lstrip("+~").split("@", 1)[0]
+        if group.startswith("hydra") or not value or _SWEEP_FUNCTION.match(value):
+            continue
+        options_dir = conf_dir / group
+        if "." in group or not options_dir.is_dir():
+            continue
+        options = sorted(p.stem for p in options_dir.glob("*.yaml"))
+        for option in value.split(","):
+            if option not in options and option != "null":
+                raise UserError(f"{group}={option}: no such option (conf/{group}/ has {', '.join(options)})")
 
 
 class OutputDirCheck(Callback):

@@ -290,6 +290,23 @@ def test_cli_bad_setting(tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_unknown_group_option(tmp_path):
+    """Hydra would list every option with the schema nodes base_* among them; one line names the real ones."""
+    _fail(["method=lorra"], tmp_path,
+          "method=lorra: no such option (conf/method/ has dora, freeze, full, lora, prompt_tuning, ptuning, qlora)")
+    _fail(["--multirun", "lengths=src512_tgt128,src2048"], tmp_path,
+          "lengths=src2048: no such option (conf/lengths/ has src1024_tgt256, src512_tgt128)")
+
+
+def test_group_choices_leave_hydra_syntax_alone():
+    from glm_experiments.hydra_checks import check_group_choices
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    check_group_choices(["method=lora", "+experiment=source_length_ablation", "method=choice(lora,freeze)",
+                         "hydra/launcher=anything", "method.r=8", "~debug", "data=null", "--cfg", "job"], conf)
+
+
+@pytest.mark.slow
 def test_cli_debug_shows_the_traceback(tmp_path):
     result = run_cli(["--debug", "train.max_steps=-5", "tracking=none", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert result.returncode not in (0, EXIT_BAD_INPUT) and "Traceback" in result.stderr
