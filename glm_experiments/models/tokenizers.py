@@ -54,14 +54,6 @@ _BARE_WORD_SPECIALS = {"sop", "eop"}
 CHATGLM_V1_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
 CHATGLM_V1_MAX_BLANK = 80
 
-GLM4_SPECIALS = [
-    "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
-    "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",
-]  # fmt: skip
-GLM4_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
 # the score given to vocabulary entries a Unigram lattice must never choose (control, byte, appended specials)
 _NEVER = -1e6
 
@@ -204,7 +196,7 @@ def _regex_escape(text: str) -> str:
     return "".join("\\" + c if c in r".^$*+?()[]{}|\/" else c for c in text)
 
 
-def _wrap(tok: Tokenizer, **kwargs) -> PreTrainedTokenizerFast:
+def wrap_fast(tok: Tokenizer, **kwargs) -> PreTrainedTokenizerFast:
     kwargs.setdefault("padding_side", "left")
     kwargs.setdefault("clean_up_tokenization_spaces", False)
     # special tokens come from the templates (by id), never from text: "<|user|>" or "[gMASK]" written inside a
@@ -232,7 +224,7 @@ def chatglm2_tokenizer(model_file: str | os.PathLike) -> PreTrainedTokenizerFast
     )
     piece = {i: p.piece for i, p in enumerate(proto.pieces)}
     t = proto.trainer_spec
-    return _wrap(
+    return wrap_fast(
         tok,
         unk_token=piece.get(t.unk_id, "<unk>"),
         bos_token=piece.get(t.bos_id, "<s>") if t.bos_id >= 0 else None,
@@ -282,7 +274,7 @@ def chatglm_v1_tokenizer(
         pair="$A [gMASK] <sop> $B <eop>",
         special_tokens=[(t, index[t]) for t in ("[gMASK]", "<sop>", "<eop>")],
     )
-    return _wrap(
+    return wrap_fast(
         tok,
         unk_token=proto.pieces[proto.trainer_spec.unk_id].piece,
         bos_token="<sop>",
@@ -293,81 +285,6 @@ def chatglm_v1_tokenizer(
 
 
 # ----------------------------------------------------------------------------------------------- tiktoken
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
-    ranks = {}
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-            except ValueError:
-                raise TokenizerError(f"{path}:{lineno}: expected 'base64-token rank'") from None
-    return ranks
-
-
-def _tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """tiktoken merges any adjacent pair whose concatenation is a token, lowest rank first: every split of a
-    token into two tokens is a merge, ranked by the token it makes."""
-    merges = []
-    for token, rank in ranks.items():
-        for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            if left in ranks and right in ranks:
-                merges.append((rank, ranks[left], ranks[right], left, right))
-    merges.sort()
-    return [(m[3], m[4]) for m in merges]
-
-
-def glm4_tokenizer(model_file: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """GLM-4 tokenizer from its tiktoken ``tokenizer.model``."""
-    ranks = read_tiktoken_ranks(model_file)
-    if sorted(ranks.values()) != list(range(len(ranks))):
-        raise TokenizerError(f"{model_file}: tiktoken ranks are not 0..{len(ranks) - 1}")
-    table = _bytes_to_unicode()
-
-    def to_str(b: bytes) -> str:
-        return "".join(table[x] for x in b)
-
-    vocab = {to_str(tok): rank for tok, rank in ranks.items()}
-    merges = [(to_str(a), to_str(b)) for a, b in _tiktoken_merges(ranks)]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(GLM4_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    n = len(ranks)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM4_SPECIALS])
-    for k, t in enumerate(GLM4_SPECIALS):
-        if tok.token_to_id(t) != n + k:
-            raise TokenizerError(f"{model_file}: special token {t!r} got id {tok.token_to_id(t)}, expected {n + k}")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[gMASK] <sop> $A",
-        pair="[gMASK] <sop> $A $B",
-        special_tokens=[("[gMASK]", n + 2), ("<sop>", n + 4)],
-    )
-    return _wrap(tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", mask_token="[MASK]")
-
-
-# ----------------------------------------------------------------------------------------------- entry point
 
 
 def _v1_options(directory: Path) -> dict:
@@ -421,4 +338,6 @@ def chatglm2_tokenizer_from_dir(directory: str | os.PathLike, family: str = "cha
 
 def glm4_tokenizer_from_dir(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
     """GLM-4's tokenizer from a checkpoint directory (tiktoken tokenizer.model)."""
+    from glm_experiments.models.glm4_tokenizer import glm4_tokenizer  # it builds on this module's helpers
+
     return glm4_tokenizer(_tokenizer_model(directory, "glm4", "tiktoken"))
