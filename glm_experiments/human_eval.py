@@ -537,7 +537,7 @@ def human_eval_columns(client, rows: list[dict]) -> list[str]:
             evals.append((tags, metrics, a, b))
     if not evals:
         return []
-    columns = ["human win %", "95% CI", "W-L tie bad", "vs"]
+    columns = ["human win %", "95% CI", "W-L-tie-bad", "vs"]
     for run_id, row in by_id.items():
         mine = [e for e in evals if run_id in (e[2], e[3])]
         if not mine:
@@ -558,7 +558,7 @@ def human_eval_columns(client, rows: list[dict]) -> list[str]:
                 rate, low, high = 1 - rate, 1 - high, 1 - low
             row["human win %"] = round(100 * rate, 1)
             row["95% CI"] = f"{100 * low:.0f}–{100 * high:.0f}"
-        row["W-L tie bad"] = f"{wins}-{losses} {int(metrics.get('ties', 0))} {int(metrics.get('both_bad', 0))}"
+        row["W-L-tie-bad"] = f"{wins}-{losses}-{int(metrics.get('ties', 0))}-{int(metrics.get('both_bad', 0))}"
         row["vs"] = (
             by_id[other]["label"]
             if other in by_id

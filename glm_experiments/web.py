@@ -470,6 +470,7 @@ def build_page(
                     height=420,
                     elem_id="chat-box",
                     buttons=["copy"],
+                    render_markdown=False,  # model output as written: "*" and "#" are text in ad tags
                 )
                 history = gr.State([])
                 with gr.Row():
@@ -584,8 +585,8 @@ def build_page(
             # -------------------------------------------------------------------- compare
             if comparison is not None:
                 compare_tab(gr, comparison, page)
-            elif len(engines) == 1:
-                gr.Markdown("Give a second `--run` to compare two runs blind, side by side.")
+        if comparison is None:
+            gr.Markdown("Give a second `--run` to compare two runs blind, side by side.")
     return page
 
 
