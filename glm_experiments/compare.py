@@ -239,9 +239,9 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
                             tables={title: [label for _, label, _ in spec if label in shown_labels]
                                     for title, spec in (("scores", SCORE_COLUMNS), ("training", TRAINING_COLUMNS),
                                                         ("cost", COST_COLUMNS))})
-    from glm_experiments.human_eval import human_eval_columns  # blind A/B verdicts (glm_experiments.web), if any
+    from glm_experiments.human_eval import human_eval_columns
 
-    comparison.tables["human eval"] = human_eval_columns(client, rows)
+    comparison.tables["human eval"] = human_eval_columns(client, rows)  # blind A/B verdicts (glm_experiments.web)
     result_columns = comparison.tables["scores"] + comparison.tables["training"]
     if len(rows) > 1:  # a setting that changed nothing on a metric is a finding, say so
         comparison.identical = [col for col in result_columns
