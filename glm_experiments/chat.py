@@ -92,9 +92,13 @@ def visible_reply(template, text: str) -> str | None:
     return text.split("\n", 1)[1].lstrip()
 
 
-def stream_reply(model, tokenizer, template, ids: list[int], gen_kwargs: dict) -> Iterator[str]:
-    """Generate the reply to prompt ``ids``, yielding the visible reply so far each time it grows; the last value
-    yielded is the final reply (``template.clean_response``). Closing the generator early stops the generation."""
+def stream_reply(model, tokenizer, template, ids: list[int], gen_kwargs: dict, tentative: bool = False) -> Iterator[str]:
+    """Generate the reply to prompt ``ids``, yielding the visible reply so far each time it changes; the last value
+    yielded is the final reply (``template.clean_response``). Closing the generator early stops the generation.
+
+    A ChatGLM3-style reply is shown from its second line (the first is metadata). ``tentative`` (for a page that
+    can redraw, not a terminal): until that line ends, show the text as it comes, since a model that writes no
+    metadata line would otherwise show nothing until it ends."""
     import torch
     from transformers import (
         StoppingCriteria,
@@ -130,7 +134,9 @@ def stream_reply(model, tokenizer, template, ids: list[int], gen_kwargs: dict) -
         for piece in streamer:
             text += piece
             visible = visible_reply(template, text)
-            if visible is not None and len(visible) > len(shown):
+            if visible is None and tentative:
+                visible = text.strip()
+            if visible is not None and visible != shown:
                 shown = visible
                 yield shown
     finally:  # also when the consumer stops early (a closed page): the model stops at its next token

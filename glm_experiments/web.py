@@ -345,7 +345,7 @@ class Comparison:
             sample=bool(loaded.cfg.eval.do_sample),
         )
         with engine.lock:
-            yield from stream_reply(loaded.model, loaded.tokenizer, loaded.template, ids, gen)
+            yield from stream_reply(loaded.model, loaded.tokenizer, loaded.template, ids, gen, tentative=True)
 
     def record(self, position: int, choice: str, comment: str) -> tuple[dict, str | None]:
         """The verdict, on disk first, then in MLflow; (the record, an MLflow problem or None)."""
@@ -520,7 +520,9 @@ def build_page(
                     yield shown, gr.skip(), "", note + "generating ..."
                     final = ""
                     with engine.lock:
-                        for final in stream_reply(loaded.model, loaded.tokenizer, loaded.template, ids, gen):
+                        for final in stream_reply(
+                            loaded.model, loaded.tokenizer, loaded.template, ids, gen, tentative=True
+                        ):
                             shown[-1] = {"role": "assistant", "content": final}
                             yield shown, gr.skip(), gr.skip(), gr.skip()
                     kept = kept + [

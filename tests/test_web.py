@@ -69,25 +69,25 @@ def browser():
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """Two tiny LoRA runs of one sweep (6 and 12 steps) tracked in a temporary store: (run dirs, tracking URI)."""
+    """Two tiny LoRA runs of one sweep (3 steps at two learning rates: they write different replies) tracked in a
+    temporary store: (run dirs, tracking URI)."""
     tmp = tmp_path_factory.mktemp("web")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    result = run_cli(
-        [
-            "--multirun",
-            "method=lora",
-            "train.max_steps=6,12",
-            "train.logging_steps=3",
-            "eval.max_samples=2",
-            "eval.max_new_tokens=8",
-            "data.max_train_samples=64",
-            "eval.before_training=false",
-            f"tracking.tracking_uri={uri}",
-            "tracking.experiment_name=web",
-            f"hydra.sweep.dir={tmp / 'sweep'}",
-        ],
-        tmp,
-    )
+    overrides = [
+        "method=lora",
+        "train.max_steps=3",
+        "train.per_device_train_batch_size=4",
+        "train.learning_rate=5e-3,3e-2",
+        "train.logging_steps=1",
+        "data.max_train_samples=16",
+        "eval.max_samples=2",
+        "eval.max_new_tokens=8",
+        "eval.before_training=false",
+        f"tracking.tracking_uri={uri}",
+        "tracking.experiment_name=web",
+        f"hydra.sweep.dir={tmp / 'sweep'}",
+    ]
+    result = run_cli(["--multirun", *overrides], tmp)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.parent for p in (tmp / "sweep").glob("*/result.json"))
     assert len(runs) == 2, runs
