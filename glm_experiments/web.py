@@ -427,7 +427,7 @@ def build_page(
         )
 
     with gr.Blocks(title="glm_experiments", analytics_enabled=False) as page:
-        gr.Markdown("## glm_experiments: " + ", ".join(e.label for e in engines))
+        gr.Markdown(f"## glm_experiments: {len(engines)} run{'s' if len(engines) > 1 else ''}")
         with gr.Tabs():
             # -------------------------------------------------------------------- chat
             with gr.Tab("Chat", id="chat"):
@@ -783,10 +783,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    _gradio()  # missing extra: one line before anything loads
-    _check_port(args.host, args.port)
     engines = find_engines(args)
     comparison = Comparison.prepare(engines[0], engines[1], args) if len(engines) > 1 else None
+    _gradio()  # a missing extra, a taken port: one line before anything loads
+    _check_port(args.host, args.port)
 
     def say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)

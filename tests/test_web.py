@@ -356,34 +356,29 @@ def test_blind_comparison_records_unblinded_verdicts_and_resumes_after_a_kill(sw
         server.wait(timeout=60)
 
 
-def test_web_errors_are_one_line(sweep, tmp_path):
+def test_web_errors_are_one_line(sweep, tmp_path, capsys, monkeypatch):
+    from glm_experiments.web import main
+
     runs, _ = sweep
+    monkeypatch.chdir(tmp_path)
 
-    def web(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "glm_experiments.web", *args],
-            cwd=tmp_path,
-            capture_output=True,
-            check=False,
-            text=True,
-            timeout=300,
-            env=checkout_env(dict(os.environ)),
-        )
+    def error_line(*args: str) -> str:
+        assert main(list(args)) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err.strip().splitlines()[-1]
 
-    def error_line(result) -> str:
-        assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-        assert "Traceback" not in result.stderr
-        return result.stderr.strip().splitlines()[-1]
-
-    assert "run not found" in error_line(web("--run", str(tmp_path / "nowhere")))
-    assert "is given twice" in error_line(web("--run", str(runs[0]), "--run", str(runs[0])))
-    assert "data file not found" in error_line(
-        web("--run", str(runs[0]), "--run", str(runs[1]), "--input", "missing.json")
+    assert "run not found" in error_line("--run", str(tmp_path / "nowhere"))
+    assert "is given twice" in error_line("--run", str(runs[0]), "--run", str(runs[0]))
+    assert "data file not found: missing.json" in error_line(
+        "--run", str(runs[0]), "--run", str(runs[1]), "--input", "missing.json"
     )
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        assert f"--port {port}: cannot serve there" in error_line(web("--run", str(runs[0]), "--port", str(port)))
-    usage = web("--help")
-    assert usage.returncode == 0 and "examples:" in usage.stdout and "--run" in usage.stdout
+        assert f"--port {port}: cannot serve there" in error_line("--run", str(runs[0]), "--port", str(port))
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0 and "examples:" in capsys.readouterr().out
+    assert not list(tmp_path.rglob("*.jsonl")), "a refused start leaves no session file"
