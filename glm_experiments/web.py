@@ -383,7 +383,7 @@ class Comparison:
 
 # ------------------------------------------------------------------------------------------ the page
 def _gradio():
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry, no version check
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry, no version check: nothing leaves the machine
     try:
         import gradio as gr
     except ImportError:
@@ -586,15 +586,15 @@ def build_page(
 
             # -------------------------------------------------------------------- compare
             if comparison is not None:
-                compare_tab(gr, comparison, page)
+                compare_tab(gr, comparison)
         if comparison is None:
             gr.Markdown("Give a second `--run` to compare two runs blind, side by side.")
     return page
 
 
-def compare_tab(gr, comparison: Comparison, page) -> None:
+def compare_tab(gr, comparison: Comparison) -> None:
     session = comparison.session
-    with gr.Tab("Compare (blind)", id="compare"):
+    with gr.Tab("Compare (blind)", id="compare") as tab:
         gr.Markdown(
             f"Which reply is better? **A** and **B** are the two runs in a random order per prompt; the runs "
             f"are named when the session ends. Prompts: `{comparison.data_file}`. "
@@ -731,7 +731,13 @@ def compare_tab(gr, comparison: Comparison, page) -> None:
                 vote(choice), [shown, comment], outputs, concurrency_id="compare-vote", show_progress="minimal"
             )
         next_button.click(show, shown, outputs, concurrency_id="compare", show_progress="minimal")
-        page.load(show, shown, outputs, concurrency_id="compare", show_progress="minimal")
+
+        def opened(current):
+            if current is None:  # first opened since the page loaded; else it shows what it showed
+                yield from show(current)
+
+        # generated when the tab is opened, not on page load: chatting first does not wait for the comparison
+        tab.select(opened, shown, outputs, concurrency_id="compare", show_progress="minimal")
 
 
 def _check_port(host: str, port: int) -> None:

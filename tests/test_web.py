@@ -258,7 +258,7 @@ def test_blind_comparison_records_unblinded_verdicts_and_resumes_after_a_kill(sw
         "--run",
         str(runs[1]),
         "--max-prompts",
-        "6",
+        "5",
         "--max-new-tokens",
         str(max_new),
         "--port",
@@ -268,8 +268,10 @@ def test_blind_comparison_records_unblinded_verdicts_and_resumes_after_a_kill(sw
     ]
     server = start_server(args, tmp_path, tmp_path / "server1.log")
     tab = browser.new_page(viewport={"width": 1280, "height": 1100})
+    page_url, requests = f"http://127.0.0.1:{port}/", []
+    tab.on("request", lambda request: requests.append(request.url))
     try:
-        tab.goto(f"http://127.0.0.1:{port}/")
+        tab.goto(page_url)
         tab.get_by_role("tab", name="Compare (blind)").click()
         session_file = runs[0].parent / "human_eval"  # beside the runs: in the sweep's folder
         # pressed: a (key), B better (button), t (key), both bad (button) with a comment
@@ -281,7 +283,7 @@ def test_blind_comparison_records_unblinded_verdicts_and_resumes_after_a_kill(sw
         ]
         for position, (choice, key, button) in enumerate(plan):
             expect(tab.locator("#cmp-vote-left")).to_be_enabled(timeout=120_000)
-            assert f"Prompt {position + 1} of 6" in tab.inner_text("#cmp-progress")
+            assert f"Prompt {position + 1} of 5" in tab.inner_text("#cmp-progress")
             assert not tab.locator("#cmp-reference").is_visible(), "the reference stays hidden until the vote"
             left, right = tab.input_value("#cmp-left textarea"), tab.input_value("#cmp-right textarea")
             if position == 3:
@@ -290,7 +292,7 @@ def test_blind_comparison_records_unblinded_verdicts_and_resumes_after_a_kill(sw
                 tab.keyboard.press(key)
             else:
                 tab.click(button)
-            expect(tab.locator("#cmp-status")).to_contain_text(f"verdict {position + 1} of 6", timeout=60_000)
+            expect(tab.locator("#cmp-status")).to_contain_text(f"verdict {position + 1} of 5", timeout=60_000)
             expect(tab.locator("#cmp-reference textarea")).to_have_value(references[position])
             [path] = session_file.glob("*.jsonl")
             row = verdicts(path)[-1]
@@ -342,15 +344,26 @@ def test_blind_comparison_records_unblinded_verdicts_and_resumes_after_a_kill(sw
         tab.reload()
         tab.get_by_role("tab", name="Compare (blind)").click()
         expect(tab.locator("#cmp-vote-left")).to_be_enabled(timeout=120_000)
-        assert "Prompt 5 of 6" in tab.inner_text("#cmp-progress") and "(4 judged)" in tab.inner_text("#cmp-progress")
+        assert "Prompt 5 of 5" in tab.inner_text("#cmp-progress") and "(4 judged)" in tab.inner_text("#cmp-progress")
         left = tab.input_value("#cmp-left textarea")
         tab.keyboard.press("b")
-        expect(tab.locator("#cmp-status")).to_contain_text("verdict 5 of 6", timeout=60_000)
+        expect(tab.locator("#cmp-status")).to_contain_text("verdict 5 of 5", timeout=60_000)
         row = verdicts(path)[-1]
         assert row["position"] == 4 and expected[row["left"]][4] == left and row["winner"] == row["right"]
         assert len(verdicts(path)) == 5
         human = client.get_run(run_id)
-        assert human.data.metrics["n"] == 5 and human.data.tags["human_eval.progress"] == "5 of 6"
+        assert human.data.metrics["n"] == 5 and human.data.tags["human_eval.progress"] == "5 of 5"
+        assert human.info.status == "FINISHED", "every prompt judged"
+        # the end: the runs are named with their tally
+        tab.keyboard.press("n")
+        expect(tab.locator("#cmp-status")).to_contain_text("All prompts judged", timeout=60_000)
+        wins_a += row["winner"] == "a"
+        wins_b += row["winner"] == "b"
+        summary = tab.inner_text("#cmp-status")
+        assert f"{runs[0].name} {wins_a}, {runs[1].name} {wins_b}, ties 1, both bad 1" in summary
+        expect(tab.locator("#cmp-vote-left")).to_be_disabled()
+        tab.screenshot(path=str(tmp_path / "compare_done.png"), full_page=True)
+        assert not [url for url in requests if not url.startswith(page_url)], "everything is served by the page"
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=60)
