@@ -190,3 +190,21 @@ def test_compare_without_human_eval_has_no_such_table(tmp_path):
     run = client.create_run(experiment)
     client.log_metric(run.info.run_id, "eval/rouge-l", 1.0)
     assert collect(uri, experiment="plain").tables["human eval"] == []
+
+
+def test_run_store_finds_the_store_a_run_was_tracked_in(tmp_path):
+    from omegaconf import OmegaConf
+
+    from glm_experiments.human_eval import run_store
+
+    run = tmp_path / "outputs" / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {tmp_path}\n")
+    (run / "result.json").write_text(json.dumps({"run_id": "c" * 32}))
+    cfg = OmegaConf.create({"tracking": {"enabled": True, "tracking_uri": "sqlite:///mlflow.db"}})
+    # the default, relative URI is relative to where the run was started
+    assert run_store(run, cfg) == (f"sqlite:///{tmp_path / 'mlflow.db'}", "c" * 32)
+    cfg.tracking.tracking_uri = "sqlite:////elsewhere/m.db"
+    assert run_store(run, cfg) == ("sqlite:////elsewhere/m.db", "c" * 32)
+    cfg.tracking.enabled = False
+    assert run_store(run, cfg) == (None, "c" * 32)
