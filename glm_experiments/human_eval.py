@@ -86,13 +86,7 @@ class Tally:
 
     def metrics(self) -> dict[str, float]:
         """What the MLflow run logs: the win rate and its interval only once a verdict decided something."""
-        out = {
-            "n": self.n,
-            "ties": self.ties,
-            "both_bad": self.both_bad,
-            "wins_a": self.wins_a,
-            "wins_b": self.wins_b,
-        }
+        out = {"n": self.n, "ties": self.ties, "both_bad": self.both_bad, "wins_a": self.wins_a, "wins_b": self.wins_b}
         if self.decisive:
             low, high = wilson_interval(self.wins_a, self.decisive)
             out.update(win_rate_a=self.win_rate_a, ci_low=low, ci_high=high)
@@ -208,31 +202,15 @@ class ABSession:
     """The verdicts of one blind A/B session, backed by its append-only JSON-lines file."""
 
     def __init__(
-        self,
-        path: Path,
-        header: dict,
-        verdicts: dict[int, dict],
-        mlflow_line: dict | None,
-        written: bool = True,
+        self, path: Path, header: dict, verdicts: dict[int, dict], mlflow_line: dict | None, written: bool = True
     ):
-        self.path, self.header, self.verdicts, self.mlflow = (
-            Path(path),
-            header,
-            verdicts,
-            mlflow_line,
-        )
+        self.path, self.header, self.verdicts, self.mlflow = (Path(path), header, verdicts, mlflow_line)
         self.written = written  # False until the first line of a new session is on disk
 
     # -------------------------------------------------------------------------------- opening
     @classmethod
     def open(
-        cls,
-        path: Path,
-        a: Contestant,
-        b: Contestant,
-        data_file: Path,
-        prompts: int,
-        seed: int | None = None,
+        cls, path: Path, a: Contestant, b: Contestant, data_file: Path, prompts: int, seed: int | None = None
     ) -> ABSession:
         """Resume the session in ``path`` or start it there. Refuses (one line) a file that belongs to other runs
         or to another version of the data file: its positions would point at other prompts."""
@@ -254,12 +232,7 @@ class ABSession:
                     "another --session-dir"
                 )
             if seed is not None and seed != h["seed"]:
-                log.warning(
-                    "%s: resuming with its own seed %s (--seed %s ignored)",
-                    path,
-                    h["seed"],
-                    seed,
-                )
+                log.warning("%s: resuming with its own seed %s (--seed %s ignored)", path, h["seed"], seed)
             h["prompts"] = max(h["prompts"], prompts)  # more prompts asked for: the layout per position stays
             return session
         header = {
@@ -288,11 +261,7 @@ class ABSession:
                     row = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by a crash mid-write: nothing was confirmed for it
                     bad += 1
-                    log.warning(
-                        "%s:%d: not a complete JSON line (cut by a crash?): skipped",
-                        path,
-                        number,
-                    )
+                    log.warning("%s:%d: not a complete JSON line (cut by a crash?): skipped", path, number)
                     continue
                 kind = row.get("type")
                 if kind == "session" and header is None:
@@ -377,12 +346,7 @@ class ABSession:
         return row
 
     def set_mlflow(self, tracking_uri: str, run_id: str) -> None:
-        self.mlflow = {
-            "type": "mlflow",
-            "tracking_uri": tracking_uri,
-            "run_id": run_id,
-            "time": _now(),
-        }
+        self.mlflow = {"type": "mlflow", "tracking_uri": tracking_uri, "run_id": run_id, "time": _now()}
         self._append(self.mlflow)
 
     def _append(self, row: dict) -> None:
@@ -509,10 +473,7 @@ class HumanEvalRun:
         session = self.session
         t = session.tally()
         now = int(_dt.datetime.now().timestamp() * 1000)
-        self.client.log_batch(
-            self.run_id,
-            metrics=[Metric(k, v, now, t.n) for k, v in t.metrics().items()],
-        )
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, t.n) for k, v in t.metrics().items()])
         self.client.set_tag(self.run_id, "human_eval.progress", f"{t.n} of {session.n_prompts}")
         self.client.log_artifact(self.run_id, str(session.path), "human_eval")
         if session.done:
@@ -544,16 +505,9 @@ def human_eval_columns(client, rows: list[dict]) -> list[str]:
             continue
         tags, metrics, a, b = max(mine, key=lambda e: ((e[3] if e[2] == run_id else e[2]) in by_id, e[1]["n"]))
         side, other = ("a", b) if a == run_id else ("b", a)
-        wins, losses = (
-            int(metrics.get(f"wins_{side}", 0)),
-            int(metrics.get(f"wins_{'b' if side == 'a' else 'a'}", 0)),
-        )
+        wins, losses = (int(metrics.get(f"wins_{side}", 0)), int(metrics.get(f"wins_{'b' if side == 'a' else 'a'}", 0)))
         if "win_rate_a" in metrics:
-            rate, low, high = (
-                metrics["win_rate_a"],
-                metrics["ci_low"],
-                metrics["ci_high"],
-            )
+            rate, low, high = (metrics["win_rate_a"], metrics["ci_low"], metrics["ci_high"])
             if side == "b":
                 rate, low, high = 1 - rate, 1 - high, 1 - low
             row["human win %"] = round(100 * rate, 1)

@@ -38,13 +38,7 @@ EXAMPLES = """examples:
   python -m glm_experiments.web --run outputs/.../run --adapter finetune_demo/output/checkpoint-3000 \\
       --model-path /data/chatglm3-6b --family chatglm3      # one of ours against a THUDM adapter
 """
-KEYS = {
-    "a": "cmp-vote-left",
-    "b": "cmp-vote-right",
-    "t": "cmp-vote-tie",
-    "x": "cmp-vote-bad",
-    "n": "cmp-next",
-}
+KEYS = {"a": "cmp-vote-left", "b": "cmp-vote-right", "t": "cmp-vote-tie", "x": "cmp-vote-bad", "n": "cmp-next"}
 # keyboard shortcuts of the Compare tab; typing in a text box is left alone
 KEYS_SCRIPT = """<script>
 document.addEventListener("keydown", (event) => {
@@ -58,12 +52,7 @@ document.addEventListener("keydown", (event) => {
   button.click();
 });
 </script>"""
-CHOICE_LABELS = {
-    "left": "A better",
-    "right": "B better",
-    "tie": "tie",
-    "both_bad": "both bad",
-}
+CHOICE_LABELS = {"left": "A better", "right": "B better", "tie": "tie", "both_bad": "both bad"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,38 +76,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     foreign = p.add_argument_group("an adapter without a run (as predict takes it; compared after the --run entries)")
     foreign.add_argument(
-        "--adapter",
-        action="append",
-        default=[],
-        help="adapter directory: THUDM/PEFT or ours; repeatable",
+        "--adapter", action="append", default=[], help="adapter directory: THUDM/PEFT or ours; repeatable"
     )
     foreign.add_argument("--model-path", default=None, help="base checkpoint directory of the adapters")
-    foreign.add_argument(
-        "--family",
-        default=None,
-        choices=["chatglm", "chatglm2", "chatglm3", "glm4", "tiny"],
-    )
-    foreign.add_argument(
-        "--data",
-        default="adgen",
-        help="data config of the adapters (format, generation settings)",
-    )
+    foreign.add_argument("--family", default=None, choices=["chatglm", "chatglm2", "chatglm3", "glm4", "tiny"])
+    foreign.add_argument("--data", default="adgen", help="data config of the adapters (format, generation settings)")
     p.add_argument(
-        "--input",
-        default=None,
-        help="prompts to compare, in the first run's data format (default: its data.dev_file)",
+        "--input", default=None, help="prompts to compare, in the first run's data format (default: its data.dev_file)"
     )
+    p.add_argument("--max-prompts", type=int, default=None, help="compare only the first N prompts of --input")
     p.add_argument(
-        "--max-prompts",
-        type=int,
-        default=None,
-        help="compare only the first N prompts of --input",
-    )
-    p.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=None,
-        help="per reply (default: each run's eval.max_new_tokens)",
+        "--max-new-tokens", type=int, default=None, help="per reply (default: each run's eval.max_new_tokens)"
     )
     p.add_argument(
         "--session-dir",
@@ -127,16 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where the verdict files go (default: human_eval/ in the folder holding both runs)",
     )
     p.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="seed of the left/right order of a new session (default: random)",
+        "--seed", type=int, default=None, help="seed of the left/right order of a new session (default: random)"
     )
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to serve on (default 127.0.0.1: this machine only)",
-    )
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     args = p.parse_args(argv)
@@ -210,10 +171,7 @@ def find_engines(args: argparse.Namespace) -> list[Engine]:
             if not path.is_dir():
                 raise UserError(f"--adapter {adapter}: not a directory")
             spec = SimpleNamespace(
-                adapter=str(path),
-                family=args.family,
-                model_path=args.model_path,
-                device=args.device,
+                adapter=str(path), family=args.family, model_path=args.model_path, device=args.device
             )
             engines.append(Engine(Contestant(unique(f"adapter:{path.name}"), str(path)), cfg, spec))
     return engines
@@ -285,15 +243,7 @@ class Comparison:
             or b.contestant.tracking_uri
             or "sqlite:///mlflow.db"
         )
-        return cls(
-            a,
-            b,
-            data_file,
-            samples[: session.n_prompts],
-            session,
-            uri,
-            args.max_new_tokens,
-        )
+        return cls(a, b, data_file, samples[: session.n_prompts], session, uri, args.max_new_tokens)
 
     def check_store(self) -> None:
         """A store that cannot be used fails now, in one line (and MLflow's import is paid before the first vote)."""
@@ -368,11 +318,7 @@ class Comparison:
                 problem = None
             except Exception as exc:  # noqa: BLE001 - the verdict is safe on disk; the next sync catches up
                 problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                log.warning(
-                    "MLflow update failed (the verdict is saved in %s): %s",
-                    self.session.path,
-                    problem,
-                )
+                log.warning("MLflow update failed (the verdict is saved in %s): %s", self.session.path, problem)
                 self.mlflow = None
             return row, problem
 
@@ -391,11 +337,7 @@ def _gradio():
     return gr
 
 
-def build_page(
-    engines: list[Engine],
-    comparison: Comparison | None,
-    max_new_tokens: int | None = None,
-):
+def build_page(engines: list[Engine], comparison: Comparison | None, max_new_tokens: int | None = None):
     """The gradio Blocks of the page (not launched)."""
     gr = _gradio()
     from glm_experiments.chat import (
@@ -452,18 +394,8 @@ def build_page(
                         label="max new tokens",
                         elem_id="chat-max-new",
                     )
-                    greedy = gr.Checkbox(
-                        value=d["greedy"],
-                        label="greedy (off: sample)",
-                        elem_id="chat-greedy",
-                    )
-                    temperature = gr.Slider(
-                        0.05,
-                        2.0,
-                        value=d["temperature"],
-                        step=0.05,
-                        label="temperature",
-                    )
+                    greedy = gr.Checkbox(value=d["greedy"], label="greedy (off: sample)", elem_id="chat-greedy")
+                    temperature = gr.Slider(0.05, 2.0, value=d["temperature"], step=0.05, label="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=d["top_p"], step=0.05, label="top-p")
                 chatbot = gr.Chatbot(
                     label="conversation",
@@ -475,10 +407,7 @@ def build_page(
                 history = gr.State([])
                 with gr.Row():
                     message = gr.Textbox(
-                        placeholder="your message; Enter sends",
-                        show_label=False,
-                        scale=8,
-                        elem_id="chat-input",
+                        placeholder="your message; Enter sends", show_label=False, scale=8, elem_id="chat-input"
                     )
                     send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
                     clear = gr.Button("Clear", scale=1, elem_id="chat-clear")
@@ -504,14 +433,7 @@ def build_page(
                         top_p=p,
                     )
                     budget = model_max_length(loaded.model) - gen["max_new_tokens"]
-                    ids, kept, dropped = fit_prompt(
-                        loaded.template,
-                        loaded.tokenizer,
-                        system_text,
-                        past,
-                        text,
-                        budget,
-                    )
+                    ids, kept, dropped = fit_prompt(loaded.template, loaded.tokenizer, system_text, past, text, budget)
                     shown = [dict(m) for m in kept] + [
                         {"role": "user", "content": text},
                         {"role": "assistant", "content": ""},
@@ -525,10 +447,7 @@ def build_page(
                         ):
                             shown[-1] = {"role": "assistant", "content": final}
                             yield shown, gr.skip(), gr.skip(), gr.skip()
-                    kept = kept + [
-                        {"role": "user", "content": text},
-                        {"role": "assistant", "content": final},
-                    ]
+                    kept = kept + [{"role": "user", "content": text}, {"role": "assistant", "content": final}]
                     yield (
                         shown,
                         kept,
@@ -536,16 +455,7 @@ def build_page(
                         f"{note}{len(ids)} prompt tokens, {len(kept) // 2} turn(s) in history",
                     )
 
-                chat_inputs = [
-                    run,
-                    message,
-                    history,
-                    system,
-                    max_new,
-                    greedy,
-                    temperature,
-                    top_p,
-                ]
+                chat_inputs = [run, message, history, system, max_new, greedy, temperature, top_p]
                 chat_outputs = [chatbot, history, message, chat_note]
                 send.click(reply, chat_inputs, chat_outputs, concurrency_id="chat", show_progress="minimal")
                 message.submit(reply, chat_inputs, chat_outputs, concurrency_id="chat", show_progress="minimal")
@@ -560,29 +470,13 @@ def build_page(
                         [],
                         [],
                         "",
-                        gr.update(
-                            maximum=d["limit"],
-                            value=min(d["max_new_tokens"], d["limit"]),
-                        ),
+                        gr.update(maximum=d["limit"], value=min(d["max_new_tokens"], d["limit"])),
                         d["greedy"],
                         d["temperature"],
                         d["top_p"],
                     )
 
-                run.change(
-                    pick,
-                    run,
-                    [
-                        about,
-                        chatbot,
-                        history,
-                        chat_note,
-                        max_new,
-                        greedy,
-                        temperature,
-                        top_p,
-                    ],
-                )
+                run.change(pick, run, [about, chatbot, history, chat_note, max_new, greedy, temperature, top_p])
 
             # -------------------------------------------------------------------- compare
             if comparison is not None:
@@ -613,18 +507,8 @@ def compare_tab(gr, comparison: Comparison) -> None:
                 "tie": gr.Button("tie (t)", interactive=False, elem_id="cmp-vote-tie"),
                 "both_bad": gr.Button("both bad (x)", interactive=False, elem_id="cmp-vote-bad"),
             }
-        comment = gr.Textbox(
-            label="comment (optional, saved with the verdict)",
-            lines=1,
-            elem_id="cmp-comment",
-        )
-        reference = gr.Textbox(
-            label="reference",
-            lines=3,
-            interactive=False,
-            visible=False,
-            elem_id="cmp-reference",
-        )
+        comment = gr.Textbox(label="comment (optional, saved with the verdict)", lines=1, elem_id="cmp-comment")
+        reference = gr.Textbox(label="reference", lines=3, interactive=False, visible=False, elem_id="cmp-reference")
         status = gr.Markdown("", elem_id="cmp-status")
         next_button = gr.Button("next prompt (n)", interactive=False, elem_id="cmp-next")
         shown = gr.State(None)  # the position on screen
@@ -644,15 +528,7 @@ def compare_tab(gr, comparison: Comparison) -> None:
         def view(position, next_on=False, votes_on=False, **changes):
             """The outputs: ``changes`` (prompt, left, right, reference, comment, status) set, the rest kept."""
             kept = [
-                changes.get(name, gr.skip())
-                for name in (
-                    "prompt",
-                    "left",
-                    "right",
-                    "reference",
-                    "comment",
-                    "status",
-                )
+                changes.get(name, gr.skip()) for name in ("prompt", "left", "right", "reference", "comment", "status")
             ]
             heading = (
                 gr.skip()
@@ -705,10 +581,7 @@ def compare_tab(gr, comparison: Comparison) -> None:
         def vote(choice):
             def handler(position, comment_text):
                 if position is None or position != session.next_position():
-                    return view(
-                        session.next_position(),
-                        status="that prompt already has a verdict: press next",
-                    )
+                    return view(session.next_position(), status="that prompt already has a verdict: press next")
                 _, problem = comparison.record(position, choice, comment_text or "")
                 where = f"`{session.path.name}`" + (
                     "" if problem else f" and MLflow run `{comparison.mlflow.run_id[:8]}`"
@@ -758,8 +631,7 @@ def serve(page, host: str, port: int, block: bool = True, say=print) -> str:
     gr = _gradio()
     _check_port(host, port)
     theme = gr.themes.Default(
-        font=["ui-sans-serif", "system-ui", "sans-serif"],
-        font_mono=["ui-monospace", "monospace"],
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
     )  # local fonts: the page works offline
     page.queue(default_concurrency_limit=1)
     page.launch(
@@ -784,11 +656,7 @@ def serve(page, host: str, port: int, block: bool = True, say=print) -> str:
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     engines = find_engines(args)
     comparison = Comparison.prepare(engines[0], engines[1], args) if len(engines) > 1 else None
     _gradio()  # a missing extra, a taken port: one line before anything loads
