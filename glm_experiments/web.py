@@ -258,14 +258,14 @@ class Comparison:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"--tracking-uri {self.tracking_uri}: cannot open the MLflow store ({first})") from None
 
-    def open_mlflow(self) -> str:
-        """The human_eval run (made on the first verdict of a new session); brought up to date with the file."""
+    def sync_mlflow(self) -> str:
+        """The human_eval run (made on the first verdict of a new session), brought up to date with the file."""
         from glm_experiments.human_eval import HumanEvalRun
 
         if self.mlflow is None:
             self.mlflow = HumanEvalRun(self.session, self.tracking_uri)
             self.mlflow.open()
-            self.mlflow.sync()
+        self.mlflow.sync()
         return self.mlflow.run_id
 
     # -------------------------------------------------------------------------------- one prompt
@@ -297,13 +297,13 @@ class Comparison:
         with engine.lock:
             yield from stream_reply(loaded.model, loaded.tokenizer, loaded.template, ids, gen, tentative=True)
 
-    def record(self, position: int, choice: str, comment: str) -> tuple[dict, str | None]:
-        """The verdict, on disk first, then in MLflow; (the record, an MLflow problem or None)."""
+    def record(self, position: int, choice: str, comment: str) -> str | None:
+        """The verdict, on disk first, then in MLflow; an MLflow problem (the next verdict catches up) or None."""
         with self.lock:
             replies = self.replies.get(position)
             if replies is None or "a" not in replies or "b" not in replies:
                 raise UserError("both replies must be shown before a verdict")
-            row = self.session.record(
+            self.session.record(
                 position,
                 choice,
                 replies,
@@ -313,14 +313,13 @@ class Comparison:
                 self.samples[position].source,
             )
             try:
-                self.open_mlflow()
-                self.mlflow.sync()
-                problem = None
+                self.sync_mlflow()
+                return None
             except Exception as exc:  # noqa: BLE001 - the verdict is safe on disk; the next sync catches up
                 problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 log.warning("MLflow update failed (the verdict is saved in %s): %s", self.session.path, problem)
                 self.mlflow = None
-            return row, problem
+                return problem
 
     def results(self) -> str:
         a, b = self.engines["a"].label, self.engines["b"].label
@@ -582,7 +581,7 @@ def compare_tab(gr, comparison: Comparison) -> None:
             def handler(position, comment_text):
                 if position is None or position != session.next_position():
                     return view(session.next_position(), status="that prompt already has a verdict: press next")
-                _, problem = comparison.record(position, choice, comment_text or "")
+                problem = comparison.record(position, choice, comment_text or "")
                 where = f"`{session.path.name}`" + (
                     "" if problem else f" and MLflow run `{comparison.mlflow.run_id[:8]}`"
                 )
@@ -680,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         comparison.check_store()
         # a resumed session: bring its MLflow run up to date (it may have missed the last verdicts)
         if session.verdicts:
-            say(f"MLflow: human_eval run {comparison.open_mlflow()} in {comparison.tracking_uri}")
+            say(f"MLflow: human_eval run {comparison.sync_mlflow()} in {comparison.tracking_uri}")
     load_engines(engines, args.device, say)
     page = build_page(engines, comparison, args.max_new_tokens)
     serve(page, args.host, args.port, block=True, say=say)
