@@ -308,9 +308,11 @@ class ABSession:
         prompt: str = "",
         reference: str = "",
         source: str = "",
+        settings: dict | None = None,
     ) -> dict:
         """Append the verdict on ``position`` (``choice`` as pressed: left / right / tie / both_bad) with the
-        replies that were shown (``{"a": ..., "b": ...}``); durable on disk when this returns."""
+        replies that were shown (``{"a": ..., "b": ...}``) and the generation ``settings``; durable on disk when
+        this returns."""
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
         if not 0 <= position < self.n_prompts:
@@ -340,6 +342,7 @@ class ABSession:
             "prompt": prompt,
             "reference": reference,
             "replies": {"a": replies.get("a", ""), "b": replies.get("b", "")},
+            "settings": settings or {},
         }
         self._append(row)
         self.verdicts[position] = row

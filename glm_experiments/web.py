@@ -86,7 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--max-prompts", type=int, default=None, help="compare only the first N prompts of --input")
     p.add_argument(
-        "--max-new-tokens", type=int, default=None, help="per reply (default: each run's eval.max_new_tokens)"
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="per reply (default: Chat: the run's eval.max_new_tokens; Compare: the larger of the two runs', the "
+        "same for both so that neither is cut shorter)",
     )
     p.add_argument(
         "--session-dir",
@@ -170,10 +174,11 @@ def find_engines(args: argparse.Namespace) -> list[Engine]:
             path = Path(adapter).expanduser().resolve()
             if not path.is_dir():
                 raise UserError(f"--adapter {adapter}: not a directory")
+            name = f"{path.parent.name}/{path.name}" if path.name == "adapter" else path.name  # a run's adapter/
             spec = SimpleNamespace(
                 adapter=str(path), family=args.family, model_path=args.model_path, device=args.device
             )
-            engines.append(Engine(Contestant(unique(f"adapter:{path.name}"), str(path)), cfg, spec))
+            engines.append(Engine(Contestant(unique(f"adapter:{name}"), str(path)), cfg, spec))
     return engines
 
 
@@ -201,7 +206,7 @@ class Comparison:
         samples: list,
         session,
         tracking_uri: str,
-        max_new_tokens: int | None = None,
+        max_new_tokens: int,
     ):
         self.engines = {"a": a, "b": b}
         self.data_file, self.samples, self.session = data_file, samples, session
@@ -243,7 +248,8 @@ class Comparison:
             or b.contestant.tracking_uri
             or "sqlite:///mlflow.db"
         )
-        return cls(a, b, data_file, samples[: session.n_prompts], session, uri, args.max_new_tokens)
+        max_new = args.max_new_tokens or max(int(a.cfg.eval.max_new_tokens), int(b.cfg.eval.max_new_tokens))
+        return cls(a, b, data_file, samples[: session.n_prompts], session, uri, max_new)
 
     def check_store(self) -> None:
         """A store that cannot be used fails now, in one line (and MLflow's import is paid before the first vote)."""
@@ -311,6 +317,7 @@ class Comparison:
                 self.prompt_text(position),
                 self.reference(position),
                 self.samples[position].source,
+                {"max_new_tokens": self.max_new_tokens},
             )
             try:
                 self.sync_mlflow()

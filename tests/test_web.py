@@ -306,7 +306,7 @@ def test_blind_comparison_records_unblinded_verdicts_and_resumes_after_a_kill(sw
                     row["winner_run_id"]
                     == json.loads((runs["ab".index(row["winner"])] / "result.json").read_text())["run_id"]
                 )
-            assert row["reference"] == references[position]
+            assert row["reference"] == references[position] and row["settings"] == {"max_new_tokens": max_new}
             if position == 3:
                 break
             if position % 2 == 0:
