@@ -26,7 +26,7 @@ import torch
 from conftest import checkout_env, run_cli
 from mlflow import MlflowClient
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
+pytestmark = pytest.mark.slow
 
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -128,7 +128,8 @@ RECORD_BOT_TEXT = """() => {
 }"""
 
 
-def test_chat_streams_in_the_run_template(sweep, browser, tmp_path):
+@pytest.mark.browser
+def test_chat_streams_in_the_run_template(browser, sweep, tmp_path):  # browser first: a skip trains nothing
     from glm_experiments.web import (
         build_page,
         find_engines,
@@ -230,7 +231,8 @@ def verdicts(path: Path) -> list[dict]:
     return [row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if row["type"] == "verdict"]
 
 
-def test_blind_comparison_records_unblinded_verdicts_and_resumes_after_a_kill(sweep, browser, tmp_path):
+@pytest.mark.browser
+def test_blind_comparison_records_unblinded_verdicts_and_resumes_after_a_kill(browser, sweep, tmp_path):
     from playwright.sync_api import expect
 
     from glm_experiments.data.dataset import eval_prompts
