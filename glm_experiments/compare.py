@@ -35,7 +35,7 @@ from glm_experiments.errors import UserError, cli_main
 from glm_experiments.naming import SHORT_NAMES
 
 ROLE_TAG = "glm_experiments.role"  # same tag as glm_experiments.tracking.sweep
-NOT_TRAINING_RUNS = {"sweep_parent", "comparison"}
+NOT_TRAINING_RUNS = {"sweep_parent", "comparison", "human_eval"}
 
 # params that always differ between runs and say nothing about the setting
 IGNORED_PARAMS = {"output_dir", "tracking.run_name", "tracking.experiment_name", "tracking.tracking_uri",
@@ -238,6 +238,9 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
                             tables={title: [label for _, label, _ in spec if label in shown_labels]
                                     for title, spec in (("scores", SCORE_COLUMNS), ("training", TRAINING_COLUMNS),
                                                         ("cost", COST_COLUMNS))})
+    from glm_experiments.human_eval import human_eval_columns
+
+    comparison.tables["human eval"] = human_eval_columns(client, rows)  # blind A/B verdicts (glm_experiments.web)
     result_columns = comparison.tables["scores"] + comparison.tables["training"]
     if len(rows) > 1:  # a setting that changed nothing on a metric is a finding, say so
         comparison.identical = [col for col in result_columns
