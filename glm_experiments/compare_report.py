@@ -128,7 +128,7 @@ def markdown_report(comparison: Comparison, images: dict[str, str]) -> str:
         if title == "cost" and any(c.endswith("*") for c in columns):
             lines += [TIMING_NOTE, ""]
     if comparison.identical:
-        lines += [f"Identical in every run: {', '.join(comparison.identical)}.", ""]
+        lines += [f"Identical in every run: {', '.join(comparison.identical)}", ""]
     if "cut train" in comparison.tables["training"]:
         lines += ["`cut train` / `cut dev`: samples that max_source_length / max_target_length truncated.", ""]
     labels = [label for key, label in QUALITY if any(key in pairs for pairs in comparison.before_after.values())]
@@ -175,7 +175,7 @@ def html_report(comparison: Comparison, out_dir: Path, images: dict[str, str]) -
                                  index=[row["label"] for row in comparison.rows])
             parts += [f"<h2>{title.capitalize()}</h2>", frame.to_html(border=0)]
     if comparison.identical:
-        parts.append(f"<p>Identical in every run: {html.escape(', '.join(comparison.identical))}.</p>")
+        parts.append(f"<p>Identical in every run: {html.escape(', '.join(comparison.identical))}</p>")
     if comparison.tables["cost"]:
         parts.append(f"<p><small>{html.escape(TIMING_NOTE)}</small></p>")
     for title, file in images.items():

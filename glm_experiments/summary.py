@@ -31,4 +31,5 @@ def print_summary(cfg, result) -> None:
     console.print(f"outputs: {result.run_dir}")
     if result.run_id:
         console.print(f"MLflow run {result.run_id} in {cfg.tracking.tracking_uri} (experiment '{cfg.tracking.experiment_name}')")
-        console.print(f"open the UI: mlflow ui --backend-store-uri {cfg.tracking.tracking_uri} --workers 1")
+        console.print(f"open the UI: mlflow ui --backend-store-uri {cfg.tracking.tracking_uri} --workers 1 "
+                      "(then *Model training* at the top left for the runs table)")

@@ -65,7 +65,10 @@ def test_description_becomes_the_experiment_note(tmp_path):
     cfg.description = None
     assert open_experiment(cfg)[1] == experiment_id and note() == "changed"  # none given: left alone
     _, other = open_experiment(OmegaConf.create({"tracking_uri": uri, "experiment_name": "plain"}))
-    assert "mlflow.note.content" not in MlflowClient(tracking_uri=uri).get_experiment(other).tags
+    tags = MlflowClient(tracking_uri=uri).get_experiment(other).tags
+    assert "mlflow.note.content" not in tags
+    # MLflow 3's UI picks the training-runs view for experiments of this kind
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 # ------------------------------------------------------------------------------ history_demo

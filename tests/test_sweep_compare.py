@@ -108,7 +108,7 @@ def test_compare_cli_outputs_and_logs_to_parent(handmade_store, tmp_path, capsys
     assert "| run | BLEU-4 | ROUGE-1 | ROUGE-2 | ROUGE-L | F1 | acc. |" in report
     assert "| freeze | **3.00** | 10.00 | 2.00 | 8.00 | 40.00 | 50.00 |" in report  # the best in bold
     assert "| run | train loss | eval loss | cut train | cut dev |\n|---|---:|---:|---:|---:|\n| freeze | 2.000 | 2.100 | 12 | 3 |" in report
-    assert "Identical in every run: ROUGE-2, acc., eval loss." in report
+    assert "Identical in every run: ROUGE-2, acc., eval loss" in report
     assert "| run | trainable % | RSS peak MiB | train s* | tokens/s* |" in report and "one timing per run" in report
     assert "0.10 -> 3.00" in report  # before / after
     assert "![training loss](loss_curves.png)" in report and "![final metrics](final_metrics.png)" in report
