@@ -33,8 +33,8 @@ from typing import Any
 
 from glm_experiments.errors import UserError, cli_main
 from glm_experiments.naming import SHORT_NAMES
+from glm_experiments.tracking.mlflow_tracker import ROLE_TAG
 
-ROLE_TAG = "glm_experiments.role"  # same tag as glm_experiments.tracking.sweep
 NOT_TRAINING_RUNS = {"sweep_parent", "comparison", "human_eval"}
 
 # params that always differ between runs and say nothing about the setting
@@ -238,7 +238,7 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
                             tables={title: [label for _, label, _ in spec if label in shown_labels]
                                     for title, spec in (("scores", SCORE_COLUMNS), ("training", TRAINING_COLUMNS),
                                                         ("cost", COST_COLUMNS))})
-    from glm_experiments.human_eval import human_eval_columns
+    from glm_experiments.human_eval_tracking import human_eval_columns
 
     comparison.tables["human eval"] = human_eval_columns(client, rows)  # blind A/B verdicts (glm_experiments.web)
     result_columns = comparison.tables["scores"] + comparison.tables["training"]

@@ -13,13 +13,13 @@ from glm_experiments.errors import UserError
 from glm_experiments.human_eval import (
     ABSession,
     Contestant,
-    HumanEvalRun,
     Tally,
     default_session_dir,
     session_path,
     tally,
     wilson_interval,
 )
+from glm_experiments.human_eval_tracking import HumanEvalRun
 
 
 def test_wilson_interval_matches_published_values():

@@ -28,6 +28,7 @@ PARENT_RUN_ENV = "GLM_EXPERIMENTS_PARENT_RUN_ID"
 # which directory and process a run belongs to: a later run of the same directory closes a run its dead
 # process left RUNNING (kill -9, OOM, power loss) and a resumed run links to the one it continues
 RUN_DIR_TAG = "glm_experiments.run_dir"
+ROLE_TAG = "glm_experiments.role"  # what a run that trains nothing is for: sweep_parent, comparison, human_eval
 PROCESS_TAG = "glm_experiments.process"  # host:pid:process start time (pids are reused)
 RESUMED_FROM_TAG = "resumed_from_run_id"
 

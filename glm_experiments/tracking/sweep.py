@@ -35,11 +35,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 import glm_experiments.resolvers  # noqa: F401  (configs may use ${mul:...}; registered before any job resolves)
-from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, git_commit, open_experiment
+from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, ROLE_TAG, git_commit, open_experiment
 
 log = logging.getLogger(__name__)
 
-ROLE_TAG = "glm_experiments.role"
 SWEEP_PARENT = "sweep_parent"
 MAX_NAME = 200
 
