@@ -81,10 +81,10 @@ def predict(args: argparse.Namespace) -> dict:
     from glm_experiments.data.dataset import eval_prompts
     from glm_experiments.evaluation import EvalSet, evaluate_generation, write_predictions
 
-    if args.no_progress:  # also transformers' own bars ("Loading weights")
-        from transformers.utils import logging as hf_logging
+    if args.no_progress:
+        from glm_experiments.console import quiet_library_bars
 
-        hf_logging.disable_progress_bar()
+        quiet_library_bars()
     loaded = load_run(run_dir, device=args.device) if args.run else _load_foreign(cfg, args)
     eval_cfg = OmegaConf.create(OmegaConf.to_container(cfg.eval, resolve=True))
     if args.batch_size:

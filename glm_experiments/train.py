@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from transformers import SchedulerType, Trainer, set_seed
 
 from glm_experiments.config import check_settings
-from glm_experiments.console import quiet_trainer
+from glm_experiments.console import quiet_library_bars, quiet_trainer
 from glm_experiments.data.dataset import eval_prompts, load_split, make_collator, tokenized_cache_dir
 from glm_experiments.data.formats import load_samples, resolve_data_path
 from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
@@ -140,6 +140,7 @@ def setup(cfg: DictConfig, method: Method, tracker: Tracker, result: RunResult, 
         resolve_data_path(cfg.eval.forgetting_file, "eval.forgetting_file")  # read later, on rank 0 only
 
     # ---- model + method
+    quiet_library_bars()  # the console shows one line per step (console.py)
     quantization = method.quantization_config(cfg.method)
     model, tokenizer = load_model_and_tokenizer(cfg.model, quantization_config=quantization)
     template = template_for(cfg.model)

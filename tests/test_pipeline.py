@@ -31,6 +31,11 @@ def test_default_run_learns(default_run):
     # the summary names the run and how to look at it
     assert "rouge-l" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
     assert result["run_id"] in proc.stdout
+    # a quiet console: one line per logging step, no library progress bars, warnings or tracebacks
+    output = proc.stdout + proc.stderr
+    for noise in ("Loading weights", "Writing model shards", "Warning", "Traceback"):
+        assert noise not in output, (noise, output[-3000:])
+    assert sum(line.startswith("step ") for line in proc.stdout.splitlines()) == 300 // 10
 
 
 def test_default_run_is_tracked(default_run):
