@@ -294,6 +294,24 @@ def best_value(comparison: Comparison, col: str) -> Any:
     return min(values) if ("loss" in col or col.startswith("cut")) else max(values)
 
 
+def headlines(comparison: Comparison) -> list[str]:
+    """The study in a few lines: per score that differs, the leading run and its margin over the next; then the
+    truncation counts that differ (often the why)."""
+    labels = [short_run_label(row["label"]) for row in comparison.rows]
+    lines = []
+    for col in comparison.tables.get("scores", []):
+        ranked = sorted(((row[col], label) for row, label in zip(comparison.rows, labels)
+                         if isinstance(row.get(col), (int, float))), key=lambda pair: -pair[0])
+        if len(ranked) >= 2 and col not in comparison.identical:
+            (top, leader), (second, runner_up) = ranked[:2]
+            lines.append(f"{col}: {leader} leads with {top:.2f}, {top - second:+.2f} over {runner_up}")
+    for col in ("cut train", "cut dev"):
+        values = [(label, row.get(col)) for label, row in zip(labels, comparison.rows) if row.get(col) is not None]
+        if col in comparison.tables.get("training", []) and len({v for _, v in values}) > 1:
+            lines.append(f"{col} (samples truncated): " + ", ".join(f"{label} {value:,.0f}" for label, value in values))
+    return lines
+
+
 def print_table(comparison: Comparison, console=None) -> None:
     """Three narrow tables (results, cost, which run is which) that fit a 100-column terminal."""
     from rich import box
@@ -318,6 +336,8 @@ def print_table(comparison: Comparison, console=None) -> None:
         return table
 
     console.print(f"[bold]{comparison.name}[/]: {len(comparison.rows)} runs (best in green)")
+    for line in headlines(comparison):
+        console.print(f"  {line}", highlight=False)
     for title, columns in comparison.tables.items():
         if columns:
             console.print(metric_table(title, columns, title != "cost"))

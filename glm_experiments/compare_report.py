@@ -15,6 +15,7 @@ from glm_experiments.compare import (
     Comparison,
     best_value,
     format_value,
+    headlines,
     table_cells,
 )
 
@@ -116,6 +117,7 @@ def markdown_report(comparison: Comparison, images: dict[str, str]) -> str:
                   f"Every other param is identical in all runs (listed below).", ""]
     else:
         lines += ["No param differs between these runs.", ""]
+    lines += [f"* {line}" for line in headlines(comparison)] + [""]
     for title, columns in comparison.tables.items():
         if not columns:
             continue
@@ -169,6 +171,8 @@ def html_report(comparison: Comparison, out_dir: Path, images: dict[str, str]) -
 
     parts = [f"<h1>Comparison: {html.escape(comparison.name)}</h1>",
              f"<p>{len(comparison.rows)} {html.escape(comparison.selection.replace('`', ''))}</p>"]
+    if headlines(comparison):
+        parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in headlines(comparison)) + "</ul>")
     for title, columns in comparison.tables.items():
         if columns:
             frame = pd.DataFrame(table_cells(comparison, columns), columns=columns,

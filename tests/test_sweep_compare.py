@@ -122,7 +122,7 @@ def test_compare_cli_outputs_and_logs_to_parent(handmade_store, tmp_path, capsys
 def test_compare_tables_fit_100_columns(handmade_store):
     from rich.console import Console
 
-    from glm_experiments.compare import collect, print_table
+    from glm_experiments.compare import collect, print_table, short_run_label
 
     uri, _, parent, _ = handmade_store
     console = Console(width=100, record=True, color_system=None)
@@ -133,6 +133,11 @@ def test_compare_tables_fit_100_columns(handmade_store):
     for header in ("BLEU-4", "ROUGE-L", "train loss", "eval loss", "trainable %", "tokens/s*", "MLflow run name"):
         assert header in text
     assert "identical in every run: ROUGE-2, acc., eval loss" in text and "one timing per run" in text
+    # the study in a few lines: who leads each score by how much, and the truncation counts that differ
+    freeze, lora = (short_run_label(row["label"]) for row in collect(uri, parent=parent).rows)
+    assert f"BLEU-4: {freeze} leads with 3.00, +1.00 over {lora}" in text
+    assert f"ROUGE-L: {lora} leads with 9.00, +1.00 over {freeze}" in text
+    assert f"cut train (samples truncated): {freeze} 12, {lora} 0" in text
 
 
 def test_compare_experiment_reuses_one_run_per_study(handmade_store, tmp_path):
