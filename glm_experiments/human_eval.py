@@ -37,6 +37,8 @@ import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from omegaconf import DictConfig
+
 from glm_experiments.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -134,7 +136,7 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
 
 
-def run_store(run_dir: Path, cfg) -> tuple[str | None, str | None]:
+def run_store(run_dir: Path, cfg: DictConfig) -> tuple[str | None, str | None]:
     """(tracking URI, MLflow run id) a run directory was tracked in, or Nones. A relative SQLite URI in the saved
     config is taken relative to the directory the run was started from (``.hydra/hydra.yaml``)."""
     run_id = None
@@ -144,7 +146,7 @@ def run_store(run_dir: Path, cfg) -> tuple[str | None, str | None]:
             run_id = json.loads(result.read_text(encoding="utf-8")).get("run_id") or None
         except (OSError, ValueError):
             run_id = None
-    tracking = cfg.get("tracking") if hasattr(cfg, "get") else None
+    tracking = cfg.get("tracking")  # the run's composed config (.hydra/config.yaml)
     if not run_id or tracking is None or not tracking.get("enabled", True):
         return None, run_id
     uri = str(tracking.get("tracking_uri") or "")
