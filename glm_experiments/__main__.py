@@ -7,14 +7,20 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
-import glm_experiments.config  # noqa: F401  (registers the schema before Hydra composes)
-from glm_experiments.errors import DEBUG_FLAG, EXIT_BAD_INPUT, UserError, as_user_error, debug_requested, one_line
-from glm_experiments.interrupts import exit_code, signal_name
+from glm_experiments.errors import DEBUG_FLAG, EXIT_BAD_INPUT, as_user_error, debug_requested, one_line
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+if __name__ == "__main__":  # before the imports below (torch, transformers): a mistyped option is answered at once
+    from glm_experiments.hydra_checks import exit_on_unknown_group_options
+
+    exit_on_unknown_group_options([arg for arg in sys.argv[1:] if arg != DEBUG_FLAG], Path(CONF_DIR))
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+import glm_experiments.config  # noqa: E402, F401  (registers the schema before Hydra composes)
+from glm_experiments.interrupts import exit_code, signal_name  # noqa: E402
 log = logging.getLogger("glm_experiments")
 
 
@@ -63,11 +69,4 @@ if __name__ == "__main__":
     if DEBUG_FLAG in sys.argv:  # not a Hydra override: tracebacks for our errors and Hydra's own
         sys.argv.remove(DEBUG_FLAG)
         os.environ["HYDRA_FULL_ERROR"] = "1"
-    from glm_experiments.hydra_checks import check_group_choices
-
-    try:
-        check_group_choices(sys.argv[1:], Path(CONF_DIR))
-    except UserError as exc:
-        print(one_line(exc), file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT) from None
     main()

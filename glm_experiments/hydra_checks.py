@@ -56,6 +56,15 @@ def check_group_choices(argv: list[str], conf_dir: Path) -> None:
                 raise UserError(f"{group}={option}: no such option (conf/{group}/ has {', '.join(options)})")
 
 
+def exit_on_unknown_group_options(argv: list[str], conf_dir: Path) -> None:
+    """:func:`check_group_choices`, as the CLI reports it: one line, exit 2."""
+    try:
+        check_group_choices(argv, conf_dir)
+    except UserError as exc:
+        print(one_line(exc), file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT) from None
+
+
 class OutputDirCheck(Callback):
     def _check(self, setting: str, directory: Any) -> None:
         try:

@@ -1,4 +1,2 @@
-"""Model families. Importing registers the ChatGLM-6B (v1) class with transformers' Auto classes,
-so a converted v1 directory loads with AutoModelForCausalLM."""
-
-from glm_experiments.models import chatglm_v1  # noqa: F401
+"""Model families (families/), their checkpoints, tokenizers and the ChatGLM-6B class. Loading a converted
+ChatGLM-6B directory registers its class with transformers' Auto classes first (checkpoint_files.from_pretrained_strict)."""

@@ -16,12 +16,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import GlmConfig, GlmForCausalLM
 
-from glm_experiments.models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
 from glm_experiments.models.checkpoint_files import CheckpointError
+
+# the model classes are imported where a model is built: reading the family records (every CLI start) stays light
+if TYPE_CHECKING:
+    from transformers import GlmConfig
 
 
 def is_v1_config(cfg: dict) -> bool:
@@ -32,6 +35,8 @@ def is_v1_config(cfg: dict) -> bool:
 def glm_config_from_thudm(cfg: dict) -> GlmConfig:
     """transformers' GlmConfig for a ChatGLM2/3/GLM-4 ``config.json`` dict (rope_ratio kept, unlike
     transformers' own conversion script)."""
+    from transformers import GlmConfig
+
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("kv_channels") or cfg["hidden_size"] // heads
     kv_heads = cfg.get("multi_query_group_num", heads) if cfg.get("multi_query_attention", False) else heads
@@ -181,6 +186,8 @@ def _check_v2(config_file: Path, cfg: dict) -> None:
 
 
 def _build_v2(cfg: dict, dtype: torch.dtype, attn_implementation: str | None):
+    from transformers import GlmForCausalLM
+
     config = glm_config_from_thudm(cfg)
     config.dtype = dtype
     model = _empty_model(GlmForCausalLM, config, attn_implementation)
@@ -189,6 +196,8 @@ def _build_v2(cfg: dict, dtype: torch.dtype, attn_implementation: str | None):
 
 
 def _build_v1(cfg: dict, dtype: torch.dtype, attn_implementation: str | None):
+    from glm_experiments.models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
+
     config = ChatGLMv1Config.from_thudm(cfg)
     config.dtype = dtype
     model = _empty_model(ChatGLMv1ForCausalLM, config)
