@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
+from glm_experiments.constants import TORCH_DTYPES
 from glm_experiments.errors import UserError, cli_main
 
-DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"auto": None, **TORCH_DTYPES}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

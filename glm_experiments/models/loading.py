@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from glm_experiments.constants import TORCH_DTYPES
 from glm_experiments.errors import UserError
 from glm_experiments.models.families import get_family
 
@@ -20,15 +21,14 @@ def resolve_dtype(name: str) -> torch.dtype:
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise UserError(f"model.dtype={name!r}: expected one of auto, {', '.join(dtypes)}")
+    if name not in TORCH_DTYPES:
+        raise UserError(f"model.dtype={name!r}: expected one of auto, {', '.join(TORCH_DTYPES)}")
     if name == "float16":
         warnings.warn(
             "model.dtype=float16: GLM-4 and P-Tuning v2 are known to produce NaN losses in fp16; prefer bfloat16",
             stacklevel=2,
         )
-    return dtypes[name]
+    return TORCH_DTYPES[name]
 
 
 @contextmanager
