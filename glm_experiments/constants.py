@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -20,11 +21,29 @@ def cache_root() -> Path:
     return Path(os.environ.get("GLM_EXPERIMENTS_CACHE", Path.home() / ".cache" / "glm_experiments"))
 
 
+@contextlib.contextmanager
+def preserved_rng():
+    """Python's, NumPy's and torch's random state as they were before the block (whatever it draws or seeds)."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
 def build_once(dst: Path, done_file: str, build) -> Path:
     """``dst``, made by ``build(tmp_dir)`` the first time (``dst/done_file`` marks it complete).
 
     Concurrent callers (sweep jobs, ranks) wait on a file lock; the build happens in a temporary directory beside
-    ``dst`` that is renamed at the end, so a killed build never looks finished."""
+    ``dst`` that is renamed at the end, so a killed build never looks finished. The build leaves the caller's
+    random state as it was: a run that finds the cache built (the tiny model pre-trained, a checkpoint converted)
+    and one that builds it initialise their adapters identically."""
     import shutil
     import tempfile
 
@@ -36,7 +55,8 @@ def build_once(dst: Path, done_file: str, build) -> Path:
             return dst
         tmp = Path(tempfile.mkdtemp(prefix=f"{dst.name}.tmp-", dir=dst.parent))
         try:
-            build(tmp)
+            with preserved_rng():
+                build(tmp)
             if dst.exists():
                 shutil.rmtree(dst)
             os.replace(tmp, dst)

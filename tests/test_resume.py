@@ -85,3 +85,30 @@ def test_resume_auto_skips_an_incomplete_checkpoint(tmp_path):
     assert resolve_resume("4", ckpts) == str(ckpts / "checkpoint-4")
     assert resolve_resume(None, ckpts) is None
     assert resolve_resume("auto", tmp_path / "nothing") is None
+
+
+def test_building_a_cache_leaves_the_random_state_alone(tmp_path):
+    """A run that pre-trains the tiny model (cold cache) and one that finds it built must draw the same adapter
+    initialisation afterwards: build_once restores Python's, NumPy's and torch's random state."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers import set_seed
+
+    from glm_experiments.constants import build_once
+
+    def build(tmp):  # draws and reseeds, as pre-training does
+        set_seed(7)
+        torch.randn(100), np.random.rand(5), random.random()
+        (tmp / "done").write_text("x")
+
+    def draws():
+        return torch.randn(3).tolist(), float(np.random.rand()), random.random()
+
+    set_seed(42)
+    build_once(tmp_path / "cache", "done", build)  # cold: builds
+    cold = draws()
+    set_seed(42)
+    build_once(tmp_path / "cache", "done", build)  # warm: finds it
+    assert draws() == cold
