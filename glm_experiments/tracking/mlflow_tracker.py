@@ -105,12 +105,21 @@ def store_lock(tracking_uri: str):
         yield
 
 
+def check_tracking_uri(tracking_cfg) -> None:
+    """An empty URI would silently become MLflow's default (./mlruns or $MLFLOW_TRACKING_URI of the moment)."""
+    if tracking_cfg.get("enabled", True) and not str(tracking_cfg.get("tracking_uri") or "").strip():
+        raise UserError("tracking.tracking_uri is empty: tracking=server takes the server's address from "
+                        "MLFLOW_TRACKING_URI (export MLFLOW_TRACKING_URI=http://<host>:5000) or "
+                        "tracking.tracking_uri=http://<host>:5000")
+
+
 def open_experiment(tracking_cfg):
     """``(MlflowClient, experiment id)`` of ``tracking_cfg.experiment_name``, created (artifacts beside a
     SQLite store) if missing. ``tracking_cfg.description`` (if set) becomes the experiment's description
     (the ``mlflow.note.content`` tag the UI shows), on creation and whenever it changed."""
     from mlflow import MlflowClient
 
+    check_tracking_uri(tracking_cfg)
     description = tracking_cfg.get("description")
     note = "mlflow.note.content"
     with store_lock(tracking_cfg.tracking_uri):
