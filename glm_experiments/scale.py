@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from hydra.core.utils import JobReturn, JobStatus, env_override, filter_override
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
-from glm_experiments.errors import UserError
+from glm_experiments.errors import EXIT_BAD_INPUT, UserError, debug_requested, one_line
 from glm_experiments.interrupts import sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,10 @@ class SweepLauncher:
         if "mode" in self.config.hydra.sweep:
             os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
         log.info("%s sweep output dir: %s", type(self).__name__, sweep_dir)
+        try:
+            self._check()
+        except UserError as exc:
+            self._refuse(exc)
         jobs = [
             (initial_job_idx + i, list(overrides))
             for i, overrides in enumerate(job_overrides)
@@ -132,6 +137,18 @@ class SweepLauncher:
             self._result(num, overrides, job)
             for (num, overrides), job in zip(jobs, submitted)
         ]
+
+    def _check(self) -> None:
+        """The launcher's settings, before any job starts (UserError: one line, no job runs)."""
+
+    def _refuse(self, error: UserError) -> None:
+        callback = self._sweep_callback()
+        if callback is not None:
+            callback.abort(f"{error}")
+        if debug_requested():
+            raise error
+        print(one_line(error), file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
 
     def _submit(self, jobs: list[tuple[int, list[str]]]) -> list:
         raise NotImplementedError
@@ -148,6 +165,8 @@ class SweepLauncher:
 
     def _result(self, num: int, overrides: list[str], job) -> JobReturn:
         try:
+            if self._ended_without_result(job):
+                raise RuntimeError("its process ended and wrote no result")
             return job.results()[0]
         except Exception as exc:  # noqa: BLE001 - the job's process ended without handing back a JobReturn
             lines = [line for line in str(exc).splitlines() if line.strip()]
@@ -163,6 +182,11 @@ class SweepLauncher:
                 overrides=overrides, status=JobStatus.FAILED, _return_value=error
             )
 
+    def _ended_without_result(self, job) -> bool:
+        """Known lost without waiting (submitit waits 15 s for a result file that a slow shared file system may
+        not show yet)."""
+        return False
+
     def _sweep_callback(self):
         from glm_experiments.tracking.sweep import MlflowSweepCallback
 
@@ -173,20 +197,27 @@ class SweepLauncher:
 class ParallelPool(SweepLauncher):
     """``hydra/launcher=parallel``: the jobs as local processes, ``max_parallel`` at a time, one slot each."""
 
-    def _submit(self, jobs: list[tuple[int, list[str]]]) -> list:
-        from submitit import LocalExecutor
+    def _ended_without_result(self, job) -> bool:
+        # a local job writes its result before its process exits, on a local disk
+        return job.done() and not job.paths.result_pickle.exists()
 
+    def _check(self) -> None:
         params = self.params
         gpus_per_job = params["gpus_per_node"]
         if gpus_per_job is None:
             gpus_per_job = self.config.launcher.nproc_per_node
-        slots, threads = plan_slots(
+        self._slots, self._threads = plan_slots(
             visible_gpus(),
             gpus_per_job,
             params["max_parallel"],
             available_cores(),
             params["cpus_per_task"],
         )
+
+    def _submit(self, jobs: list[tuple[int, list[str]]]) -> list:
+        from submitit import LocalExecutor
+
+        params, slots, threads = self.params, self._slots, self._threads
         if not slots[0] and params["max_parallel"] is None:
             log.info(
                 "no GPU: one job at a time; hydra.launcher.max_parallel=K runs K CPU jobs at once"

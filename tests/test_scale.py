@@ -234,6 +234,49 @@ def test_parallel_pool_pins_gpus_limits_jobs_and_records_a_lost_job(
     assert parent.data.tags["sweep.failed_jobs"] == "1"
 
 
+def test_parallel_launcher_refuses_bad_settings_before_any_job(
+    tmp_path, monkeypatch, capsys
+):
+    """One line naming the setting, exit 2, the reason on the sweep parent (FAILED), no job started."""
+    from mlflow import MlflowClient
+    from scale_fakes import EnvReportingLauncher
+
+    from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV
+    from glm_experiments.tracking.sweep import MlflowSweepCallback
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = hydra_cfg(
+        [
+            "hydra/launcher=parallel",
+            "hydra.launcher.max_parallel=0",
+            f"hydra.sweep.dir={tmp_path}",
+            f"tracking.tracking_uri={uri}",
+            "tracking.experiment_name=refused",
+        ]
+    )
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    callback = MlflowSweepCallback()
+    callback.on_multirun_start(cfg)
+    launcher = EnvReportingLauncher(**launcher_params(cfg))
+    launcher.config = cfg
+    launcher.hydra_context = SimpleNamespace(
+        callbacks=SimpleNamespace(callbacks=[callback])
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        launcher.launch([["a"]], initial_job_idx=0)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err  # (after MLflow's own log lines)
+    assert err.endswith(
+        "\nerror: hydra.launcher.max_parallel=0: expected >= 1 (or null)\n"
+    ), err
+    parent = MlflowClient(tracking_uri=uri).get_run(callback.parent_run_id)
+    assert parent.info.status == "FAILED" and parent.data.tags["error"].startswith(
+        "hydra.launcher.max_parallel=0"
+    )
+    assert not list(tmp_path.glob(".submitit/*"))
+
+
 # ------------------------------------------------------------------ parallel: a real sweep
 TINY = [
     "train.max_steps=2",

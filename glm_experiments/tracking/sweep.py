@@ -249,6 +249,16 @@ class MlflowSweepCallback(Callback):
         loader.load_sweep_config = load_sweep_config
         self._unwatch = lambda: vars(loader).pop("load_sweep_config", None)
 
+    def abort(self, message: str) -> None:
+        """The sweep could not start its jobs (a launcher setting): the reason on the parent, which ends FAILED."""
+        if self.parent_run_id is None or self._closed or os.getpid() != self.owner_pid:
+            return
+        try:
+            self.client.set_tag(self.parent_run_id, "error", message[:5000])
+        except Exception:  # noqa: BLE001 - tracking trouble must not hide the reason
+            log.exception("could not tag the MLflow sweep parent run %s", self.parent_run_id)
+        self._end("FAILED")
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._end("FINISHED")
 
