@@ -6,7 +6,8 @@
 Each round runs the three variants in an order that rotates from round to round, so a neighbour's load falls
 on all of them alike; the ratios are medians of per-round ratios. Every sweep's MLflow tree is checked (one
 parent FINISHED, every job a FINISHED child of it). Default jobs: ``debug=smoke`` (10 steps of batch 4, 8 eval
-samples) with 3 learning rates. Writes ``bench/results/sweep_scaling.json``.
+samples) with 3 learning rates. Also the CPU seconds of each command and all its processes (what the variants cost
+an idle machine). Writes ``bench/results/sweep_scaling.json``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -26,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LRS = ["1e-3", "2e-3", "3e-3"]
 
 
-def run(args: list[str], cwd: Path) -> float:
+def run(args: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of the command and every process under it)."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
@@ -35,7 +38,7 @@ def run(args: list[str], cwd: Path) -> float:
     }
     env.pop("GLM_EXPERIMENTS_PARENT_RUN_ID", None)
     env.pop("MLFLOW_TRACKING_URI", None)
-    start = time.perf_counter()
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(
         [sys.executable, "-m", "glm_experiments", *args],
         check=False,
@@ -45,11 +48,13 @@ def run(args: list[str], cwd: Path) -> float:
         text=True,
     )
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         raise SystemExit(
             f"failed: {' '.join(args)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
         )
-    return seconds
+    return seconds, cpu
 
 
 def check_tree(cwd: Path, jobs: int) -> None:
@@ -103,6 +108,7 @@ def main() -> int:
     }
     names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         run(
@@ -113,12 +119,14 @@ def main() -> int:
             for name in order:
                 cwd = Path(tmp) / f"r{r}_{name}"
                 cwd.mkdir()
-                times[name].append(run(variants[name], cwd))
+                wall, cpu_seconds = run(variants[name], cwd)
+                times[name].append(wall)
+                cpu[name].append(cpu_seconds)
                 if name != "one_job":
                     check_tree(cwd, len(LRS))
                 loads.append(os.getloadavg()[0])
                 print(
-                    f"round {r} {name}: {times[name][-1]:.1f} s (load {loads[-1]:.1f})",
+                    f"round {r} {name}: {wall:.1f} s, CPU {cpu_seconds:.1f} s (load {loads[-1]:.1f})",
                     flush=True,
                 )
 
@@ -135,6 +143,8 @@ def main() -> int:
         "max_parallel": args.max_parallel,
         "seconds": times,
         "median_seconds": {k: statistics.median(v) for k, v in times.items()},
+        "cpu_seconds": cpu,
+        "median_cpu_seconds": {k: statistics.median(v) for k, v in cpu.items()},
         "ratio_parallel_to_one_job": ratio("parallel_3_jobs", "one_job"),
         "ratio_basic_to_one_job": ratio("basic_3_jobs", "one_job"),
         "ratio_parallel_to_basic": ratio("parallel_3_jobs", "basic_3_jobs"),
