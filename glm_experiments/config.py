@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from omegaconf import MISSING
 
 import glm_experiments.resolvers  # noqa: F401  (${mul:...} in conf/, also when tests compose)
@@ -268,6 +269,37 @@ class LauncherConfig:
     master_port: int = ranged(0, min=1, max=65535, off=(0, "a free port"))
 
 
+# ------------------------------------------------------------------- hydra/launcher
+# How the jobs of a --multirun run (glm_experiments/scale.py, docs/scaling.md): hydra-submitit-launcher's
+# schemas, with this project's keys and defaults. Read by the launcher in the launching process.
+@dataclass
+class ParallelLauncherConf(LocalQueueConf):
+    """``hydra/launcher=parallel``: each job its own process on this machine (submitit's local executor). The
+    plugin's keys keep their meaning per job: ``gpus_per_node`` = the GPUs of each job (its CUDA_VISIBLE_DEVICES;
+    null = the job's launcher.nproc_per_node, one per torchrun process), ``cpus_per_task`` = its torch threads
+    (OMP_NUM_THREADS; null = the cores split evenly between the jobs at a time)."""
+
+    _target_: str = "hydra_plugins.glm_experiments_launchers.launchers.ParallelLauncher"
+    # jobs at a time; null = one per gpus_per_node visible GPUs, or 1 on a machine without GPUs
+    max_parallel: Optional[int] = None
+    # submitit ends a local job at this limit (the plugin's 60 min would cut a real fine-tuning run): a week
+    timeout_min: int = 7 * 24 * 60
+
+
+@dataclass
+class SlurmLauncherConf(SlurmQueueConf):
+    """``hydra/launcher=slurm``: each job a task of one sbatch job array. The keys a user sets: partition,
+    account, gpus_per_node, cpus_per_task, mem_gb, timeout_min, array_parallelism, setup, additional_parameters."""
+
+    _target_: str = "hydra_plugins.glm_experiments_launchers.launchers.SlurmSweepLauncher"
+    # GPUs of each job; null = the job's launcher.nproc_per_node (one per torchrun process), 0 = none (CPU
+    # partitions). torchrun, not srun, starts a job's processes: every job is one task (the plugin's tasks_per_node 1)
+    gpus_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = 8  # SLURM's default of 1 core starves tokenisation and data loading
+    timeout_min: int = 24 * 60  # the plugin's 60 min would cut a real fine-tuning run
+    name: str = "glm_experiments"  # the job name squeue shows (the plugin's is the module's: __main__)
+
+
 # -------------------------------------------------------------------------- root
 @dataclass
 class Config:
@@ -297,6 +329,8 @@ def register_configs() -> None:
     cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="tracking", name="base_tracking", node=TrackingConfig)
     cs.store(group="deepspeed", name="base_deepspeed", node=DeepSpeedConfig)
+    cs.store(group="hydra/launcher", name="base_parallel", node=ParallelLauncherConf, provider="glm_experiments")
+    cs.store(group="hydra/launcher", name="base_slurm", node=SlurmLauncherConf, provider="glm_experiments")
     # each method stores its own schema (method/base_<name>) when it registers
     import glm_experiments.methods
 
@@ -345,6 +379,9 @@ def check_settings(cfg) -> None:
     """Every setting against the range its schema field declares, plus the rules that tie settings together.
     Cheap (no file is read): called before torchrun starts and before anything loads."""
     _check_node(cfg, Config, "")
+    from glm_experiments.tracking.mlflow_tracker import check_tracking_uri
+
+    check_tracking_uri(cfg.tracking)
     tiny = cfg.model.get("tiny")
     if tiny is not None and tiny.num_attention_heads % tiny.num_key_value_heads:
         raise UserError(f"model.tiny.num_attention_heads={tiny.num_attention_heads} must be a multiple of "

@@ -2,7 +2,7 @@
 
 ``${mul:2,${method.r}}`` -> 2 * r (conf/experiment/lora_rank_sweep.yaml sets LoRA alpha = 2r this way).
 ``${pid:}`` -> this process's id (conf/hydra/default.yaml: with ``${now:...%f}`` two runs started at the same
-moment on one machine never share a directory).
+moment on one machine never share a directory); resolved once per config, like ``${now:}``.
 ``${job_label:${hydra.overrides.task},fallback}`` -> ``src512-tgt128`` from the job's overrides (sweep folders).
 ``${config_groups:}`` -> the groups of conf/ and their options, one group a line, the default marked (the
 ``--help`` text, conf/hydra/default.yaml): Hydra's own $APP_CONFIG_GROUPS would also list the schema nodes
@@ -17,8 +17,8 @@ runs, so the CLI always has them; code that composes configs itself (tests, note
 from __future__ import annotations
 
 import math
-import textwrap
 import os
+import textwrap
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -71,7 +71,9 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("mul"):
         OmegaConf.register_new_resolver("mul", _mul)
     if not OmegaConf.has_resolver("pid"):
-        OmegaConf.register_new_resolver("pid", os.getpid)
+        # cached like Hydra's ${now:}: a sweep's jobs compose from the launching process's config and its cache,
+        # so jobs run in their own processes (hydra/launcher=parallel|slurm) share its sweep directory
+        OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
     if not OmegaConf.has_resolver("job_label"):
         from glm_experiments.naming import job_label
 

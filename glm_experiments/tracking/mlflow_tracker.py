@@ -106,6 +106,14 @@ def store_lock(tracking_uri: str):
         yield
 
 
+def check_tracking_uri(tracking_cfg) -> None:
+    """An empty URI would silently become MLflow's default (./mlruns or $MLFLOW_TRACKING_URI of the moment)."""
+    if tracking_cfg.get("enabled", True) and not str(tracking_cfg.get("tracking_uri") or "").strip():
+        raise UserError("tracking.tracking_uri is empty: tracking=server takes the server's address from "
+                        "MLFLOW_TRACKING_URI (export MLFLOW_TRACKING_URI=http://<host>:5000) or "
+                        "tracking.tracking_uri=http://<host>:5000")
+
+
 # MLflow 3's UI opens an experiment by its kind: without this tag it guesses "GenAI" (a traces overview, the
 # runs table one click away); these experiments hold training runs
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -117,6 +125,7 @@ def open_experiment(tracking_cfg):
     (the ``mlflow.note.content`` tag the UI shows), on creation and whenever it changed."""
     from mlflow import MlflowClient
 
+    check_tracking_uri(tracking_cfg)
     description = tracking_cfg.get("description")
     note = "mlflow.note.content"
     wanted = {**EXPERIMENT_KIND, **({note: description} if description else {})}

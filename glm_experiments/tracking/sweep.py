@@ -7,12 +7,21 @@ Registered in ``conf/hydra/default.yaml`` (``hydra.callbacks.mlflow_sweep``). Wh
   overrides and sweeper params, the sweeper, the git commit; named after the swept params. Its id goes into
   ``os.environ[PARENT_RUN_ENV]``, which ``Tracker.start`` turns into ``mlflow.parentRunId`` of each job's run
   (also for launchers that spawn processes: they inherit the environment).
-* ``on_job_end``: counts the job on the parent (``sweep/jobs_completed``, ``sweep/jobs_failed``, the job's
-  return value as ``sweep/objective`` at step = job number); a failed job also gets tags
-  ``job.<num>.status/overrides/error``. The sweep goes on with its other jobs.
+* ``on_job_start``: puts the parent's id into the job's environment (a job in another process or node).
+* ``on_job_end``: records the job on the parent: tag ``job.<num>.status`` (FINISHED or FAILED), for a failed job
+  also ``job.<num>.overrides/error``, the job's return value as ``sweep/objective`` at step = job number, and
+  the progress ``sweep/jobs_completed`` / ``sweep/jobs_failed`` counted from those tags. The sweep goes on with
+  its other jobs.
 * a job whose overrides do not compose (``train.max_steps=abc``) is recorded the same way, plus an ``error``
   tag on the parent (Hydra gives callbacks no hook for it: see ``_watch_composition``); the sweep stops there.
 * ``on_multirun_end``: ends the parent FINISHED, or FAILED when any job failed (tag ``sweep.failed_jobs``).
+
+Jobs may run in other processes, in any order and at the same time (``hydra/launcher=parallel|slurm``,
+glm_experiments/scale.py): the launcher pickles this callback with the parent's id, and Hydra calls
+``on_job_start`` / ``on_job_end`` *in the job's process*. So nothing is counted in memory: each job writes only
+its own keys (``job.<num>.*`` tags, its step of ``sweep/objective``), and the counts are read back from the
+parent's tags, by each job for progress and by the launching process when it ends the parent. A job whose
+process died before ``on_job_end`` is recorded by the launcher (``record_lost_job``).
 
 Hydra 1.3's BasicSweeper runs every job of a batch, then re-raises the first failure, so
 ``on_multirun_end`` is never called when a job failed (the same for the Optuna sweeper, which stops at the
@@ -78,13 +87,23 @@ class MlflowSweepCallback(Callback):
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.client = None
+        self.tracking_uri: str | None = None
         self.parent_run_id: str | None = None
         self.compare_command = ""
         self.previous_parent: str | None = None
-        self.completed = 0
-        self.failed = 0
+        self.owner_pid: int | None = None  # the process that runs the sweep and ends the parent
         self._closed = True
-        self._unwatch = lambda: None
+        self._unwatch = _nothing
+
+    def __getstate__(self) -> dict:  # pickled into each job by the parallel launchers
+        return {**self.__dict__, "client": None, "_unwatch": _nothing}
+
+    def _client(self):
+        if self.client is None:  # in a job's process: a client of its own
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self.client
 
     # ------------------------------------------------------------------ multirun
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -92,6 +111,7 @@ class MlflowSweepCallback(Callback):
         if not self.enabled or tracking is None or not tracking.get("enabled", False):
             return
         self.client, experiment_id = open_experiment(tracking)
+        self.tracking_uri = tracking.tracking_uri
 
         swept, fixed = sweep_overrides(config)
         choices = config.hydra.runtime.get("choices") or {}
@@ -128,52 +148,77 @@ class MlflowSweepCallback(Callback):
         self.client.set_tag(self.parent_run_id, "mlflow.note.content",
                             tags["mlflow.note.content"] + f"Compare the children: `{self.compare_command}`")
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
-        self.completed = self.failed = 0
+        self.owner_pid = os.getpid()
         self._closed = False
         atexit.register(self._end_at_exit)
         self._watch_composition()
         log.info("MLflow sweep parent run %s (experiment '%s')", self.parent_run_id, tracking.experiment_name)
 
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_run_id is not None and not self._closed:  # a job in its own process or on another node
+            os.environ[PARENT_RUN_ENV] = self.parent_run_id
+
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self.parent_run_id is None or self._closed:
             return
         num = OmegaConf.select(config, "hydra.job.num", default=None)
-        num = self.completed + self.failed if num is None else num
         if job_return.status == JobStatus.FAILED:
             # the exception; .return_value would re-raise it
-            self._record_failed_job(num, job_return.overrides, job_return._return_value)
+            self._record_job(num, job_return.overrides, job_return._return_value)
+        else:
+            self._record_job(num, job_return.overrides, value=job_return._return_value)
+
+    def record_lost_job(self, num: int, overrides, error: BaseException) -> None:
+        """A job whose process ended without a result (killed, out of memory, timed out): recorded by the
+        launching process, unless the job recorded itself before it died."""
+        if self.parent_run_id is None or self._closed:
             return
         try:
-            self.completed += 1
-            value = job_return._return_value
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.client.log_metric(self.parent_run_id, "sweep/objective", float(value), step=int(num))
-            self._log_counts()
+            if f"job.{num}.status" in self._client().get_run(self.parent_run_id).data.tags:
+                return
         except Exception:  # noqa: BLE001 - tracking trouble must not stop the sweep
-            log.exception("could not record sweep job #%s on the MLflow parent run", num)
+            log.exception("could not read the MLflow sweep parent run %s", self.parent_run_id)
+        self._record_job(num, overrides, error)
 
-    def _record_failed_job(self, num, overrides, error: BaseException, stage: str = "") -> None:
-        self.failed += 1
-        text = f"{type(error).__name__}: {error}"
-        cause = error.__cause__
-        if cause is not None:  # Hydra's composition error wraps OmegaConf's, which names the value
-            text += f" ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]})"
+    def _record_job(self, num, overrides, error: BaseException | None = None, value: Any = None,
+                    stage: str = "") -> None:
+        """``job.<num>.*`` tags (keys no other job writes), the objective at step ``num``, the counts so far."""
+        client = self._client()
         try:
-            self.client.set_tag(self.parent_run_id, f"job.{num}.status", "FAILED")
-            self.client.set_tag(self.parent_run_id, f"job.{num}.overrides", " ".join(overrides or []) or "(none)")
-            self.client.set_tag(self.parent_run_id, f"job.{num}.error", f"{stage}{text}"[:5000])
-            self.client.set_tag(self.parent_run_id, "sweep.failed_jobs", str(self.failed))
-            if stage:  # the sweep stops here: say why on the parent itself
-                self.client.set_tag(self.parent_run_id, "error", f"job #{num} {stage}{text}"[:5000])
-            self._log_counts()
-            log.warning("sweep job #%s failed (%s)", num, type(error).__name__)
+            if error is None:
+                client.set_tag(self.parent_run_id, f"job.{num}.status", "FINISHED")
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and num is not None:
+                    client.log_metric(self.parent_run_id, "sweep/objective", float(value), step=int(num))
+            else:
+                text = f"{type(error).__name__}: {error}"
+                cause = error.__cause__
+                if cause is not None:  # Hydra's composition error wraps OmegaConf's, which names the value
+                    text += f" ({type(cause).__name__}: {(str(cause).splitlines() or [''])[0]})"
+                client.set_tag(self.parent_run_id, f"job.{num}.status", "FAILED")
+                client.set_tag(self.parent_run_id, f"job.{num}.overrides", " ".join(overrides or []) or "(none)")
+                client.set_tag(self.parent_run_id, f"job.{num}.error", f"{stage}{text}"[:5000])
+                if stage:  # the sweep stops here: say why on the parent itself
+                    client.set_tag(self.parent_run_id, "error", f"job #{num} {stage}{text}"[:5000])
+                log.warning("sweep job #%s failed (%s)", num, type(error).__name__)
+            _, failed = self._log_counts()
+            if failed:
+                client.set_tag(self.parent_run_id, "sweep.failed_jobs", str(failed))
         except Exception:  # noqa: BLE001 - tracking trouble must not stop the sweep
             log.exception("could not record sweep job #%s on the MLflow parent run", num)
 
-    def _log_counts(self) -> None:
-        step = self.completed + self.failed
-        self.client.log_metric(self.parent_run_id, "sweep/jobs_completed", self.completed, step=step)
-        self.client.log_metric(self.parent_run_id, "sweep/jobs_failed", self.failed, step=step)
+    def job_counts(self) -> tuple[int, int]:
+        """(finished, failed) jobs, from the parent's ``job.<num>.status`` tags: right whichever process wrote them."""
+        tags = self._client().get_run(self.parent_run_id).data.tags
+        statuses = [v for k, v in tags.items() if k.startswith("job.") and k.endswith(".status")]
+        return statuses.count("FINISHED"), statuses.count("FAILED")
+
+    def _log_counts(self) -> tuple[int, int]:
+        # concurrent jobs may both log the same count: the last step holds the total either way
+        completed, failed = self.job_counts()
+        step = completed + failed
+        self._client().log_metric(self.parent_run_id, "sweep/jobs_completed", completed, step=step)
+        self._client().log_metric(self.parent_run_id, "sweep/jobs_failed", failed, step=step)
+        return completed, failed
 
     def _watch_composition(self) -> None:
         """Hydra 1.3 calls no callback for a job whose overrides do not compose (a value of the wrong type, an
@@ -194,27 +239,42 @@ class MlflowSweepCallback(Callback):
             try:
                 return compose(master_config, sweep_overrides)
             except Exception as exc:
-                if not self._closed:
-                    self._record_failed_job(num, sweep_overrides, exc, stage="did not compose: ")
+                # the launching process composes every job before any starts (the sweeper validates the batch);
+                # a parallel launcher composes each again in the job's process, where the count means nothing
+                if not self._closed and os.getpid() == self.owner_pid:
+                    self._record_job(num, sweep_overrides, exc, stage="did not compose: ")
                 raise
 
         loader.load_sweep_config = load_sweep_config
         self._unwatch = lambda: vars(loader).pop("load_sweep_config", None)
 
+    def abort(self, message: str) -> None:
+        """The sweep could not start its jobs (a launcher setting): the reason on the parent, which ends FAILED."""
+        if self.parent_run_id is None or self._closed or os.getpid() != self.owner_pid:
+            return
+        try:
+            self.client.set_tag(self.parent_run_id, "error", message[:5000])
+        except Exception:  # noqa: BLE001 - tracking trouble must not hide the reason
+            log.exception("could not tag the MLflow sweep parent run %s", self.parent_run_id)
+        self._end("FAILED")
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._end("FAILED" if self.failed else "FINISHED")
+        self._end("FINISHED")
 
     # ------------------------------------------------------------------ ending
     def _end(self, status: str) -> None:
-        if self.parent_run_id is None or self._closed:
+        """Ends the parent ``status``, or FAILED when any job failed. Only the launching process ends it."""
+        if self.parent_run_id is None or self._closed or os.getpid() != self.owner_pid:
             return
         self._closed = True
         try:
-            self.client.set_tag(self.parent_run_id, "sweep.jobs", str(self.completed + self.failed))
-            self.client.set_tag(self.parent_run_id, "sweep.failed_jobs", str(self.failed))
+            completed, failed = self._log_counts()  # every job has ended: these are the totals
+            status = "FAILED" if failed else status
+            self.client.set_tag(self.parent_run_id, "sweep.jobs", str(completed + failed))
+            self.client.set_tag(self.parent_run_id, "sweep.failed_jobs", str(failed))
             self.client.set_terminated(self.parent_run_id, status=status)
             log.info("MLflow sweep parent run %s ended %s (%d jobs, %d failed)", self.parent_run_id, status,
-                     self.completed + self.failed, self.failed)
+                     completed + failed, failed)
             print(f"compare the jobs: {self.compare_command}", flush=True)
         except Exception:  # noqa: BLE001
             log.exception("could not end the MLflow sweep parent run %s", self.parent_run_id)
@@ -227,6 +287,11 @@ class MlflowSweepCallback(Callback):
             atexit.unregister(self._end_at_exit)
 
     def _end_at_exit(self) -> None:
-        # BasicSweeper re-raises a failed job after its batch, so on_multirun_end never runs then
-        self._end("FAILED" if self.failed else "KILLED")
+        # BasicSweeper re-raises a failed job after its batch, so on_multirun_end never runs then: FAILED if a
+        # job failed, else the sweep was stopped (Ctrl-C, SIGTERM)
+        self._end("KILLED")
+
+
+def _nothing() -> None:
+    pass
 
