@@ -53,10 +53,12 @@ def quiet_trainer(trainer) -> None:
 
 
 def quiet_library_bars() -> None:
-    """transformers' own bars ("Loading weights 47/47", "Writing model shards 1/1") say nothing in a run that prints
-    one line per step; huggingface_hub's are off too."""
+    """transformers' own bars ("Loading weights 47/47", "Writing model shards 1/1") and datasets' ("Saving the
+    dataset") say nothing in a run that prints one line per step; huggingface_hub's are off too."""
+    import datasets
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     disable_progress_bars()
+    datasets.disable_progress_bars()

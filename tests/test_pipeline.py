@@ -33,7 +33,7 @@ def test_default_run_learns(default_run):
     assert result["run_id"] in proc.stdout
     # a quiet console: one line per logging step, no library progress bars, warnings or tracebacks
     output = proc.stdout + proc.stderr
-    for noise in ("Loading weights", "Writing model shards", "Warning", "Traceback"):
+    for noise in ("Loading weights", "Writing model shards", "Saving the dataset", "Warning", "Traceback"):
         assert noise not in output, (noise, output[-3000:])
     assert sum(line.startswith("step ") for line in proc.stdout.splitlines()) == 300 // 10
 
