@@ -1,13 +1,14 @@
 """One job vs a 3-job ``--multirun`` one after another (Hydra's basic launcher) vs the same 3 jobs with
 ``hydra/launcher=parallel``: wall time of the whole command, from a fresh directory and a fresh ./mlflow.db.
 
-``python bench/sweep_scaling.py [--rounds 3] [--max-parallel 3] [-- job overrides ...]``
+``python bench/sweep_scaling.py [--rounds 3] [--max-parallel 3] [--name smoke] [-- job overrides ...]``
+(``--name default -- seed=42``: the default run's jobs, 300 steps each)
 
-Each round runs the three variants in an order that rotates from round to round, so a neighbour's load falls
+Each round runs the variants (also one job at 1 thread) in an order that rotates from round to round, so a neighbour's load falls
 on all of them alike; the ratios are medians of per-round ratios. Every sweep's MLflow tree is checked (one
 parent FINISHED, every job a FINISHED child of it). Default jobs: ``debug=smoke`` (10 steps of batch 4, 8 eval
 samples) with 3 learning rates. Also the CPU seconds of each command and all its processes (what the variants cost
-an idle machine). Writes ``bench/results/sweep_scaling.json``.
+on an idle machine). Writes ``bench/results/sweep_scaling_<name>.json``.
 """
 
 from __future__ import annotations
@@ -26,12 +27,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LRS = ["1e-3", "2e-3", "3e-3"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def run(args: list[str], cwd: Path) -> tuple[float, float]:
+def run(
+    args: list[str], cwd: Path, extra_env: dict | None = None
+) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the command and every process under it)."""
     env = {
         **os.environ,
+        **(extra_env or {}),
         "PYTHONPATH": os.pathsep.join(
             filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])
         ),
@@ -85,6 +90,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-parallel", type=int, default=3)
     parser.add_argument(
+        "--name",
+        default="smoke",
+        help="results file: bench/results/sweep_scaling_<name>.json",
+    )
+    parser.add_argument(
         "job",
         nargs="*",
         default=["debug=smoke"],
@@ -93,6 +103,8 @@ def main() -> int:
     args = parser.parse_args()
     variants = {
         "one_job": [*args.job, f"train.learning_rate={LRS[0]}"],
+        # torch's default is every core; under a neighbour's load 2 threads spin-wait for each other
+        "one_job_1_thread": [*args.job, f"train.learning_rate={LRS[0]}"],
         "basic_3_jobs": [
             "--multirun",
             *args.job,
@@ -115,14 +127,18 @@ def main() -> int:
             [*args.job, "train.max_steps=1", "tracking=none"], Path(tmp)
         )  # warm caches (tiny model, tokenized data)
         for r in range(args.rounds):
-            order = names[r % 3 :] + names[: r % 3]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 cwd = Path(tmp) / f"r{r}_{name}"
                 cwd.mkdir()
-                wall, cpu_seconds = run(variants[name], cwd)
+                wall, cpu_seconds = run(
+                    variants[name],
+                    cwd,
+                    ONE_THREAD if name.endswith("1_thread") else None,
+                )
                 times[name].append(wall)
                 cpu[name].append(cpu_seconds)
-                if name != "one_job":
+                if name.startswith(("basic", "parallel")):
                     check_tree(cwd, len(LRS))
                 loads.append(os.getloadavg()[0])
                 print(
@@ -146,10 +162,13 @@ def main() -> int:
         "cpu_seconds": cpu,
         "median_cpu_seconds": {k: statistics.median(v) for k, v in cpu.items()},
         "ratio_parallel_to_one_job": ratio("parallel_3_jobs", "one_job"),
+        "ratio_parallel_to_one_job_1_thread": ratio(
+            "parallel_3_jobs", "one_job_1_thread"
+        ),
         "ratio_basic_to_one_job": ratio("basic_3_jobs", "one_job"),
         "ratio_parallel_to_basic": ratio("parallel_3_jobs", "basic_3_jobs"),
     }
-    out = ROOT / "bench" / "results" / "sweep_scaling.json"
+    out = ROOT / "bench" / "results" / f"sweep_scaling_{args.name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(
