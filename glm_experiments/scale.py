@@ -240,10 +240,9 @@ class ParallelPool(SweepLauncher):
         thread_env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         pending, running, done = deque(jobs), {}, {}
         free = list(range(len(slots)))
+        # stopping the sweep (SIGTERM, Ctrl-C) stops its jobs: their runs end KILLED
         try:
-            with (
-                sigterm_as_interrupt()
-            ):  # stopping the sweep stops its jobs (their runs end KILLED)
+            with sigterm_as_interrupt():
                 while pending or running:
                     while pending and free:
                         slot, (num, overrides) = free.pop(0), pending.popleft()

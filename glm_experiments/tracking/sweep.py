@@ -183,8 +183,8 @@ class MlflowSweepCallback(Callback):
     def _record_job(self, num, overrides, error: BaseException | None = None, value: Any = None,
                     stage: str = "") -> None:
         """``job.<num>.*`` tags (keys no other job writes), the objective at step ``num``, the counts so far."""
-        client = self._client()
         try:
+            client = self._client()
             if error is None:
                 client.set_tag(self.parent_run_id, f"job.{num}.status", "FINISHED")
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and num is not None:
