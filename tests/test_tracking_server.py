@@ -188,8 +188,8 @@ def mlflow_server(postgres, tmp_path_factory):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=2)  # uvicorn would wait for this test's keep-alive connection to close
+        try:  # not longer: uvicorn would wait for this test's keep-alive connection to close
+            proc.wait(timeout=2)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
