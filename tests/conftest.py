@@ -37,11 +37,34 @@ def checkout_env(env: dict) -> dict:
     return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))}
 
 
-def run_cli(args: list[str], tmp_path: Path, module: str = "glm_experiments", timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], tmp_path: Path, module: str = "glm_experiments", timeout: int = 600,
+            env_changes: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m module *args`` in ``tmp_path`` on this checkout; ``env_changes``: variables to set (None: unset)."""
     env = checkout_env({**os.environ, "PYTHONUNBUFFERED": "1"})
-    env.pop("HYDRA_FULL_ERROR", None)
+    for name, value in {"HYDRA_FULL_ERROR": None, **(env_changes or {})}.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+# the settings of a tiny sweep job (add train.max_steps): a few seconds of training and evaluation
+TINY_SWEEP_JOB = ["train.logging_steps=1", "train.save_steps=0", "train.warmup_ratio=0",
+                  "train.per_device_train_batch_size=8", "eval.max_samples=2", "eval.max_new_tokens=4",
+                  "eval.batch_size=2", "data.max_train_samples=16"]
+
+
+def demo_data_slice(tmp_path: Path, train_lines: int = 16, dev_lines: int = 4) -> tuple[Path, Path]:
+    """The first lines of the adgen demo's train and dev files, written into ``tmp_path``."""
+    paths = []
+    for name, lines in (("train", train_lines), ("dev", dev_lines)):
+        source = ROOT / "data" / "adgen_demo" / f"{name}.json"
+        path = tmp_path / f"{name}.json"
+        path.write_text("".join(source.read_text(encoding="utf-8").splitlines(True)[:lines]), encoding="utf-8")
+        paths.append(path)
+    return paths[0], paths[1]
 
 
 def assert_close(actual, expected, rel: float = 1e-5, what: str = "") -> None:

@@ -7,13 +7,11 @@ import json
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import CONF_DIR, ROOT, checkout_env
+from conftest import CONF_DIR, ROOT, TINY_SWEEP_JOB, demo_data_slice, run_cli
 
 from glm_experiments.errors import UserError
 from glm_experiments.scale import plan_slots, visible_gpus
@@ -278,18 +276,7 @@ def test_parallel_launcher_refuses_bad_settings_before_any_job(
 
 
 # ------------------------------------------------------------------ parallel: a real sweep
-TINY = [
-    "train.max_steps=2",
-    "train.logging_steps=1",
-    "train.save_steps=0",
-    "train.warmup_ratio=0",
-    "train.per_device_train_batch_size=8",
-    "eval.max_samples=2",
-    "eval.max_new_tokens=4",
-    "eval.batch_size=2",
-    "data.max_train_samples=16",
-    "tracking.log_adapter=false",
-]
+TINY = ["train.max_steps=2", *TINY_SWEEP_JOB, "tracking.log_adapter=false"]
 
 
 @pytest.mark.slow
@@ -297,46 +284,15 @@ TINY = [
 def test_parallel_sweep_three_jobs_at_once_one_failing(tmp_path):
     """3 jobs at once in their own processes on a fresh ./mlflow.db, one failing, finishing in any order: one
     parent, every child linked and completely recorded, the failure on the parent, compare lists all three."""
-    src = ROOT / "data" / "adgen_demo"
-    train, dev = tmp_path / "train.json", tmp_path / "dev.json"
-    train.write_text(
-        "".join((src / "train.json").read_text(encoding="utf-8").splitlines(True)[:16]),
-        encoding="utf-8",
-    )
-    dev.write_text(
-        "".join((src / "dev.json").read_text(encoding="utf-8").splitlines(True)[:4]),
-        encoding="utf-8",
-    )
+    train, dev = demo_data_slice(tmp_path)
     missing = tmp_path / "missing.json"
-    env = checkout_env({**os.environ, "PYTHONUNBUFFERED": "1"})
-    for name in (
-        "GLM_EXPERIMENTS_PARENT_RUN_ID",
-        "MLFLOW_TRACKING_URI",
-        "OMP_NUM_THREADS",
-    ):
-        env.pop(name, None)
     sweep_dir = tmp_path / "multirun"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "glm_experiments",
-            "--multirun",
-            "hydra/launcher=parallel",
-            "hydra.launcher.max_parallel=3",
-            f"data.train_file={train},{missing}",
-            "train.learning_rate=1e-3,2e-3",
-            f"data.dev_file={dev}",
-            *TINY,
-            "tracking.experiment_name=parallel",
-            f"hydra.sweep.dir={sweep_dir}",
-        ],
-        check=False,
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
+    proc = run_cli(
+        ["--multirun", "hydra/launcher=parallel", "hydra.launcher.max_parallel=3",
+         f"data.train_file={train},{missing}", "train.learning_rate=1e-3,2e-3", f"data.dev_file={dev}", *TINY,
+         "tracking.experiment_name=parallel", f"hydra.sweep.dir={sweep_dir}"],
+        tmp_path, timeout=540,
+        env_changes={"GLM_EXPERIMENTS_PARENT_RUN_ID": None, "MLFLOW_TRACKING_URI": None, "OMP_NUM_THREADS": None},
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "data file not found" in proc.stderr, out[

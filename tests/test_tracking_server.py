@@ -24,19 +24,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, checkout_env
+from conftest import TINY_SWEEP_JOB, demo_data_slice, run_cli
 
-TINY = [
-    "train.max_steps=3",
-    "train.logging_steps=1",
-    "train.save_steps=0",
-    "train.warmup_ratio=0",
-    "train.per_device_train_batch_size=8",
-    "eval.max_samples=2",
-    "eval.max_new_tokens=4",
-    "eval.batch_size=2",
-    "data.max_train_samples=16",
-]
+TINY = ["train.max_steps=3", *TINY_SWEEP_JOB]
 
 
 def free_port() -> int:
@@ -200,43 +190,13 @@ def mlflow_server(postgres, tmp_path_factory):
 @pytest.mark.timeout(600)
 def test_parallel_sweep_against_postgres_backed_server(mlflow_server, tmp_path):
     uri, artifacts = mlflow_server
-    src = ROOT / "data" / "adgen_demo"
-    train, dev = tmp_path / "train.json", tmp_path / "dev.json"
-    train.write_text(
-        "".join((src / "train.json").read_text(encoding="utf-8").splitlines(True)[:16]),
-        encoding="utf-8",
-    )
-    dev.write_text(
-        "".join((src / "dev.json").read_text(encoding="utf-8").splitlines(True)[:4]),
-        encoding="utf-8",
-    )
-    env = checkout_env(
-        {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": uri}
-    )
-    env.pop("GLM_EXPERIMENTS_PARENT_RUN_ID", None)
+    train, dev = demo_data_slice(tmp_path)
     sweep_dir = tmp_path / "multirun"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "glm_experiments",
-            "--multirun",
-            "hydra/launcher=parallel",
-            "hydra.launcher.max_parallel=2",
-            "tracking=server",
-            "tracking.experiment_name=server_sweep",
-            "train.learning_rate=1e-3,2e-3",
-            *TINY,
-            f"data.train_file={train}",
-            f"data.dev_file={dev}",
-            f"hydra.sweep.dir={sweep_dir}",
-        ],
-        check=False,
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
+    proc = run_cli(
+        ["--multirun", "hydra/launcher=parallel", "hydra.launcher.max_parallel=2", "tracking=server",
+         "tracking.experiment_name=server_sweep", "train.learning_rate=1e-3,2e-3", *TINY, f"data.train_file={train}",
+         f"data.dev_file={dev}", f"hydra.sweep.dir={sweep_dir}"],
+        tmp_path, timeout=540, env_changes={"MLFLOW_TRACKING_URI": uri, "GLM_EXPERIMENTS_PARENT_RUN_ID": None},
     )
     logs = "\n".join(
         p.read_text()[-2000:] for p in sweep_dir.glob(".submitit/*/*_log.*")
