@@ -171,8 +171,9 @@ def html_report(comparison: Comparison, out_dir: Path, images: dict[str, str]) -
 
     parts = [f"<h1>Comparison: {html.escape(comparison.name)}</h1>",
              f"<p>{len(comparison.rows)} {html.escape(comparison.selection.replace('`', ''))}</p>"]
-    if headlines(comparison):
-        parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in headlines(comparison)) + "</ul>")
+    lines = headlines(comparison)
+    if lines:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
     for title, columns in comparison.tables.items():
         if columns:
             frame = pd.DataFrame(table_cells(comparison, columns), columns=columns,
