@@ -163,6 +163,21 @@ def select_runs(client, experiment: str | None = None, parent: str | None = None
     return runs, name, selection, experiment_id
 
 
+def check_one_convention(runs: list) -> None:
+    """BLEU-4/ROUGE of different eval.metric_convention are different numbers (BLEU on characters x100 vs on
+    words as a fraction): refuse to put them in one table. Runs logged before the setting existed used the default."""
+    from glm_experiments.metrics import DEFAULT_CONVENTION
+
+    by_convention: dict[str, list[str]] = {}
+    for run in runs:
+        convention = run.data.params.get("eval.metric_convention", DEFAULT_CONVENTION)
+        by_convention.setdefault(convention, []).append(run.info.run_id[:8])
+    if len(by_convention) > 1:
+        listed = "; ".join(f"{c}: {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}" for c, ids in by_convention.items())
+        raise CompareError(f"these runs use different eval.metric_convention ({listed}): their BLEU-4/ROUGE are not "
+                           "comparable; select runs of one convention (--filter \"params.eval.metric_convention = 'chatglm3_finetune'\")")
+
+
 # --------------------------------------------------------------------------- table
 def varied_params(runs: list) -> tuple[list[str], dict[str, str]]:
     keys = sorted({k for r in runs for k in r.data.params} - IGNORED_PARAMS)
@@ -205,6 +220,7 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
     tracking_uri = tracking_uri or default_tracking_uri()
     client = _client(tracking_uri)
     runs, name, selection, experiment_id = select_runs(client, experiment, parent, filter_string)
+    check_one_convention(runs)
     varied, fixed = varied_params(runs)
     metric_columns = [(key, label, fmt) for key, label, fmt in COLUMNS if any(key in r.data.metrics for r in runs)]
     show_status = any(r.info.status != "FINISHED" for r in runs)

@@ -233,6 +233,10 @@ class EvalConfig:
     forgetting_file: Optional[str] = None
     forgetting_format: str = "instruction"
     forgetting_metrics: list[str] = field(default_factory=lambda: ["rouge-l"])
+    # how BLEU-4 and ROUGE are computed (glm_experiments/metrics/text.py): thudm_ptuning = ChatGLM-6B/2
+    # ptuning/main.py (BLEU on characters, x100); chatglm3_finetune = ChatGLM3 finetune_hf.py (BLEU on jieba
+    # words, not x100; ROUGE rounded to 4 places). Runs of different conventions are not comparable
+    metric_convention: str = one_of("thudm_ptuning", "thudm_ptuning", "chatglm3_finetune")
 
 
 # ------------------------------------------------------------------------ tracking

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from glm_experiments.metrics import compute_metrics
+from glm_experiments.metrics import DEFAULT_CONVENTION, compute_metrics
 
 
 @dataclass
@@ -71,7 +71,8 @@ def evaluate_generation(model, tokenizer, template, eval_set: EvalSet, eval_cfg,
     start = time.perf_counter()
     predictions = generate(model, tokenizer, template, eval_set.prompts, eval_cfg, show_progress)
     seconds = time.perf_counter() - start
-    means, per_sample = compute_metrics(predictions, eval_set.references, metrics)
+    convention = getattr(eval_cfg, "metric_convention", None) or DEFAULT_CONVENTION
+    means, per_sample = compute_metrics(predictions, eval_set.references, metrics, convention=convention)
     rows = [
         {"input": inp, "reference": ref, "prediction": pred, **scores}
         for inp, ref, pred, scores in zip(eval_set.inputs, eval_set.references, predictions, per_sample)

@@ -27,7 +27,8 @@ from glm_experiments.evaluation import EvalSet, evaluate_generation, generation_
 from glm_experiments.hydra_checks import check_creatable
 from glm_experiments.interrupts import sigterm_as_interrupt
 from glm_experiments.methods import Method, get_method, trainable_summary
-from glm_experiments.metrics import DEFINITIONS
+from glm_experiments.metrics import CONVENTION_SOURCES
+from glm_experiments.metrics import definitions as metric_definitions
 from glm_experiments.models import thudm_adapters
 from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, template_for
 from glm_experiments.run_dirs import resolve_resume
@@ -130,7 +131,10 @@ def setup(cfg: DictConfig, method: Method, tracker: Tracker, result: RunResult, 
     # where the run writes is not a setting: a tag, so MLflow's compare view does not list it as a difference
     tracker.set_tags({"output_dir": params.pop("output_dir")})
     tracker.log_params(params)
-    tracker.set_tags({f"metric_definition.{m}": DEFINITIONS[m] for m in cfg.data.metrics if m in DEFINITIONS})
+    convention = cfg.eval.metric_convention
+    defined = metric_definitions(convention)
+    tracker.set_tags({"metric_convention": f"{convention}: {CONVENTION_SOURCES[convention]}",
+                      **{f"metric_definition.{m}": defined[m] for m in cfg.data.metrics if m in defined}})
 
     # ---- data files read and validated before any weight loads (a 6B model takes minutes)
     start = time.perf_counter()

@@ -1,5 +1,14 @@
-"""Metrics of the field, each defined once (see DEFINITIONS, logged with every run)."""
+"""Metrics of the field, each defined once (see DEFINITIONS and CONVENTIONS, logged with every run)."""
 
-from glm_experiments.metrics.text import DEFINITIONS, compute_metrics, score_sample
+from glm_experiments.metrics.text import (
+    CONVENTION_SOURCES,
+    CONVENTIONS,
+    DEFAULT_CONVENTION,
+    DEFINITIONS,
+    compute_metrics,
+    definitions,
+    score_sample,
+)
 
-__all__ = ["DEFINITIONS", "compute_metrics", "score_sample"]
+__all__ = ["CONVENTIONS", "CONVENTION_SOURCES", "DEFAULT_CONVENTION", "DEFINITIONS", "compute_metrics", "definitions",
+           "score_sample"]

@@ -1,8 +1,14 @@
 """BLEU-4, ROUGE-1/2/L, triple F1 and accuracy on generated text.
 
-Definitions follow ChatGLM-6B/ChatGLM2-6B's official evaluation (and LLaMA-Factory's):
-BLEU-4 on characters with smoothing method3, ROUGE on jieba words through rouge_chinese,
-both x100 and averaged over samples.
+Two conventions for BLEU-4 and ROUGE (``eval.metric_convention``), each the one of an original script:
+
+- ``thudm_ptuning`` (the default): ChatGLM-6B/ChatGLM2-6B ``ptuning/main.py`` (and LLaMA-Factory): BLEU-4 on
+  characters with smoothing method3, ROUGE on jieba words through rouge_chinese, both x100, mean over samples.
+- ``chatglm3_finetune``: ChatGLM3 ``finetune_demo/finetune_hf.py`` ``compute_metrics``: prediction and reference
+  stripped and cut by jieba; ROUGE on the space-joined words, F x100 rounded to 4 places per sample; BLEU-4 on
+  the jieba WORDS with smoothing method3, NOT x100 (a fraction in [0, 1]); mean over samples.
+
+Numbers of different conventions are not comparable (``compare`` refuses to mix them).
 """
 
 from __future__ import annotations
@@ -20,6 +26,36 @@ DEFINITIONS = {
     "triple_f1_micro": "F1 over true/false positives summed across samples, x100",
     "accuracy": "exact match of stripped prediction and reference, x100",
 }
+
+DEFAULT_CONVENTION = "thudm_ptuning"
+# what a convention changes, per metric (the others are defined once, in DEFINITIONS)
+_CHATGLM3_ROUGE = ("rouge_chinese F-score on jieba words of the stripped texts joined by spaces, x100 rounded to 4 "
+                   "places per sample, mean over samples; empty prediction scores 0")
+CONVENTIONS: dict[str, dict[str, str]] = {
+    DEFAULT_CONVENTION: {},
+    "chatglm3_finetune": {
+        "bleu-4": "nltk sentence_bleu on jieba words of the stripped texts, 4-gram uniform weights, "
+                  "SmoothingFunction().method3, NOT x100 (in [0, 1]), mean over samples",
+        "rouge-1": _CHATGLM3_ROUGE, "rouge-2": _CHATGLM3_ROUGE, "rouge-l": _CHATGLM3_ROUGE,
+    },
+}
+CONVENTION_SOURCES = {
+    DEFAULT_CONVENTION: "THUDM ChatGLM-6B / ChatGLM2-6B ptuning/main.py compute_metrics",
+    "chatglm3_finetune": "THUDM ChatGLM3 finetune_demo/finetune_hf.py compute_metrics",
+}
+
+
+def check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        from glm_experiments.errors import UserError
+
+        raise UserError(f"eval.metric_convention={convention}: expected one of {', '.join(CONVENTIONS)}")
+
+
+def definitions(convention: str = DEFAULT_CONVENTION) -> dict[str, str]:
+    """What each metric means under ``convention`` (logged with every run as metric_definition.* tags)."""
+    check_convention(convention)
+    return {**DEFINITIONS, **CONVENTIONS[convention]}
 
 
 @cache
@@ -51,6 +87,21 @@ def rouge(prediction: str, reference: str) -> dict[str, float]:
     return {name: 100.0 * scores[name]["f"] for name in ("rouge-1", "rouge-2", "rouge-l")}
 
 
+def chatglm3_finetune_scores(prediction: str, reference: str) -> dict[str, float]:
+    """finetune_hf.py's per-sample BLEU-4 (words, not x100) and ROUGE-1/2/L (x100, rounded to 4 places)."""
+    jieba, sentence_bleu, smoothing, scorer = _scorers()
+    pred_words = list(jieba.cut(prediction.strip()))
+    ref_words = list(jieba.cut(reference.strip()))
+    hyp, ref = " ".join(pred_words), " ".join(ref_words)
+    if not hyp.strip() or not ref.strip():  # finetune_hf.py would crash in rouge_chinese here: score 0
+        scores = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0, "bleu-4": 0.0}
+        return scores
+    rouge_scores = scorer.get_scores(hyp, ref)[0]
+    out = {name: round(rouge_scores[name]["f"] * 100, 4) for name in ("rouge-1", "rouge-2", "rouge-l")}
+    out["bleu-4"] = float(sentence_bleu([ref_words], pred_words, smoothing_function=smoothing))
+    return out
+
+
 def parse_triples(text: str) -> set[tuple[str, str, str]]:
     triples = set()
     for line in text.splitlines():
@@ -69,13 +120,18 @@ def _f1(tp: int, n_pred: int, n_ref: int) -> float:
     return 100.0 * 2 * precision * recall / (precision + recall)
 
 
-def score_sample(prediction: str, reference: str, metrics: Sequence[str]) -> dict[str, float]:
+def score_sample(prediction: str, reference: str, metrics: Sequence[str],
+                 convention: str = DEFAULT_CONVENTION) -> dict[str, float]:
     """Per-sample scores for the requested metrics (micro F1 needs the whole set, see compute_metrics)."""
     out: dict[str, float] = {}
-    if "bleu-4" in metrics:
-        out["bleu-4"] = bleu4(prediction, reference)
-    if any(m.startswith("rouge") for m in metrics):
-        out.update({k: v for k, v in rouge(prediction, reference).items() if k in metrics})
+    if convention == "chatglm3_finetune" and ("bleu-4" in metrics or any(m.startswith("rouge") for m in metrics)):
+        scores = chatglm3_finetune_scores(prediction, reference)
+        out.update({k: scores[k] for k in ("bleu-4", "rouge-1", "rouge-2", "rouge-l") if k in metrics})
+    else:
+        if "bleu-4" in metrics:
+            out["bleu-4"] = bleu4(prediction, reference)
+        if any(m.startswith("rouge") for m in metrics):
+            out.update({k: v for k, v in rouge(prediction, reference).items() if k in metrics})
     if "triple_f1" in metrics:
         pred, ref = parse_triples(prediction), parse_triples(reference)
         out["triple_f1"] = _f1(len(pred & ref), len(pred), len(ref))
@@ -85,15 +141,17 @@ def score_sample(prediction: str, reference: str, metrics: Sequence[str]) -> dic
 
 
 def compute_metrics(
-    predictions: Sequence[str], references: Sequence[str], metrics: Sequence[str]
+    predictions: Sequence[str], references: Sequence[str], metrics: Sequence[str],
+    convention: str = DEFAULT_CONVENTION,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """Return (means over samples, per-sample scores)."""
+    """Return (means over samples, per-sample scores) under ``convention`` (see CONVENTIONS)."""
+    check_convention(convention)
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     unknown = set(metrics) - set(DEFINITIONS)
     if unknown:
         raise ValueError(f"unknown metric(s) {sorted(unknown)}; known: {sorted(DEFINITIONS)}")
-    per_sample = [score_sample(p, r, metrics) for p, r in zip(predictions, references)]
+    per_sample = [score_sample(p, r, metrics, convention) for p, r in zip(predictions, references)]
     means = {}
     if per_sample:
         for name in per_sample[0]:
