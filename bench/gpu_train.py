@@ -56,7 +56,10 @@ def train_case(spec: dict) -> dict:
     config = chatglm_config(spec["shape"], spec["layers"])
     method_cfg = OmegaConf.create(spec["method_cfg"])
     method = get_method(method_cfg.name)
-    method.check_available()  # QLoRA without CUDA/bitsandbytes: a clear reason
+    if method.base_quantization:  # QLoRA without bitsandbytes: a clear reason
+        from glm_experiments.models.quantization import device_supported
+
+        device_supported(method.base_quantization)
     out: dict = {
         "layers": spec["layers"],
         "batch": spec["batch"],

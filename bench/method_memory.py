@@ -78,7 +78,10 @@ def worker(spec: dict) -> dict:
     out = {"spec": spec}
     method = get_method(method_cfg.name)
     try:
-        method.check_available()
+        if method.base_quantization:
+            from glm_experiments.models.quantization import device_supported
+
+            device_supported(method.base_quantization)
     except Exception as exc:  # noqa: BLE001
         return {**out, "skipped": str(exc)}
     trim_malloc()

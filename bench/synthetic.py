@@ -83,6 +83,8 @@ def quantized_random_model(config, method, method_cfg, cache: Path, build_device
     (bitsandbytes nf4: CUDA only)."""
     from transformers import AutoModelForCausalLM
 
+    from glm_experiments.models.quantization import bnb_config
+
     if not (cache / "done").exists():
         shutil.rmtree(cache, ignore_errors=True)
         model = random_model(config, torch.bfloat16, build_device)
@@ -93,7 +95,7 @@ def quantized_random_model(config, method, method_cfg, cache: Path, build_device
         (cache / "done").write_text("ok\n")
     return AutoModelForCausalLM.from_pretrained(
         cache,
-        quantization_config=method.quantization_config(method_cfg),
+        quantization_config=bnb_config(method.base_quantization or "4bit"),
         dtype=torch.bfloat16,
         device_map={"": 0},
     )

@@ -109,6 +109,13 @@ class ModelConfig:
     # chat template (data/templates.py) used to tokenise; null = the family's own (Family.template)
     template: Optional[str] = None
     tiny: Optional[TinyModelConfig] = None
+    # load the base quantized (bitsandbytes, models/quantization.py): null | 4bit (NF4/FP4) | 8bit (LLM.int8), for any
+    # method that keeps the base frozen (the seeds' --quantization_bit 4); method=qlora implies 4bit. CUDA, or the
+    # CPU with bitsandbytes >= 0.50
+    quantization: Optional[str] = one_of(None, "4bit", "8bit")
+    quant_type: str = one_of("nf4", "nf4", "fp4")  # 4bit only
+    double_quant: bool = True  # 4bit only: quantize the per-block scales too
+    quant_compute_dtype: str = one_of("bfloat16", "bfloat16", "float16", "float32")  # 4bit only
 
 
 # -------------------------------------------------------------------------- method
@@ -139,10 +146,8 @@ class LoraMethodConfig(MethodConfig):
 
 @dataclass
 class QloraMethodConfig(LoraMethodConfig):
-    bits: int = one_of(4, 4, 8)
-    quant_type: str = one_of("nf4", "nf4", "fp4")
-    double_quant: bool = True
-    compute_dtype: str = one_of("bfloat16", "bfloat16", "float16", "float32")
+    """LoRA on a quantized base: the quantization is the model's (model.quantization, 4bit when null;
+    model.quant_type, model.double_quant, model.quant_compute_dtype)."""
 
 
 @dataclass

@@ -182,15 +182,12 @@ def default_device() -> str:
 
 
 def load_base(cfg: DictConfig, method: str | None = None):
-    """(base model, tokenizer, template) as the run built them, before its method was applied."""
-    from glm_experiments.methods import get_method
+    """(base model, tokenizer, template) as the run built them, before its method was applied (quantized as the
+    run's was when ``method`` is given; ``method=None``: full precision, e.g. to merge into)."""
     from glm_experiments.models.loading import load_model_and_tokenizer, template_for
+    from glm_experiments.models.quantization import quantization_config
 
-    quantization = None
-    if method is not None:
-        module = get_method(method)
-        module.check_available()
-        quantization = module.quantization_config(cfg.method)
+    quantization = quantization_config(cfg) if method is not None else None
     model, tokenizer = load_model_and_tokenizer(cfg.model, quantization_config=quantization)
     template = template_for(cfg.model)
     return model, tokenizer, template

@@ -30,6 +30,8 @@ from glm_experiments.methods import Method, get_method, trainable_summary
 from glm_experiments.metrics import CONVENTION_SOURCES
 from glm_experiments.metrics import definitions as metric_definitions
 from glm_experiments.models import thudm_adapters
+from glm_experiments.models.quantization import check as check_quantization
+from glm_experiments.models.quantization import quantization_config
 from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, template_for
 from glm_experiments.run_dirs import resolve_resume
 from glm_experiments.run_result import RunResult, hydra_tags
@@ -73,7 +75,7 @@ def preflight(cfg: DictConfig) -> None:
     check_train_options(cfg)
     check_lengths(cfg)
     template_for(cfg.model)
-    get_method(cfg.method.name).check_available()
+    check_quantization(cfg)  # a quantized base: the method allows it, bitsandbytes runs here
     if cfg.deepspeed.config and importlib.util.find_spec("deepspeed") is None:
         raise UserError(f"deepspeed={cfg.deepspeed.name} needs the deepspeed package, which is not installed "
                         "(pip install -e '.[deepspeed]'), or use deepspeed=none")
@@ -145,7 +147,7 @@ def setup(cfg: DictConfig, method: Method, tracker: Tracker, result: RunResult, 
 
     # ---- model + method
     quiet_library_bars()  # the console shows one line per step (console.py)
-    quantization = method.quantization_config(cfg.method)
+    quantization = quantization_config(cfg)  # model.quantization, or the method's own (qlora: 4bit)
     model, tokenizer = load_model_and_tokenizer(cfg.model, quantization_config=quantization)
     template = template_for(cfg.model)
     # what generate() is really called with (stop ids included), beside the eval.* params

@@ -62,7 +62,19 @@ class GlmTrainer(Trainer):
     """
 
     def __init__(self, *args, method_cfg=None, loss_chunk_size: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        # transformers refuses a quantized base that is not a PEFT model ("purely quantized"); ours may train a
+        # prefix encoder, soft prompt or full-precision layers on it (models/quantization.py): let it pass when
+        # something trains, for the duration of that check
+        lift = (model is not None and getattr(model, "is_quantized", False) and not getattr(model, "_hf_peft_config_loaded", False)
+                and any(p.requires_grad for p in model.parameters()))
+        if lift:
+            model._hf_peft_config_loaded = True
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if lift:
+                model._hf_peft_config_loaded = False
         self.method_cfg = method_cfg
         self.loss_chunk_size = loss_chunk_size
         self.tokens_seen = 0

@@ -17,7 +17,7 @@ def test_default_composition():
 
 
 @pytest.mark.parametrize("method,key", [("freeze", "num_last_layers"), ("ptuning", "pre_seq_len"),
-                                        ("prompt_tuning", "num_virtual_tokens"), ("qlora", "bits"), ("full", "name")])
+                                        ("prompt_tuning", "num_virtual_tokens"), ("qlora", "r"), ("full", "name")])
 def test_every_method_composes(method, key):
     cfg = compose([f"method={method}"])
     assert cfg.method.name == method and key in cfg.method

@@ -76,15 +76,15 @@ def test_qlora_trains_and_reloads(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from glm_experiments.methods import get_method
+    from glm_experiments.models.quantization import bnb_config
 
     base_dir = tmp_path / "base"
     tiny_glm().to(torch.bfloat16).save_pretrained(base_dir)
-    cfg = OmegaConf.create({"name": "qlora", "r": 8, "alpha": 32, "dropout": 0.0, "target_modules": [], "bias": "none",
-                            "bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"})
+    cfg = OmegaConf.create({"name": "qlora", "r": 8, "alpha": 32, "dropout": 0.0, "target_modules": [], "bias": "none"})
     method = get_method("qlora")
 
     def quantized_base():
-        return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=method.quantization_config(cfg),
+        return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=bnb_config("4bit"),
                                                     dtype=torch.bfloat16, device_map={"": 0})
 
     model = method.apply(quantized_base(), cfg)

@@ -242,39 +242,7 @@ def test_lora_reload_with_other_rank_fails(tmp_path):
         ptuning.load(make_model(), tmp_path)
 
 
-# --------------------------------------------------------------------------- QLoRA (configuration only)
-def test_qlora_needs_cuda_and_bitsandbytes(monkeypatch):
-    cfg = QloraMethodConfig(name="qlora")
-    monkeypatch.setattr(qlora, "_cuda_available", lambda: False)
-    with pytest.raises(RuntimeError, match="method=qlora needs a CUDA GPU and bitsandbytes: torch.cuda"):
-        qlora.check_available()
-    with pytest.raises(RuntimeError, match="method=qlora needs a CUDA GPU and bitsandbytes"):
-        qlora.apply(make_model(), cfg)
-    monkeypatch.setattr(qlora, "_cuda_available", lambda: True)
-    monkeypatch.setattr(qlora, "_bitsandbytes_importable", lambda: False)
-    with pytest.raises(RuntimeError, match="bitsandbytes is not installed"):
-        qlora.check_available()
-    with pytest.raises(RuntimeError, match="method=qlora needs a CUDA GPU and bitsandbytes"):
-        qlora.quantization_config(cfg)
-
-
-def test_qlora_quantization_config(monkeypatch):
-    monkeypatch.setattr(qlora, "_bitsandbytes_importable", lambda: True)
-    q4 = qlora.quantization_config(QloraMethodConfig(name="qlora"))
-    assert q4.load_in_4bit and not q4.load_in_8bit
-    assert q4.bnb_4bit_quant_type == "nf4"
-    assert q4.bnb_4bit_use_double_quant is True
-    assert q4.bnb_4bit_compute_dtype == torch.bfloat16
-    q8 = qlora.quantization_config(QloraMethodConfig(name="qlora", bits=8))
-    assert q8.load_in_8bit and not q8.load_in_4bit
-    fp4 = qlora.quantization_config(QloraMethodConfig(name="qlora", quant_type="fp4", double_quant=False, compute_dtype="float16"))
-    assert (fp4.bnb_4bit_quant_type, fp4.bnb_4bit_use_double_quant, fp4.bnb_4bit_compute_dtype) == ("fp4", False, torch.float16)
-    with pytest.raises(ValueError, match="bits must be 4 or 8"):
-        qlora.quantization_config(QloraMethodConfig(name="qlora", bits=3))
-    # an unquantised base is refused even where CUDA and bitsandbytes exist
-    monkeypatch.setattr(qlora, "_cuda_available", lambda: True)
-    with pytest.raises(ValueError, match="not quantised"):
-        qlora.apply(make_model(), QloraMethodConfig(name="qlora"))
+# QLoRA and the other methods on a real 4-bit / 8-bit base: tests/methods/test_quantized.py
 
 
 # --------------------------------------------------------------------------- P-Tuning v2

@@ -64,8 +64,8 @@ BAD_SETTINGS = [
     (["method.dropout=-0.1"], "method.dropout=-0.1: expected in [0, 1)"),
     (["method.bias=some"], "method.bias=some: expected one of none, all, lora_only"),
     (["method=qlora", "method.r=0"], "method.r=0: expected >= 1"),
-    (["method=qlora", "method.bits=3"], "method.bits=3: expected one of 4, 8"),
-    (["method=qlora", "method.quant_type=int4"], "method.quant_type=int4: expected one of nf4, fp4"),
+    (["model.quantization=3bit"], "model.quantization=3bit: expected one of 4bit, 8bit"),
+    (["model.quant_type=int4"], "model.quant_type=int4: expected one of nf4, fp4"),
     (["method=ptuning", "method.pre_seq_len=0"], "method.pre_seq_len=0: expected >= 1"),
     (["method=ptuning", "method.prefix_hidden_size=0"], "method.prefix_hidden_size=0: expected >= 1"),
     (["method=ptuning", "method.prefix_dropout=1"], "method.prefix_dropout=1.0: expected in [0, 1)"),
@@ -119,10 +119,10 @@ def test_every_experiment_composes_and_passes_on_the_tiny_model(tmp_path):
     preflight(compose(["experiment=source_length_ablation", "lengths=src1024_tgt256", f"output_dir={tmp_path / 'out'}"]))
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="QLoRA runs on a CUDA machine")
-def test_qlora_on_cpu_is_a_user_error(tmp_path):
-    assert _preflight_error(["method=qlora"], tmp_path).startswith(
-        "method=qlora needs a CUDA GPU and bitsandbytes: torch.cuda.is_available() is False")
+def test_full_fine_tuning_on_a_quantized_base_is_a_user_error(tmp_path):
+    assert _preflight_error(["method=full", "model.quantization=4bit"], tmp_path).startswith(
+        "method=full cannot train on a quantized base (model.quantization=4bit): full fine-tuning trains every base "
+        "weight")
 
 
 @pytest.mark.skipif(HAS_DEEPSPEED, reason="deepspeed is installed")
@@ -396,10 +396,9 @@ def test_cli_missing_deepspeed_fails_before_any_worker(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(HAS_CUDA, reason="QLoRA runs on a CUDA machine")
-def test_cli_qlora_on_cpu(tmp_path):
-    _fail(["method=qlora", "tracking=none"], tmp_path,
-          "method=qlora needs a CUDA GPU and bitsandbytes: torch.cuda.is_available() is False", exact=False)
+def test_cli_full_on_a_quantized_base(tmp_path):
+    _fail(["method=full", "model.quantization=8bit", "tracking=none"], tmp_path,
+          "method=full cannot train on a quantized base (model.quantization=8bit)", exact=False)
 
 
 # ------------------------------------------------------------------------------------------ rendezvous

@@ -37,12 +37,8 @@ METHOD_FILE = "method.json"
 FORMAT_VERSION = 1
 
 
-def _no_quantization(cfg: Any) -> None:
-    return None
-
-
-def _always_available() -> None:
-    return None
+def _no_full_precision_modules(cfg: Any, num_layers: int) -> list[str]:
+    return []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +55,14 @@ class Method:
     not_mergeable_because: str = ""
     # train.packing=true puts several samples in one row: fine unless the method adds per-row virtual tokens
     packable: bool = True
-    # cfg -> the quantization_config the base must be loaded with (QLoRA), or None
-    quantization_config: Callable[[Any], Any] = _no_quantization
-    # raises a UserError at once when this machine cannot run the method (QLoRA without CUDA)
-    check_available: Callable[[], None] = _always_available
+    # the base may be loaded quantized (model.quantization, models/quantization.py): the method keeps it frozen
+    allows_quantized_base: bool = True
+    not_quantizable_because: str = ""
+    # the quantization the method loads its base with when model.quantization is null (qlora: "4bit")
+    base_quantization: Optional[str] = None
+    # (cfg, the model's layer count) -> module patterns kept in full precision on a quantized base because the
+    # method trains them (freeze: its layers); transformers' llm_int8_skip_modules syntax
+    full_precision_modules: Callable[[Any, int], list[str]] = _no_full_precision_modules
     # save() writes the whole model (full fine-tuning): under ZeRO-3 it is gathered as a full state dict
     saves_whole_model: bool = False
 

@@ -15,6 +15,7 @@ from typing import Any
 from torch import nn
 
 from glm_experiments.config import FreezeMethodConfig
+from glm_experiments.errors import UserError
 from glm_experiments.methods.base import (
     Method,
     register,
@@ -57,9 +58,23 @@ def trainable_names(model: nn.Module, cfg: Any) -> list[str]:
     return chosen
 
 
+def full_precision_modules(cfg: Any, num_layers: int) -> list[str]:
+    """On a quantized base (model.quantization) the layers freeze trains are loaded unquantized: transformers'
+    ``llm_int8_skip_modules`` patterns for them (a regex matched from the start of a module name up to a ``.``)."""
+    patterns = list(cfg_get(cfg, "trainable_patterns", None) or [])
+    if patterns:  # "contains": a parameter name's pattern, less a trailing "." or ".weight"/".bias"
+        return [".*" + re.escape(re.sub(r"(\.(weight|bias))?\.?$", "", p)) for p in patterns]
+    n_last = int(cfg_get(cfg, "num_last_layers", DEFAULTS.num_last_layers))
+    indices = "|".join(str(i) for i in range(max(num_layers - n_last, 0), num_layers))
+    return [rf".*layers\.({indices})"]
+
+
 def apply(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     chosen = set(trainable_names(model, cfg))
     for name, p in model.named_parameters():
+        if name in chosen and not p.is_floating_point():  # a bitsandbytes 4/8-bit weight
+            raise UserError(f"method=freeze: {name} is quantized (model.quantization) and cannot train; "
+                            "method.trainable_patterns must name whole modules, e.g. 'layers.27.'")
         p.requires_grad_(name in chosen)
     return model
 
@@ -104,4 +119,5 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-METHOD = register(Method(NAME, FreezeMethodConfig, apply, save, load, merge_into_base=merge))
+METHOD = register(Method(NAME, FreezeMethodConfig, apply, save, load, merge_into_base=merge,
+                         full_precision_modules=full_precision_modules))

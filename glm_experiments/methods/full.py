@@ -65,4 +65,7 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-METHOD = register(Method(NAME, FullMethodConfig, apply, save, load, merge_into_base=merge, saves_whole_model=True))
+METHOD = register(Method(NAME, FullMethodConfig, apply, save, load, merge_into_base=merge, saves_whole_model=True,
+                         allows_quantized_base=False,
+                         not_quantizable_because="full fine-tuning trains every base weight, and 4-bit/8-bit weights "
+                                                 "cannot be trained"))

@@ -86,6 +86,10 @@ def load_model_and_tokenizer(model_cfg, quantization_config=None):
     family = get_family(model_cfg.family)
     with _attention_errors_as_user_errors(model_cfg.attn_implementation):
         model, tokenizer = family.load(model_cfg, resolve_dtype(model_cfg.dtype), quantization_config)
+    if quantization_config is not None:
+        from glm_experiments.models.quantization import one_cpu_path
+
+        one_cpu_path(model)
     tokenizer.padding_side = "left"
     return model, tokenizer
 

@@ -17,10 +17,11 @@ GLM = Architecture("glm", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"))
 def load_checkpoint_dir(model_cfg, dtype, quantization_config):
     """A checkpoint directory of ``model_cfg.family``: THUDM's layout, or the same model in transformers' format."""
     from glm_experiments.models.loading import checkpoint_dir
+    from glm_experiments.models.quantization import load_kwargs
     from glm_experiments.models.thudm import load_checkpoint
 
     checkpoint_dir(model_cfg)
-    extra = {"quantization_config": quantization_config} if quantization_config is not None else {}
+    extra = load_kwargs(quantization_config)
     return load_checkpoint(model_cfg.path, model_cfg.family, dtype, cached=model_cfg.cache_conversion,
                            attn_implementation=model_cfg.attn_implementation, **extra)
 

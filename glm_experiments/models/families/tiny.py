@@ -12,12 +12,13 @@ def load(model_cfg, dtype, quantization_config):
     from transformers import AutoTokenizer
 
     from glm_experiments.models.checkpoint_files import from_pretrained_strict
+    from glm_experiments.models.quantization import load_kwargs
     from glm_experiments.models.tiny import ensure_tiny_checkpoint
 
     tiny_cfg = OmegaConf.to_object(model_cfg.tiny) if isinstance(model_cfg.tiny, DictConfig) else model_cfg.tiny
     path = ensure_tiny_checkpoint(tiny_cfg)
     model = from_pretrained_strict(
-        path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, quantization_config=quantization_config
+        path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, **load_kwargs(quantization_config)
     )
     return model, AutoTokenizer.from_pretrained(path)
 
