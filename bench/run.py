@@ -24,6 +24,7 @@ import harness
 import knobs
 import method_memory
 import padding
+import quantized_memory
 import startup
 import torch
 import traced_peaks
@@ -37,12 +38,14 @@ BENCHMARKS = {
     "memory": method_memory.run,
     "memory_trace": traced_peaks.run,
     "knobs": knobs.run,
+    "quantized_memory": quantized_memory.run,
 }
 # --worker KIND: one measurement in a fresh process (harness.run_worker starts it)
 WORKERS = {
     "memory": method_memory.worker,
     "knobs-mem": knobs.memory_worker,
     "trace-check": traced_peaks.check_worker,
+    "quantized-memory": quantized_memory.worker,
 }
 
 
