@@ -189,6 +189,8 @@ class DataConfig:
     # raise | skip: what to do with a bad record (skips are counted and logged, never silent)
     on_error: str = "raise"
     max_train_samples: Optional[int] = ranged(None, **AT_LEAST_1)  # null = all
+    # the eval-loss pass after training covers the dev file's first N samples; null = all (debug=smoke: a few)
+    max_dev_samples: Optional[int] = ranged(None, **AT_LEAST_1)
     # metrics computed on generated predictions: bleu-4, rouge-1, rouge-2, rouge-l, triple_f1, accuracy
     metrics: list[str] = field(default_factory=lambda: ["bleu-4", "rouge-1", "rouge-2", "rouge-l"])
 

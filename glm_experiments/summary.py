@@ -20,7 +20,9 @@ def print_summary(cfg, result) -> None:
         before, after = result.metrics_before.get(name), result.metrics_after.get(name)
         if before is None and after is None:
             continue
-        table.add_row(name, "-" if before is None else f"{before:.2f}", "-" if after is None else f"{after:.2f}")
+        samples = result.metrics_after.get("loss_samples") if name == "loss" else None
+        label = f"{name} ({samples:,} dev samples)" if samples else name
+        table.add_row(label, "-" if before is None else f"{before:.2f}", "-" if after is None else f"{after:.2f}")
     console.print(table)
     t = result.train_metrics
     console.print(

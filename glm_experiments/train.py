@@ -258,9 +258,14 @@ def evaluate_after(cfg: DictConfig, pieces: Pieces, trainer: GlmTrainer, evaluat
                    tracker: Tracker, result: RunResult) -> None:
     final_step = trainer.state.global_step
     if pieces.dev_set is not None:
-        loss = trainer.evaluate(pieces.dev_set)["eval_loss"]
-        tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}, step=final_step)
-        result.metrics_after["loss"] = loss
+        dev_set = pieces.dev_set
+        if cfg.data.max_dev_samples and cfg.data.max_dev_samples < len(dev_set):
+            dev_set = dev_set.select(range(cfg.data.max_dev_samples))
+        loss = trainer.evaluate(dev_set)["eval_loss"]
+        # the loss is over these samples (data.max_dev_samples bounds them), not necessarily the whole dev file
+        tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50)),
+                             "eval/loss_samples": len(dev_set)}, step=final_step)
+        result.metrics_after.update(loss=loss, loss_samples=len(dev_set))
     result.metrics_after.update(evaluator(final_step, "after"))
     for name, after in evaluator.forgetting().items():
         # negative change = the general ability the fine-tuning cost
