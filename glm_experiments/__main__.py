@@ -38,9 +38,10 @@ def main(cfg: DictConfig) -> float | None:
         error = as_user_error(exc)
         if error is None or debug_requested():
             raise
-        log.error("%s", error)
         if _in_multirun():
+            log.error("%s", error)
             raise  # the sweeper records this job as failed and goes on with the others
+        _to_log_files(error)  # the run's log keeps it; the console gets it once, below
         print(one_line(error), file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
     except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (train.run turns it into KeyboardInterrupt)
@@ -57,6 +58,13 @@ def main(cfg: DictConfig) -> float | None:
         log.warning("optimize_metric=%s was not computed (this run has %s; data.metrics and data.dev_file decide): "
                     "a sweeper gets None", cfg.optimize_metric, sorted(result.metrics_after))
     return result.metrics_after.get(cfg.optimize_metric)
+
+
+def _to_log_files(error: BaseException) -> None:
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (error,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _in_multirun() -> bool:

@@ -129,6 +129,10 @@ class Pieces:
 
 
 def setup(cfg: DictConfig, method: Method, tracker: Tracker, result: RunResult, resume_from: str | None) -> Pieces:
+    # method.init_from: the adapter's own shape (r, alpha, targets / pre_seq_len, projection), before params are logged
+    taken = thudm_adapters.adopt_adapter_shape(cfg, hydra_tags()[1])
+    if taken and is_main():  # the run's saved config is what predict / merge / chat rebuild it from
+        _record_in_saved_config(Path(cfg.output_dir), {f"method.{k}": v for k, v in taken.items()})
     params = flatten_config(cfg)
     # where the run writes is not a setting: a tag, so MLflow's compare view does not list it as a difference
     tracker.set_tags({"output_dir": params.pop("output_dir")})
@@ -311,6 +315,19 @@ def save_method(method, model, out_dir: Path, method_cfg, trainer: Trainer) -> N
             if is_main():
                 method.save(model, out_dir, method_cfg)
     barrier()
+
+
+def _record_in_saved_config(run_dir: Path, values: dict) -> None:
+    """Settings the run took from elsewhere (method.init_from's adapter) written into its .hydra/config.yaml."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return
+    saved = OmegaConf.load(path)
+    for key, value in values.items():
+        OmegaConf.update(saved, key, value, force_add=True)
+    OmegaConf.save(saved, path)
 
 
 def _print_sample(sample: dict, tokenizer) -> None:

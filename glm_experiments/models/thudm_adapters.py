@@ -171,6 +171,104 @@ def init_from_dir(method_cfg: Any) -> str | None:
     return str(value) if value else None
 
 
+# what an adapter's files fix about the method (its shape): taken from them unless the user set it
+SHAPE_KEYS = {"lora": ("r", "alpha", "target_modules"), "ptuning": ("pre_seq_len", "prefix_projection", "prefix_hidden_size")}
+
+
+def base_config(model_cfg) -> Any:
+    """The base model's config without its weights (what :func:`prepared_adapter` needs): a loaded
+    ``PretrainedConfig`` for the tiny model and transformers-format directories, THUDM's config.json dict otherwise."""
+    from transformers import AutoConfig
+
+    import glm_experiments.models.chatglm_v1  # noqa: F401  (registers model_type chatglm_v1)
+    from glm_experiments.models.thudm import checkpoint_kind, read_config
+
+    if model_cfg.family == "tiny":
+        from omegaconf import DictConfig, OmegaConf
+
+        from glm_experiments.models.tiny import ensure_tiny_checkpoint
+
+        tiny = OmegaConf.to_object(model_cfg.tiny) if isinstance(model_cfg.tiny, DictConfig) else model_cfg.tiny
+        return AutoConfig.from_pretrained(ensure_tiny_checkpoint(tiny))
+    from glm_experiments.models.loading import checkpoint_dir
+
+    path = checkpoint_dir(model_cfg)
+    return AutoConfig.from_pretrained(path) if checkpoint_kind(path) == "native" else read_config(path)
+
+
+def _set_by_user(method_cfg: Any, key: str, overrides: list[str]) -> bool:
+    """``method.<key>`` named on the command line, or composed to something other than the schema's default (an
+    experiment preset set it)."""
+    import dataclasses
+
+    from glm_experiments.methods import get_method
+
+    if any(o.lstrip("+~").split("=", 1)[0] == f"method.{key}" for o in overrides):
+        return True
+    schema = get_method(method_cfg.name).schema
+    default = next((f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                   for f in dataclasses.fields(schema) if f.name == key)
+    return _comparable(_plain(method_cfg.get(key))) != _comparable(default)
+
+
+def _comparable(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # PEFT writes lora_alpha as a float
+    return sorted(value) if isinstance(value, (list, tuple)) else value
+
+
+def adopt_adapter_shape(cfg, overrides: list[str]) -> dict[str, Any]:
+    """``method.init_from``: the adapter's own shape (LoRA r, alpha, target modules; P-Tuning v2 pre_seq_len,
+    projection, its hidden size) written into ``cfg.method`` for every key the user did not set, before the run
+    logs its params; a key the user set to another value than the adapter's is one UserError naming both values
+    and the user's adapter path. Returns what was taken from the adapter."""
+    from glm_experiments.errors import UserError
+    from glm_experiments.methods.base import read_method_json
+
+    path = init_from_dir(cfg.method)
+    keys = SHAPE_KEYS.get(cfg.method.name)
+    if not path or keys is None:
+        return {}
+    try:
+        prepared = prepared_adapter(path, base_config(cfg.model), cfg.model.family)
+        payload = read_method_json(prepared)
+    except (CheckpointError, ValueError, FileNotFoundError) as err:
+        raise UserError(f"method.init_from={path}: {err}") from None
+    if payload["method"] not in INIT_FROM_METHODS.get(cfg.method.name, ()):
+        raise UserError(f"method.init_from={path} holds a {payload['method']} adapter, but method={cfg.method.name}")
+    saved = payload["settings"]
+    if cfg.method.name == "ptuning" and not saved.get("prefix_projection"):
+        keys = keys[:2]  # without a projection the hidden size means nothing
+    taken, conflicts = {}, []
+    for key in keys:
+        if key not in saved:
+            continue
+        have, want = saved[key], _plain(cfg.method.get(key))
+        if _comparable(want) == _comparable(have):
+            continue
+        if _set_by_user(cfg.method, key, overrides):
+            conflicts.append((key, _comparable(want), _comparable(have)))
+        else:
+            taken[key] = _comparable(have)
+    if conflicts:
+        raise UserError(f"method.init_from={path}: the adapter there has "
+                        + ", ".join(f"{k}={h}" for k, _, h in conflicts) + " but the run sets "
+                        + ", ".join(f"method.{k}={w}" for k, w, _ in conflicts)
+                        + "; drop those settings to train the adapter as it is")
+    from omegaconf import open_dict
+
+    with open_dict(cfg.method):
+        for key, value in taken.items():
+            try:
+                cfg.method[key] = value
+            except ValueError:  # omegaconf's ValidationError: e.g. a fractional lora_alpha for the int method.alpha
+                raise UserError(f"method.init_from={path}: the adapter's {key}={value} does not fit method.{key} "
+                                f"({type(cfg.method[key]).__name__})") from None
+    if taken:
+        log.info("method.init_from=%s: the adapter's own %s", path, ", ".join(f"method.{k}={v}" for k, v in taken.items()))
+    return taken
+
+
 def init_method_from(model, method_cfg: Any, family: str | None = None):
     """``method.apply`` for ``method.init_from=DIR``: the method's trainable parameters start as the adapter in DIR
     (ours, or THUDM's / PEFT's, converted on the fly into the cache). r/alpha (LoRA) or pre_seq_len/prefix_projection
@@ -187,7 +285,7 @@ def init_method_from(model, method_cfg: Any, family: str | None = None):
         saved = read_method_json(prepared)["method"]
         if saved not in INIT_FROM_METHODS[name]:
             raise UserError(f"method.init_from={path} holds a {saved} adapter, but method={name}")
-        loaded, _ = load_adapter(model, prepared, family, is_trainable=True, method_cfg=method_cfg)
+        loaded, _ = load_adapter(model, path, family, is_trainable=True, method_cfg=method_cfg)
     except (CheckpointError, ValueError, FileNotFoundError) as err:
         raise UserError(f"method.init_from={path}: {err}") from None
     log.info("method=%s: starting from the adapter in %s (%s)", name, path, prepared)
