@@ -198,8 +198,10 @@ class DataConfig:
 # --------------------------------------------------------------------------- train
 @dataclass
 class TrainConfig:
-    # training length is counted in optimizer steps only (there is no epoch setting)
+    # training length in optimizer steps ...
     max_steps: int = ranged(300, **AT_LEAST_1)
+    # ... or, when set, in passes over the training data (max_steps is then ignored; the seeds' num_train_epochs)
+    num_train_epochs: Optional[float] = ranged(None, **POSITIVE)
     per_device_train_batch_size: int = ranged(16, **AT_LEAST_1)
     gradient_accumulation_steps: int = ranged(1, **AT_LEAST_1)
     learning_rate: float = ranged(5e-3, **POSITIVE)

@@ -50,7 +50,8 @@ def check_group_choices(argv: list[str], conf_dir: Path) -> None:
         options_dir = conf_dir / group
         if "." in group or not options_dir.is_dir():
             continue
-        options = sorted(p.stem for p in options_dir.glob("*.yaml"))
+        # options in sub-folders are named by their path: experiment=reproduce/chatglm6b_ptuning_v2
+        options = sorted(p.relative_to(options_dir).with_suffix("").as_posix() for p in options_dir.rglob("*.yaml"))
         for option in value.split(","):
             if option not in options and option != "null":
                 raise UserError(f"{group}={option}: no such option (conf/{group}/ has {', '.join(options)})")

@@ -168,13 +168,16 @@ def training_arguments(cfg: DictConfig, checkpoint_dir: Path) -> TrainingArgumen
     deepspeed = OmegaConf.to_container(cfg.deepspeed.config, resolve=True) if cfg.deepspeed.config else None
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
-        max_steps=t.max_steps,
+        # train.num_train_epochs, when set, decides the length (transformers: max_steps -1 = use the epochs)
+        max_steps=-1 if t.get("num_train_epochs") else t.max_steps,
+        num_train_epochs=t.get("num_train_epochs") or 3.0,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.eval.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=math.ceil(t.warmup_ratio * t.max_steps),
+        # with epochs the step count is known only to the Trainer: a float in [0, 1) is a ratio of it there
+        warmup_steps=(min(t.warmup_ratio, 0.999999) if t.get("num_train_epochs") else math.ceil(t.warmup_ratio * t.max_steps)),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps,
