@@ -35,3 +35,20 @@ def test_smoke_with_a_1000_sample_dev_file_evaluates_at_most_max_dev_samples(tmp
     assert run.data.metrics["eval/loss_samples"] == bound
     assert run.data.metrics["data/dev_records"] == 1000  # the whole file was read and validated
     assert f"loss ({bound:,} dev samples)" in result.stdout
+
+
+@pytest.mark.slow
+def test_num_train_epochs_counts_passes_instead_of_steps(tmp_path):
+    """train.num_train_epochs=2 over 16 samples at batch 8: 4 optimizer steps, whatever train.max_steps says."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    result = run_cli(["train.num_train_epochs=2", "train.max_steps=1000", "data.max_train_samples=16",
+                      "train.per_device_train_batch_size=8", "train.logging_steps=1", "train.save_steps=0",
+                      "eval.before_training=false", "eval.max_samples=2", "eval.max_new_tokens=4",
+                      "data.max_dev_samples=4", f"tracking.tracking_uri={uri}", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    run_id = json.loads((run_dir / "result.json").read_text())["run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3, 4]
