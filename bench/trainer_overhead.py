@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from harness import fmt_ratio, interleaved, median, tiny_tokenizer
 
-from glm_experiments.compose import compose
+from glm_experiments.config.compose import compose
 
 
 def run(args) -> dict:
@@ -27,7 +27,7 @@ def run(args) -> dict:
     from glm_experiments.models.loading import template_for
     from glm_experiments.methods import get_method
     from glm_experiments.tracking.mlflow_tracker import Tracker
-    from glm_experiments.trainer import (
+    from glm_experiments.recipe.trainer import (
         EpochSeededLengthGroupedSampler,
         GlmTrainer,
         TrackingCallback,

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Iterator
 
 from glm_experiments.errors import UserError, cli_main
-from glm_experiments.run_loading import add_run_arguments
+from glm_experiments.inference.run_loading import add_run_arguments
 
 log = logging.getLogger("glm_experiments.chat")
 
@@ -46,7 +46,7 @@ def chat_generation_kwargs(eval_cfg, tokenizer, template, max_new_tokens: int | 
     """The run's ``eval`` generation settings with a chat's overrides (one reply at a time: no beams)."""
     from omegaconf import OmegaConf
 
-    from glm_experiments.evaluation import generation_kwargs
+    from glm_experiments.recipe.evaluation import generation_kwargs
 
     cfg = OmegaConf.create(OmegaConf.to_container(eval_cfg, resolve=True))
     if max_new_tokens:
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from rich.console import Console
 
-    from glm_experiments.run_loading import load_run
+    from glm_experiments.inference.run_loading import load_run
 
     console = Console()
     with console.status("loading the run ...") if console.is_terminal else _nullcontext():

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from glm_experiments.errors import UserError, cli_main
-from glm_experiments.naming import SHORT_NAMES
+from glm_experiments.tracking.naming import SHORT_NAMES
 from glm_experiments.tracking.mlflow_tracker import ROLE_TAG
 
 NOT_TRAINING_RUNS = {"sweep_parent", "comparison", "human_eval"}
@@ -238,7 +238,7 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
                             tables={title: [label for _, label, _ in spec if label in shown_labels]
                                     for title, spec in (("scores", SCORE_COLUMNS), ("training", TRAINING_COLUMNS),
                                                         ("cost", COST_COLUMNS))})
-    from glm_experiments.human_eval_tracking import human_eval_columns
+    from glm_experiments.study.human_eval_tracking import human_eval_columns
 
     comparison.tables["human eval"] = human_eval_columns(client, rows)  # blind A/B verdicts (glm_experiments.web)
     result_columns = comparison.tables["scores"] + comparison.tables["training"]
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="output directory (default ./comparisons/<name>/)")
     parser.add_argument("--no-log", action="store_true", help="do not log the outputs to MLflow")
     args = parser.parse_args(argv)
-    from glm_experiments.compare_report import log_outputs, slug, write_outputs
+    from glm_experiments.study.report import log_outputs, slug, write_outputs
 
     comparison = collect(args.tracking_uri, args.experiment, args.parent, args.filter)
     print_table(comparison)

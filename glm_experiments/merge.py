@@ -29,7 +29,7 @@ from pathlib import Path
 
 from glm_experiments.errors import UserError, cli_main
 from glm_experiments.methods import get_method
-from glm_experiments.run_loading import add_run_arguments
+from glm_experiments.inference.run_loading import add_run_arguments
 
 log = logging.getLogger("glm_experiments.merge")
 
@@ -58,7 +58,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 def merge_run(run: str, out: Path, tracking_uri: str | None = None, overwrite: bool = False,
               max_shard_size: str = "5GB") -> dict:
     """Write the standalone checkpoint of ``run`` into ``out``; returns what was done."""
-    from glm_experiments.run_loading import check_adapter, find_run_dir, load_run_config, saved_method
+    from glm_experiments.inference.run_loading import check_adapter, find_run_dir, load_run_config, saved_method
 
     run_dir = find_run_dir(run, tracking_uri)
     cfg = load_run_config(run_dir)
@@ -89,7 +89,7 @@ def merge_run(run: str, out: Path, tracking_uri: str | None = None, overwrite: b
 
 
 def _merged_model(run_dir: Path, cfg, method: str):
-    from glm_experiments.run_loading import ADAPTER_DIR, load_base, method_settings
+    from glm_experiments.inference.run_loading import ADAPTER_DIR, load_base, method_settings
 
     # never quantised: qlora's adapter is folded into full-precision weights
     model, tokenizer, _ = load_base(cfg, None)

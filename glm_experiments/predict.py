@@ -12,7 +12,7 @@ Generation settings are the run's ``eval`` settings (greedy by default) unless o
 
 An adapter trained elsewhere (THUDM's ptuning/main.py, ChatGLM3's finetune_demo LoRA or PREFIX_TUNING, or one of
 ours) is evaluated without a run, on a base checkpoint; the data format and generation settings are the project's
-defaults for ``--data`` (converted once into the cache, see ``glm_experiments.models.thudm_adapters``):
+defaults for ``--data`` (converted once into the cache, see ``glm_experiments.migration.thudm_adapters``):
 
     python -m glm_experiments.predict --model-path /data/chatglm3-6b --family chatglm3 \
         --adapter output/adgen-lora/checkpoint-3000 --input AdvertiseGen/dev.json
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from glm_experiments.errors import UserError, cli_main
-from glm_experiments.run_loading import add_run_arguments
+from glm_experiments.inference.run_loading import add_run_arguments
 
 log = logging.getLogger("glm_experiments.predict")
 
@@ -64,7 +64,7 @@ def predict(args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
 
     from glm_experiments.data.formats import load_samples, resolve_data_path
-    from glm_experiments.run_loading import check_adapter, find_run_dir, load_run, load_run_config
+    from glm_experiments.inference.run_loading import check_adapter, find_run_dir, load_run, load_run_config
 
     # everything that can be checked without loading the model (or importing torch), first
     if args.run:
@@ -79,10 +79,10 @@ def predict(args: argparse.Namespace) -> dict:
         samples = samples[: args.max_samples]
 
     from glm_experiments.data.dataset import eval_prompts
-    from glm_experiments.evaluation import EvalSet, evaluate_generation, write_predictions
+    from glm_experiments.recipe.evaluation import EvalSet, evaluate_generation, write_predictions
 
     if args.no_progress:
-        from glm_experiments.console import quiet_library_bars
+        from glm_experiments.recipe.console import quiet_library_bars
 
         quiet_library_bars()
     loaded = load_run(run_dir, device=args.device) if args.run else _load_foreign(cfg, args)
@@ -127,7 +127,7 @@ def _default_config(args: argparse.Namespace):
     """The project's config for ``--family`` / ``--model-path`` / ``--data``, as the CLI would compose it."""
     from hydra.errors import HydraException
 
-    from glm_experiments.compose import compose
+    from glm_experiments.config.compose import compose
 
     overrides = [f"model={args.family}", f"data={args.data}"]
     if args.model_path:
@@ -141,8 +141,8 @@ def _default_config(args: argparse.Namespace):
 def _load_foreign(cfg, args: argparse.Namespace):
     """(base from --model-path) + (--adapter, converted on the fly), in eval mode on the device."""
     from glm_experiments.models.thudm import CheckpointError
-    from glm_experiments.models.thudm_adapters import load_adapter
-    from glm_experiments.run_loading import LoadedRun, default_device, load_base
+    from glm_experiments.migration.thudm_adapters import load_adapter
+    from glm_experiments.inference.run_loading import LoadedRun, default_device, load_base
 
     try:
         model, tokenizer, template = load_base(cfg)

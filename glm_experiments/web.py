@@ -9,7 +9,7 @@ Needs the web extra: pip install -e ".[web]". The page is served on 127.0.0.1 (t
   replies in random left/right order, the reference hidden until the vote. Keys: a = A better, b = B better,
   t = tie, x = both bad, n = next prompt. Every verdict is appended to a JSON-lines session file beside the runs
   (``human_eval/``) and mirrored to a ``human_eval`` MLflow run linked to both runs (win rate with a Wilson 95 %
-  interval, n, ties, both bad; see glm_experiments.human_eval). Starting the page again on the same runs and
+  interval, n, ties, both bad; see glm_experiments.study.human_eval). Starting the page again on the same runs and
   file continues at the first prompt without a verdict.
 """
 
@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from glm_experiments.errors import UserError, cli_main
-from glm_experiments.web_compare import KEYS, KEYS_SCRIPT, Comparison, compare_tab
+from glm_experiments.inference.web_compare import KEYS, KEYS_SCRIPT, Comparison, compare_tab
 
 log = logging.getLogger("glm_experiments.web")
 
@@ -120,8 +120,8 @@ class Engine:
 
 def find_engines(args: argparse.Namespace) -> list[Engine]:
     """Every run named on the command line, found and checked; nothing loaded yet."""
-    from glm_experiments.human_eval import Contestant, run_store
-    from glm_experiments.run_loading import (
+    from glm_experiments.study.human_eval import Contestant, run_store
+    from glm_experiments.inference.run_loading import (
         RUN_ID_RE,
         check_adapter,
         find_run_dir,
@@ -143,7 +143,7 @@ def find_engines(args: argparse.Namespace) -> list[Engine]:
         check_adapter(run_dir)
         uri, run_id = run_store(run_dir, cfg)
         if RUN_ID_RE.match(str(run).strip()):  # named by its id: that store knows it
-            from glm_experiments.run_loading import _tracking_uri
+            from glm_experiments.inference.run_loading import _tracking_uri
 
             uri, run_id = _tracking_uri(args.tracking_uri), str(run).strip()
         if any(e.contestant.run_dir == str(run_dir) for e in engines):
@@ -168,7 +168,7 @@ def find_engines(args: argparse.Namespace) -> list[Engine]:
 
 def load_engines(engines: list[Engine], device: str | None, say=print) -> None:
     from glm_experiments.predict import _load_foreign
-    from glm_experiments.run_loading import load_run
+    from glm_experiments.inference.run_loading import load_run
 
     for i, engine in enumerate(engines, 1):
         say(f"loading {i}/{len(engines)}: {engine.label} ({engine.contestant.run_dir})")

@@ -18,15 +18,15 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """The tiny model's tokenizer, trained offline on the demo corpus (< 1 s)."""
-    from glm_experiments.config import TinyModelConfig
+    from glm_experiments.config.schema import TinyModelConfig
     from glm_experiments.models.tiny import tokenizer_corpus, train_tokenizer
 
     return train_tokenizer(tokenizer_corpus(), TinyModelConfig().vocab_size)
 
 
 def compose(overrides: list[str] | None = None):
-    """The real config, composed by Hydra as the CLI does (glm_experiments.compose: bench/ composes with it too)."""
-    from glm_experiments.compose import compose as compose_config
+    """The real config, composed by Hydra as the CLI does (glm_experiments.config.compose: bench/ composes with it too)."""
+    from glm_experiments.config.compose import compose as compose_config
 
     return compose_config(overrides)
 

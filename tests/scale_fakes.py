@@ -9,7 +9,7 @@ import time
 
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 
-from glm_experiments.scale import ParallelPool
+from glm_experiments.scale.submitit_pool import ParallelPool
 
 
 class EnvReportingLauncher(ParallelPool, LocalLauncher):

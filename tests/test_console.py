@@ -1,6 +1,6 @@
 """What a run prints per logging step."""
 
-from glm_experiments.console import StepLineCallback, step_line
+from glm_experiments.recipe.console import StepLineCallback, step_line
 
 
 def test_step_line_is_one_readable_line():
@@ -25,7 +25,7 @@ def test_callback_prints_only_loss_logs_on_the_main_process():
 
 
 def test_job_labels_name_what_was_varied():
-    from glm_experiments.naming import job_label, override_parts
+    from glm_experiments.tracking.naming import job_label, override_parts
 
     overrides = ["experiment=source_length_ablation", "lengths=src512_tgt128", "method.r=16", "train.max_steps=30",
                  "data.train_file=/data/train.json", "tracking.tracking_uri=sqlite:///x.db", "hydra.sweep.dir=/tmp/s"]

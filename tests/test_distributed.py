@@ -145,7 +145,7 @@ def test_zero3_full_fine_tuning_saves_loadable_weights(tmp):
 
 def test_bad_requests_fail_with_one_line(tmp):
     from glm_experiments.errors import UserError
-    from glm_experiments.launcher import check_deepspeed, check_launcher
+    from glm_experiments.scale.launcher import check_deepspeed, check_launcher
 
     cfg = compose(["launcher.nproc_per_node=512"])
     with pytest.raises(UserError, match="launcher.nproc_per_node=512 but"):

@@ -86,7 +86,7 @@ def test_predict_by_mlflow_run_id(lora_run, tmp_path):
 
 @pytest.mark.slow
 def test_run_id_falls_back_to_artifacts_when_the_dir_is_gone(lora_run, tmp_path, monkeypatch):
-    from glm_experiments.run_loading import find_run_dir, load_run_config
+    from glm_experiments.inference.run_loading import find_run_dir, load_run_config
 
     run_dir, run_id, uri = lora_run
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
@@ -130,7 +130,7 @@ def logits(model, tokenizer) -> torch.Tensor:
 def assert_same_logits(run_dir: Path, merged: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from glm_experiments.run_loading import load_run
+    from glm_experiments.inference.run_loading import load_run
 
     loaded = load_run(run_dir, device="cpu")
     standalone = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
@@ -153,7 +153,7 @@ def test_merge_lora_gives_a_standalone_checkpoint(lora_run, tmp_path):
     # the adapter did change the model (otherwise the comparison above proves nothing)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from glm_experiments.run_loading import load_base, load_run_config
+    from glm_experiments.inference.run_loading import load_base, load_run_config
 
     base, tokenizer, _ = load_base(load_run_config(run_dir))
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -168,7 +168,7 @@ def fake_run(lora_run, tmp_path: Path, method: str, **settings) -> Path:
     from omegaconf import OmegaConf
 
     from glm_experiments.methods import get_method
-    from glm_experiments.run_loading import load_base, load_run_config
+    from glm_experiments.inference.run_loading import load_base, load_run_config
 
     run_dir, _, _ = lora_run
     fake = tmp_path / f"run_{method}"

@@ -335,7 +335,7 @@ def test_unknown_format_and_on_error(tmp_path):
 def test_accepts_the_structured_data_config(tmp_path):
     from omegaconf import OmegaConf
 
-    from glm_experiments.config import DataConfig
+    from glm_experiments.config.schema import DataConfig
 
     data_cfg = OmegaConf.structured(DataConfig(name="x", format="adgen", train_file="a.json"))
     samples, _ = load_samples(write_lines(tmp_path / "a.json", [{"content": "a", "summary": "b"}]), data_cfg)

@@ -47,7 +47,7 @@ def batch(vocab: int = 512, bs: int = 4, seq: int = 64, device: str = "cuda") ->
 def test_bf16_loss_close_to_fp32():
     """bf16 autocast (what the trainer runs on a bf16 GPU) gives the fp32 loss and gradients up to bf16 rounding,
     also through the chunked cross-entropy."""
-    from glm_experiments.losses import chunked_loss
+    from glm_experiments.recipe.losses import chunked_loss
 
     model = tiny_glm().cuda()
     inputs = batch()
@@ -122,9 +122,9 @@ def test_greedy_generation_gpu_equals_cpu():
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from glm_experiments.config import TinyModelConfig
+    from glm_experiments.config.schema import TinyModelConfig
     from glm_experiments.data.templates import get_template
-    from glm_experiments.evaluation import generate, load_eval_set
+    from glm_experiments.recipe.evaluation import generate, load_eval_set
     from glm_experiments.models.tiny import ensure_tiny_checkpoint
 
     path = ensure_tiny_checkpoint(TinyModelConfig())

@@ -10,7 +10,7 @@ import pytest
 from mlflow import MlflowClient
 
 from glm_experiments.errors import UserError
-from glm_experiments.human_eval import (
+from glm_experiments.study.human_eval import (
     ABSession,
     Contestant,
     Tally,
@@ -19,7 +19,7 @@ from glm_experiments.human_eval import (
     tally,
     wilson_interval,
 )
-from glm_experiments.human_eval_tracking import HumanEvalRun
+from glm_experiments.study.human_eval_tracking import HumanEvalRun
 
 
 def test_wilson_interval_matches_published_values():
@@ -195,7 +195,7 @@ def test_compare_without_human_eval_has_no_such_table(tmp_path):
 def test_run_store_finds_the_store_a_run_was_tracked_in(tmp_path):
     from omegaconf import OmegaConf
 
-    from glm_experiments.human_eval import run_store
+    from glm_experiments.study.human_eval import run_store
 
     run = tmp_path / "outputs" / "run"
     (run / ".hydra").mkdir(parents=True)

@@ -9,7 +9,7 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 
 from conftest import ROOT
-from glm_experiments.config import FullMethodConfig, LoraMethodConfig
+from glm_experiments.config.schema import FullMethodConfig, LoraMethodConfig
 from glm_experiments.methods import get_method
 
 sys.path.insert(0, str(ROOT / "bench"))

@@ -10,7 +10,7 @@ from transformers import GlmConfig, GlmForCausalLM
 
 from conftest import assert_close
 
-from glm_experiments.config import (
+from glm_experiments.config.schema import (
     FreezeMethodConfig,
     FullMethodConfig,
     LoraMethodConfig,
@@ -20,7 +20,7 @@ from glm_experiments.config import (
 )
 from glm_experiments.methods import get_method, load_saved, trainable_summary
 from glm_experiments.methods import lora, ptuning, qlora
-from glm_experiments.models.thudm_adapters import load_adapter
+from glm_experiments.migration.thudm_adapters import load_adapter
 
 torch.set_num_threads(1)
 

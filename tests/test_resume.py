@@ -74,7 +74,7 @@ def test_resume_auto_matches_uninterrupted_run(method, tmp_path):
 
 def test_resume_auto_skips_an_incomplete_checkpoint(tmp_path):
     """A run killed while writing checkpoint-N leaves the directory without trainer_state.json."""
-    from glm_experiments.train import resolve_resume
+    from glm_experiments.recipe.train import resolve_resume
 
     ckpts = tmp_path / "checkpoints"
     (ckpts / "checkpoint-4").mkdir(parents=True)

@@ -51,7 +51,7 @@ def mlflow_runs(uri: str, experiment: str) -> dict:
 
 # ------------------------------------------------------------------------------ names
 def test_run_and_sweep_dir_names_are_sub_second_and_per_process():
-    from glm_experiments.compose import compose
+    from glm_experiments.config.compose import compose
 
     cfg = compose(["method=freeze"], return_hydra_config=True)
     stamp = r"\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d\.\d{6}-" + str(os.getpid())
@@ -91,7 +91,7 @@ def test_concurrent_first_use_of_a_fresh_store(tmp_path):
     "duplicate column name" / alembic errors while creating the tables)."""
     script = (
         "import sys, time\nfrom pathlib import Path\nfrom omegaconf import OmegaConf\n"
-        "from glm_experiments.config import TrackingConfig\nfrom glm_experiments.tracking.mlflow_tracker import Tracker\n"
+        "from glm_experiments.config.schema import TrackingConfig\nfrom glm_experiments.tracking.mlflow_tracker import Tracker\n"
         "cfg = OmegaConf.structured(TrackingConfig(tracking_uri=sys.argv[1], experiment_name='race'))\n"
         "Path(sys.argv[3]).touch()\n"  # imported, ready
         "while not Path(sys.argv[2]).exists():\n    time.sleep(0.001)\n"

@@ -1,4 +1,4 @@
-"""hydra/launcher=parallel and hydra/launcher=slurm (glm_experiments/scale.py, docs/scaling.md)."""
+"""hydra/launcher=parallel and hydra/launcher=slurm (glm_experiments/scale/submitit_pool.py, docs/scaling.md)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import pytest
 from conftest import CONF_DIR, ROOT, TINY_SWEEP_JOB, demo_data_slice, run_cli
 
 from glm_experiments.errors import UserError
-from glm_experiments.scale import plan_slots, visible_gpus
+from glm_experiments.scale.submitit_pool import plan_slots, visible_gpus
 
 
 def hydra_cfg(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    import glm_experiments.config  # noqa: F401  (the schema)
+    import glm_experiments.config.schema  # noqa: F401  (the schema)
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=True)
@@ -171,7 +171,7 @@ def test_parallel_pool_pins_gpus_limits_jobs_and_records_a_lost_job(
     from mlflow import MlflowClient
     from scale_fakes import EnvReportingLauncher
 
-    import glm_experiments.scale
+    import glm_experiments.scale.submitit_pool
     from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV
     from glm_experiments.tracking.sweep import MlflowSweepCallback
 
@@ -188,7 +188,7 @@ def test_parallel_pool_pins_gpus_limits_jobs_and_records_a_lost_job(
     monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
     callback = MlflowSweepCallback()
     callback.on_multirun_start(cfg)
-    monkeypatch.setattr(glm_experiments.scale, "visible_gpus", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(glm_experiments.scale.submitit_pool, "visible_gpus", lambda: [0, 1, 2, 3])
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), str(ROOT)])
     )  # the jobs import scale_fakes
@@ -205,7 +205,7 @@ def test_parallel_pool_pins_gpus_limits_jobs_and_records_a_lost_job(
     assert [r["num"] for r in done] == [0, 1, 3, 4]
     assert {r["cuda"] for r in done} == {"0,1", "2,3"}
     assert {r["threads"] for r in done} == {
-        str(max(1, glm_experiments.scale.available_cores() // 2))
+        str(max(1, glm_experiments.scale.submitit_pool.available_cores() // 2))
     }
     for x, y in itertools.combinations(
         done, 2
@@ -298,7 +298,7 @@ def test_parallel_sweep_three_jobs_at_once_one_failing(tmp_path):
     assert proc.returncode != 0 and "data file not found" in proc.stderr, out[
         -5000:
     ]  # Hydra names the failed job
-    cores = __import__("glm_experiments.scale", fromlist=["x"]).available_cores()
+    cores = __import__("glm_experiments.scale.submitit_pool", fromlist=["x"]).available_cores()
     assert f"3 job(s) at a time, CPU only, {max(1, cores // 3)} thread(s) each" in out
     assert out.count("started (CPU)") == 4
 

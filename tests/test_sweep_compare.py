@@ -170,7 +170,7 @@ def test_compare_clear_errors(handmade_store, tmp_path, capsys):
 
 # ------------------------------------------------------------------ fast: the callback alone
 def _hydra_cfg(overrides):
-    from glm_experiments.compose import compose
+    from glm_experiments.config.compose import compose
 
     return compose(overrides, return_hydra_config=True)
 
@@ -246,7 +246,7 @@ def test_sweep_callback_does_nothing_without_tracking(monkeypatch, tmp_path):
 def test_experiment_configs_compose(overrides, expected):
     from omegaconf import OmegaConf
 
-    import glm_experiments.resolvers  # noqa: F401  (the CLI gets it through the sweep callback)
+    import glm_experiments.config.resolvers  # noqa: F401  (the CLI gets it through the sweep callback)
 
     cfg = compose(overrides)
     for key, value in expected.items():

@@ -25,7 +25,7 @@ from conftest import assert_close
 
 from glm_experiments import convert
 from glm_experiments.models.thudm import CheckpointError, load_checkpoint
-from glm_experiments.models.thudm_adapters import convert_adapter
+from glm_experiments.migration.thudm_adapters import convert_adapter
 
 V2_FAMILIES = ["chatglm2", "chatglm3", "glm4"]
 V2_TARGETS = ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
@@ -582,7 +582,7 @@ def test_training_starts_from_foreign_adapter(kind, bases, tmp_path, monkeypatch
         model.load_state_dict({k: v.float() for k, v in load_checkpoint_state(base, folded).items()}, strict=False)
     else:
         from glm_experiments.methods import ptuning
-        from glm_experiments.models.thudm_adapter_files import read_weights
+        from glm_experiments.migration.thudm_adapter_files import read_weights
 
         # the prefix encoder built by hand from the THUDM file (not through the converter)
         state = {k.removeprefix("transformer.prefix_encoder."): v.float() for k, v in read_weights(adapter / "pytorch_model.bin").items()

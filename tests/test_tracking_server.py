@@ -306,7 +306,7 @@ def test_server_tracking_needs_an_address(monkeypatch):
     """tracking=server with no MLFLOW_TRACKING_URI: one line naming the setting, before anything loads."""
     from conftest import compose
 
-    from glm_experiments.config import check_settings
+    from glm_experiments.config.schema import check_settings
     from glm_experiments.errors import UserError
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

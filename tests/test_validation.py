@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from conftest import checkout_env, compose, run_cli
 from glm_experiments.errors import EXIT_BAD_INPUT, UserError, cli_main
-from glm_experiments.train import preflight
+from glm_experiments.recipe.train import preflight
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -299,7 +299,7 @@ def test_cli_unknown_group_option(tmp_path):
 
 
 def test_group_choices_leave_hydra_syntax_alone():
-    from glm_experiments.hydra_checks import check_group_choices
+    from glm_experiments.config.hydra_checks import check_group_choices
 
     conf = Path(__file__).resolve().parent.parent / "conf"
     check_group_choices(["method=lora", "+experiment=source_length_ablation", "method=choice(lora,freeze)",
@@ -404,10 +404,10 @@ def test_cli_qlora_on_cpu(tmp_path):
 
 # ------------------------------------------------------------------------------------------ rendezvous
 def test_single_node_rendezvous_is_loopback_only(tmp_path):
-    from glm_experiments.launcher import torchrun_command
+    from glm_experiments.scale.launcher import torchrun_command
 
     one = torchrun_command(compose(["launcher.nproc_per_node=2", "launcher.master_addr=10.0.0.5"]).launcher, Path("c.yaml"))
-    assert one[1:3] == ["-m", "glm_experiments.torchrun_loopback"] and "--master_addr=127.0.0.1" in one
+    assert one[1:3] == ["-m", "glm_experiments.scale.torchrun_loopback"] and "--master_addr=127.0.0.1" in one
     two = torchrun_command(compose(["launcher.nnodes=2", "launcher.master_addr=10.0.0.5"]).launcher, Path("c.yaml"))
     assert two[1:3] == ["-m", "torch.distributed.run"] and "--master_addr=10.0.0.5" in two
 
@@ -432,10 +432,10 @@ def test_torchrun_store_listens_on_loopback_only(tmp_path):
     import subprocess
     import sys
 
-    from glm_experiments.launcher import free_port
+    from glm_experiments.scale.launcher import free_port
 
     (tmp_path / "listeners.py").write_text(LISTENERS)
-    result = subprocess.run([sys.executable, "-m", "glm_experiments.torchrun_loopback", "--nproc_per_node=1",
+    result = subprocess.run([sys.executable, "-m", "glm_experiments.scale.torchrun_loopback", "--nproc_per_node=1",
                              "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}", "listeners.py"],
                             cwd=tmp_path, env=checkout_env(dict(os.environ)), capture_output=True, text=True,
                             timeout=120, check=False)

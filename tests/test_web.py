@@ -237,8 +237,8 @@ def test_blind_comparison_records_unblinded_verdicts_and_resumes_after_a_kill(br
 
     from glm_experiments.data.dataset import eval_prompts
     from glm_experiments.data.formats import load_samples
-    from glm_experiments.human_eval import wilson_interval
-    from glm_experiments.run_loading import load_run
+    from glm_experiments.study.human_eval import wilson_interval
+    from glm_experiments.inference.run_loading import load_run
 
     runs, uri = sweep
     max_new = 16

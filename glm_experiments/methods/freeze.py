@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from glm_experiments.config import FreezeMethodConfig
+from glm_experiments.config.schema import FreezeMethodConfig
 from glm_experiments.methods.base import (
     Method,
     register,

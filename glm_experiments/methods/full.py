@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from glm_experiments.config import FullMethodConfig
+from glm_experiments.config.schema import FullMethodConfig
 from glm_experiments.methods.base import Method, load_safetensors, read_method_json, register, write_method_json
 
 NAME = "full"

@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 
 from glm_experiments.compat import silence_known_renames
-from glm_experiments.config import LoraMethodConfig
+from glm_experiments.config.schema import LoraMethodConfig
 from glm_experiments.methods.base import (
     Method,
     cfg_get,

@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
-from glm_experiments.config import PromptTuningMethodConfig
+from glm_experiments.config.schema import PromptTuningMethodConfig
 from glm_experiments.methods.base import (Method, cfg_get, check_settings, freeze_all, input_embeddings,
                                           load_safetensors, override_method, query_shape, read_method_json,
                                           real_position_ids, register, save_safetensors, split_virtual_mask,

@@ -45,7 +45,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
-from glm_experiments.config import PtuningMethodConfig
+from glm_experiments.config.schema import PtuningMethodConfig
 from glm_experiments.methods.base import (Method, cfg_get, check_settings, freeze_all, input_embeddings,
                                           load_safetensors, model_dims, override_method, query_shape,
                                           read_method_json, real_position_ids, register, save_safetensors,

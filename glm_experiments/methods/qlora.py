@@ -20,7 +20,7 @@ from torch import nn
 
 from glm_experiments.errors import UserError
 from glm_experiments.methods import lora
-from glm_experiments.config import QloraMethodConfig
+from glm_experiments.config.schema import QloraMethodConfig
 from glm_experiments.constants import TORCH_DTYPES
 from glm_experiments.methods.base import Method, cfg_get, register, unwrap_peft
 

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig, OmegaConf
 
 from glm_experiments.errors import UserError
-from glm_experiments.naming import override_parts
+from glm_experiments.tracking.naming import override_parts
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from rich.table import Table
 
 def print_summary(cfg, result) -> None:
     console = Console()
-    from glm_experiments.naming import job_label
-    from glm_experiments.run_result import hydra_tags
+    from glm_experiments.tracking.naming import job_label
+    from glm_experiments.recipe.run_result import hydra_tags
 
     varied = job_label(hydra_tags()[1])
     table = Table(title=f"{cfg.method.name} on {cfg.model.name} / {cfg.data.name}" + (f" ({varied})" if varied else ""))

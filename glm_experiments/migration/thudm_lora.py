@@ -13,7 +13,7 @@ from glm_experiments.models.checkpoint_files import CheckpointError
 
 log = logging.getLogger(__name__)
 
-from glm_experiments.models.thudm_adapter_files import (
+from glm_experiments.migration.thudm_adapter_files import (
     ADAPTER_CONFIG,
     BaseDims,
     LAYER_KEY,

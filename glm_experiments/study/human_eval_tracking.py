@@ -7,7 +7,7 @@ import datetime as _dt
 import logging
 
 from glm_experiments.errors import UserError
-from glm_experiments.human_eval import DEFINITION, ROLE, TAG_RUN, ABSession
+from glm_experiments.study.human_eval import DEFINITION, ROLE, TAG_RUN, ABSession
 from glm_experiments.tracking.mlflow_tracker import ROLE_TAG
 
 log = logging.getLogger(__name__)

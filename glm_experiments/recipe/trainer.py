@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from glm_experiments.errors import UserError
-from glm_experiments.losses import chunked_loss
+from glm_experiments.recipe.losses import chunked_loss
 from glm_experiments.tracking.mlflow_tracker import Tracker
 
 TRAINABLE_FILE = "trainable.safetensors"

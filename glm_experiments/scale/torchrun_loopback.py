@@ -1,5 +1,5 @@
-"""``python -m glm_experiments.torchrun_loopback <torchrun arguments>``: torchrun whose rendezvous store listens
-on 127.0.0.1 only, for single-node runs (glm_experiments/launcher.py).
+"""``python -m glm_experiments.scale.torchrun_loopback <torchrun arguments>``: torchrun whose rendezvous store listens
+on 127.0.0.1 only, for single-node runs (glm_experiments/scale/launcher.py).
 
 torchrun's static rendezvous creates its TCPStore server on every interface whatever ``--master_addr`` says,
 so on a shared machine anyone on the network could join or write to the process group's store. Here the

@@ -11,7 +11,7 @@ moment on one machine never share a directory); resolved once per config, like `
 They must be registered before a config that uses them is resolved. The Hydra callback in
 ``glm_experiments.tracking.sweep`` imports this module, and Hydra instantiates callbacks before any job
 runs, so the CLI always has them; code that composes configs itself (tests, notebooks) should call
-``register_resolvers()`` (``glm_experiments.config`` is the natural place to do it once for everyone).
+``register_resolvers()`` (``glm_experiments.config.schema`` is the natural place to do it once for everyone).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _mul(*values):
     return int(result) if isinstance(result, float) and result.is_integer() else result
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 HIDDEN_GROUPS = {"hydra"}  # Hydra's own settings: --hydra-help lists them
 
 
@@ -75,7 +75,7 @@ def register_resolvers() -> None:
         # so jobs run in their own processes (hydra/launcher=parallel|slurm) share its sweep directory
         OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
     if not OmegaConf.has_resolver("job_label"):
-        from glm_experiments.naming import job_label
+        from glm_experiments.tracking.naming import job_label
 
         OmegaConf.register_new_resolver("job_label", lambda overrides, fallback="": job_label(overrides or [], fallback))
     if not OmegaConf.has_resolver("config_groups"):

@@ -36,7 +36,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
 from glm_experiments.errors import EXIT_BAD_INPUT, UserError, debug_requested, one_line
-from glm_experiments.interrupts import sigterm_as_interrupt
+from glm_experiments.recipe.interrupts import sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from glm_experiments.models.thudm_layouts import is_v1_config
 
 log = logging.getLogger(__name__)
 
-from glm_experiments.models.thudm_adapter_files import (
+from glm_experiments.migration.thudm_adapter_files import (
     ADAPTER_CONFIG,
     BaseDims,
     PEFT_PREFIX,

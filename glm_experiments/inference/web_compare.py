@@ -60,7 +60,7 @@ class Comparison:
     def prepare(cls, a: Engine, b: Engine, args: argparse.Namespace) -> Comparison:
         """Reads the prompts and opens (or resumes) the session, before any model loads."""
         from glm_experiments.data.formats import load_samples, resolve_data_path
-        from glm_experiments.human_eval import (
+        from glm_experiments.study.human_eval import (
             ABSession,
             default_session_dir,
             session_path,
@@ -107,7 +107,7 @@ class Comparison:
 
     def sync_mlflow(self) -> str:
         """The human_eval run (made on the first verdict of a new session), brought up to date with the file."""
-        from glm_experiments.human_eval_tracking import HumanEvalRun
+        from glm_experiments.study.human_eval_tracking import HumanEvalRun
 
         if self.mlflow is None:
             self.mlflow = HumanEvalRun(self.session, self.tracking_uri)

@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
 from omegaconf import MISSING
 
-import glm_experiments.resolvers  # noqa: F401  (${mul:...} in conf/, also when tests compose)
+import glm_experiments.config.resolvers  # noqa: F401  (${mul:...} in conf/, also when tests compose)
 from glm_experiments.errors import UserError
 
 
@@ -212,7 +212,7 @@ class TrainConfig:
     # flash-attention varlen kernels on a GPU; on CPU/SDPA the block-diagonal mask is dense and slower
     packing: bool = False
     # 0: transformers' loss over the full batch x seq x vocab logits; N > 0: cross-entropy over the
-    # supervised positions only, N tokens' logits at a time, recomputed in backward (glm_experiments/losses.py)
+    # supervised positions only, N tokens' logits at a time, recomputed in backward (glm_experiments/recipe/losses.py)
     loss_chunk_size: int = ranged(0, min=1, off=(0, "off"))
     dataloader_num_workers: int = ranged(0, min=0)
     # auto | float32 | bfloat16 | float16 (mixed precision of the Trainer)
@@ -258,7 +258,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class LauncherConfig:
-    """How many processes train (glm_experiments/launcher.py): 1 process on 1 node without DeepSpeed runs
+    """How many processes train (glm_experiments/scale/launcher.py): 1 process on 1 node without DeepSpeed runs
     in-process; anything else composes once and starts torchrun workers."""
 
     nproc_per_node: int = ranged(1, **AT_LEAST_1)
@@ -270,7 +270,7 @@ class LauncherConfig:
 
 
 # ------------------------------------------------------------------- hydra/launcher
-# How the jobs of a --multirun run (glm_experiments/scale.py, docs/scaling.md): hydra-submitit-launcher's
+# How the jobs of a --multirun run (glm_experiments/scale/submitit_pool.py, docs/scaling.md): hydra-submitit-launcher's
 # schemas, with this project's keys and defaults. Read by the launcher in the launching process.
 @dataclass
 class ParallelLauncherConf(LocalQueueConf):

@@ -1,6 +1,6 @@
-"""``python -m glm_experiments.worker <resolved_config.yaml>``: one torchrun rank of a multi-process run.
+"""``python -m glm_experiments.scale.worker <resolved_config.yaml>``: one torchrun rank of a multi-process run.
 
-Started by glm_experiments.launcher (never by hand, never through Hydra). Reads the config the Hydra
+Started by glm_experiments.scale.launcher (never by hand, never through Hydra). Reads the config the Hydra
 process resolved, restores its schema types, joins the process group torchrun describes in the
 environment (NCCL with GPUs, gloo on CPU) and calls ``train.run``. Rank 0 logs to MLflow and writes the
 run products; a user error is written to ``worker_error.txt`` for the launcher to report in one line.
@@ -21,7 +21,7 @@ log = logging.getLogger("glm_experiments")
 
 def load_config(path: Path) -> DictConfig:
     """The resolved YAML merged back into the structured schema (so model.tiny etc. are typed as under Hydra)."""
-    from glm_experiments.config import Config, method_schema
+    from glm_experiments.config.schema import Config, method_schema
 
     raw = OmegaConf.load(path)
     schema = OmegaConf.structured(Config)
@@ -63,9 +63,9 @@ def setup_logging(rank: int, run_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m glm_experiments.worker <resolved_config.yaml>  (started by torchrun)", file=sys.stderr)
+        print("usage: python -m glm_experiments.scale.worker <resolved_config.yaml>  (started by torchrun)", file=sys.stderr)
         return 2
-    from glm_experiments.launcher import ERROR_FILE, check_deepspeed, deepspeed_dict
+    from glm_experiments.scale.launcher import ERROR_FILE, check_deepspeed, deepspeed_dict
 
     cfg = load_config(Path(argv[0]))
     run_dir = Path(cfg.output_dir)
@@ -73,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(rank, run_dir)
 
     from glm_experiments.errors import EXIT_BAD_INPUT, as_user_error, debug_requested
-    from glm_experiments.interrupts import exit_code, signal_name
+    from glm_experiments.recipe.interrupts import exit_code, signal_name
 
     import torch.distributed as dist
 
     try:
         check_deepspeed(deepspeed_dict(cfg))
         init_process_group()
-        from glm_experiments.train import run
+        from glm_experiments.recipe.train import run
 
         run(cfg)
     except Exception as exc:  # noqa: BLE001 - the same sorting as the Hydra process (glm_experiments.errors)

@@ -7,7 +7,7 @@ in-process:
 1. check the request (processes vs devices, the DeepSpeed JSON) and fail with one line if it cannot work;
 2. write the resolved config (``${now:}``, ``${hydra:...}`` and every other interpolation already
    evaluated) to ``<job dir>/resolved_config.yaml``;
-3. run ``python -m torch.distributed.run ... -m glm_experiments.worker <job dir>/resolved_config.yaml``
+3. run ``python -m torch.distributed.run ... -m glm_experiments.scale.worker <job dir>/resolved_config.yaml``
    and wait; every worker reads that file and calls ``train.run`` (Hydra never runs per rank, so the
    ``--local_rank`` argument that the ``deepspeed`` launcher appends can never reach it);
 4. read ``result.json`` (written by rank 0) back for the summary and for ``hparams_search``.
@@ -28,8 +28,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from glm_experiments.errors import UserError
-from glm_experiments.run_result import HYDRA_TAGS_ENV, RESULT_FILE, RunResult, hydra_tags
-from glm_experiments.interrupts import on_sigterm
+from glm_experiments.recipe.run_result import HYDRA_TAGS_ENV, RESULT_FILE, RunResult, hydra_tags
+from glm_experiments.recipe.interrupts import on_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +112,13 @@ def free_port() -> int:
 def torchrun_command(launcher, config_path: Path) -> list[str]:
     port = launcher.master_port or (29500 if launcher.nnodes > 1 else free_port())
     if launcher.nnodes == 1:  # nothing outside this machine has to reach the rendezvous store
-        runner, addr = "glm_experiments.torchrun_loopback", "127.0.0.1"
+        runner, addr = "glm_experiments.scale.torchrun_loopback", "127.0.0.1"
     else:
         runner, addr = "torch.distributed.run", launcher.master_addr
     return [sys.executable, "-m", runner,
             f"--nproc_per_node={launcher.nproc_per_node}", f"--nnodes={launcher.nnodes}",
             f"--node_rank={launcher.node_rank}", f"--master_addr={addr}", f"--master_port={port}",
-            "-m", "glm_experiments.worker", str(config_path)]
+            "-m", "glm_experiments.scale.worker", str(config_path)]
 
 
 def launch(cfg: DictConfig):
