@@ -15,7 +15,7 @@ from pathlib import Path
 
 from harness import ROOT, fmt_ratio, timed_cmd, tiny_tokenizer
 
-from glm_experiments.config.compose import compose
+from glm_experiments.compose import compose
 
 
 def finetuned_default_run() -> Path:

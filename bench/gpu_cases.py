@@ -16,7 +16,7 @@ from harness import RESULTS
 from overrides import DEMO, LORA_LOWMEM, OFF, PTUNING_LOWMEM, QLORA_LOWMEM
 from synthetic import CHATGLM3_6B
 
-from glm_experiments.config.compose import compose
+from glm_experiments.compose import compose
 
 TRACED_FILE = RESULTS / "memory_trace.json"
 GPU_TRACED_FILE = RESULTS / "gpu_check_traced.json"
@@ -134,7 +134,7 @@ CASES = [
     (
         "pytest_gpu",
         (
-            "pytest -m gpu tests/test_gpu.py (bf16 vs fp32, QLoRA train+reload, GPU = CPU greedy, CLI CUDA "
+            "pytest -m gpu tests/gpu/test_gpu.py (bf16 vs fp32, QLoRA train+reload, GPU = CPU greedy, CLI CUDA "
             "metrics)"
         ),
         [],

@@ -34,7 +34,7 @@ from synthetic import (
     train_steps,
 )
 
-from glm_experiments.config.compose import compose
+from glm_experiments.compose import compose
 
 METHOD_OVERRIDES = {
     "lora": ["method=lora", "method.r=8"],

@@ -25,7 +25,7 @@ from knobs import knob_config
 from overrides import DEMO, LORA_LOWMEM, OFF, PTUNING_LOWMEM, QLORA_LOWMEM
 from synthetic import CHATGLM3_6B, chatglm_config
 
-from glm_experiments.config.compose import compose
+from glm_experiments.compose import compose
 
 _TYPICAL = ["data.max_source_length=48", "data.max_target_length=112"]
 # (name, overrides of the real config, in --quick)

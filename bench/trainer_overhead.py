@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from harness import fmt_ratio, interleaved, median, tiny_tokenizer
 
-from glm_experiments.config.compose import compose
+from glm_experiments.compose import compose
 
 
 def run(args) -> dict:

@@ -20,7 +20,9 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 import glm_experiments.config.schema  # noqa: E402, F401  (registers the schema before Hydra composes)
+from glm_experiments.methods import method_names  # noqa: E402
 from glm_experiments.recipe.interrupts import exit_code, signal_name  # noqa: E402
+method_names()  # each method module stores its schema (method/base_<name>) as it registers
 log = logging.getLogger("glm_experiments")
 
 

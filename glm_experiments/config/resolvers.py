@@ -75,7 +75,7 @@ def register_resolvers() -> None:
         # so jobs run in their own processes (hydra/launcher=parallel|slurm) share its sweep directory
         OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
     if not OmegaConf.has_resolver("job_label"):
-        from glm_experiments.tracking.naming import job_label
+        from glm_experiments.config.naming import job_label
 
         OmegaConf.register_new_resolver("job_label", lambda overrides, fallback="": job_label(overrides or [], fallback))
     if not OmegaConf.has_resolver("config_groups"):

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 import glm_experiments.config.resolvers  # noqa: F401  (${mul:...} in conf/, also when tests compose)
 from glm_experiments.errors import UserError
@@ -115,56 +115,6 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = MISSING
-
-
-@dataclass
-class FreezeMethodConfig(MethodConfig):
-    # train the last N transformer layers ...
-    num_last_layers: int = ranged(2, **AT_LEAST_1)
-    # ... or, if given, exactly the parameters whose name contains one of these
-    trainable_patterns: list[str] = field(default_factory=list)
-
-
-@dataclass
-class LoraMethodConfig(MethodConfig):
-    r: int = ranged(8, **AT_LEAST_1)
-    alpha: int = ranged(32, **POSITIVE)
-    dropout: float = ranged(0.05, **PROBABILITY)
-    # ["all-linear"] or module names; empty = the family's default
-    target_modules: list[str] = field(default_factory=list)
-    bias: str = one_of("none", "none", "all", "lora_only")
-    # start from this adapter (ours, or a THUDM/PEFT one: converted on the fly) instead of a fresh LoRA
-    init_from: Optional[str] = None
-
-
-@dataclass
-class QloraMethodConfig(LoraMethodConfig):
-    bits: int = one_of(4, 4, 8)
-    quant_type: str = one_of("nf4", "nf4", "fp4")
-    double_quant: bool = True
-    compute_dtype: str = one_of("bfloat16", "bfloat16", "float16", "float32")
-
-
-@dataclass
-class PtuningMethodConfig(MethodConfig):
-    pre_seq_len: int = ranged(16, **AT_LEAST_1)
-    prefix_projection: bool = False
-    prefix_hidden_size: int = ranged(512, **AT_LEAST_1)
-    prefix_dropout: float = ranged(0.1, **PROBABILITY)
-    # start from this prefix encoder (ours, ptuning/main.py's, or PEFT PREFIX_TUNING: converted on the fly)
-    init_from: Optional[str] = None
-
-
-@dataclass
-class PromptTuningMethodConfig(MethodConfig):
-    num_virtual_tokens: int = ranged(16, **AT_LEAST_1)
-    # text whose embeddings initialise the soft prompt; empty = random
-    init_text: str = ""
-
-
-@dataclass
-class FullMethodConfig(MethodConfig):
-    pass
 
 
 # ---------------------------------------------------------------------------- data
@@ -331,18 +281,8 @@ def register_configs() -> None:
     cs.store(group="deepspeed", name="base_deepspeed", node=DeepSpeedConfig)
     cs.store(group="hydra/launcher", name="base_parallel", node=ParallelLauncherConf, provider="glm_experiments")
     cs.store(group="hydra/launcher", name="base_slurm", node=SlurmLauncherConf, provider="glm_experiments")
-    # each method stores its own schema (method/base_<name>) when it registers
-    import glm_experiments.methods
-
-    glm_experiments.methods.method_names()
-
-
-def method_schema(name: str | None) -> type | None:
-    """The config dataclass of method ``name`` (None for an unknown name)."""
-    from glm_experiments.methods.base import REGISTRY
-
-    method = REGISTRY.get(str(name))
-    return method.schema if method else None
+    # each method stores its own schema (method/base_<name>) when its module registers it (methods/record.py):
+    # whoever composes imports glm_experiments.methods first (__main__.py, compose.py)
 
 
 def _schema_of(hint) -> type | None:
@@ -359,7 +299,7 @@ def _check_node(node, schema: type, prefix: str) -> None:
         key = f"{prefix}{f.name}"
         rule, choices = f.metadata.get("range"), f.metadata.get("choices")
         if f.name == "method" and schema is Config:
-            sub = method_schema(node.method.get("name"))
+            sub = _schema_of(OmegaConf.get_type(node.method))  # the method's own dataclass, typed at composition
         else:
             sub = _schema_of(hints[f.name])
         if sub is None and rule is None and choices is None:
@@ -375,12 +315,18 @@ def _check_node(node, schema: type, prefix: str) -> None:
             raise UserError(f"{key}={value}: expected one of {', '.join(map(str, choices))}")
 
 
+def check_tracking_uri(tracking_cfg) -> None:
+    """An empty URI would silently become MLflow's default (./mlruns or $MLFLOW_TRACKING_URI of the moment)."""
+    if tracking_cfg.get("enabled", True) and not str(tracking_cfg.get("tracking_uri") or "").strip():
+        raise UserError("tracking.tracking_uri is empty: tracking=server takes the server's address from "
+                        "MLFLOW_TRACKING_URI (export MLFLOW_TRACKING_URI=http://<host>:5000) or "
+                        "tracking.tracking_uri=http://<host>:5000")
+
+
 def check_settings(cfg) -> None:
     """Every setting against the range its schema field declares, plus the rules that tie settings together.
     Cheap (no file is read): called before torchrun starts and before anything loads."""
     _check_node(cfg, Config, "")
-    from glm_experiments.tracking.mlflow_tracker import check_tracking_uri
-
     check_tracking_uri(cfg.tracking)
     tiny = cfg.model.get("tiny")
     if tiny is not None and tiny.num_attention_heads % tiny.num_key_value_heads:

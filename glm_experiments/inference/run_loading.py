@@ -134,7 +134,8 @@ def load_run_config(run_dir: Path) -> DictConfig:
 def _typed(cfg: DictConfig, path: Path) -> DictConfig:
     """The saved yaml merged onto the structured schema, so nested configs (model.tiny, ...) are the
     dataclasses the loaders expect. A config from an older schema falls back to typing the model alone."""
-    from glm_experiments.config.schema import Config, ModelConfig, method_schema
+    from glm_experiments.config.schema import Config, ModelConfig
+    from glm_experiments.methods import method_schema
 
     try:
         typed = OmegaConf.merge(OmegaConf.structured(Config), cfg)

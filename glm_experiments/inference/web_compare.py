@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from glm_experiments.errors import UserError
 
 if TYPE_CHECKING:
-    from glm_experiments.web import Engine
+    from glm_experiments.inference.engines import Engine
 
 log = logging.getLogger("glm_experiments.web")
 
@@ -128,7 +128,7 @@ class Comparison:
     def stream(self, side: str, position: int):
         """The reply of run ``side`` to the prompt at ``position``, streamed (the run's own template and eval
         settings, one beam; greedy unless the run evaluated by sampling)."""
-        from glm_experiments.chat import chat_generation_kwargs, stream_reply
+        from glm_experiments.inference.chat_session import chat_generation_kwargs, stream_reply
         from glm_experiments.data.dataset import eval_prompts
 
         engine = self.engines[side]

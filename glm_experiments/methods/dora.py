@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from glm_experiments.config.schema import LoraMethodConfig
+from glm_experiments.methods.lora import LoraMethodConfig
 from glm_experiments.methods import lora
 from glm_experiments.methods.base import Method, register
 

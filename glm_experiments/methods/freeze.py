@@ -14,7 +14,6 @@ from typing import Any
 
 from torch import nn
 
-from glm_experiments.config.schema import FreezeMethodConfig
 from glm_experiments.methods.base import (
     Method,
     register,
@@ -27,6 +26,18 @@ from glm_experiments.methods.base import (
     trainable_state_dict,
     write_method_json,
 )
+from dataclasses import dataclass, field
+
+from glm_experiments.config.schema import AT_LEAST_1, MethodConfig, ranged
+
+
+@dataclass
+class FreezeMethodConfig(MethodConfig):
+    # train the last N transformer layers ...
+    num_last_layers: int = ranged(2, **AT_LEAST_1)
+    # ... or, if given, exactly the parameters whose name contains one of these
+    trainable_patterns: list[str] = field(default_factory=list)
+
 
 NAME = "freeze"
 DEFAULTS = FreezeMethodConfig()  # the schema owns every default

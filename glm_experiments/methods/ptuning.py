@@ -45,12 +45,26 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
-from glm_experiments.config.schema import PtuningMethodConfig
 from glm_experiments.methods.base import (Method, cfg_get, check_settings, freeze_all, input_embeddings,
                                           load_safetensors, model_dims, override_method, query_shape,
                                           read_method_json, real_position_ids, register, save_safetensors,
                                           split_virtual_mask, write_method_json)
 from glm_experiments.models.families import architecture_of
+from dataclasses import dataclass
+from typing import Optional
+
+from glm_experiments.config.schema import AT_LEAST_1, PROBABILITY, MethodConfig, ranged
+
+
+@dataclass
+class PtuningMethodConfig(MethodConfig):
+    pre_seq_len: int = ranged(16, **AT_LEAST_1)
+    prefix_projection: bool = False
+    prefix_hidden_size: int = ranged(512, **AT_LEAST_1)
+    prefix_dropout: float = ranged(0.1, **PROBABILITY)
+    # start from this prefix encoder (ours, ptuning/main.py's, or PEFT PREFIX_TUNING: converted on the fly)
+    init_from: Optional[str] = None
+
 
 log = logging.getLogger(__name__)
 

@@ -198,7 +198,7 @@ def init_method_from(model, method_cfg: Any, family: str | None = None):
 def starting_loss(model, dataset, collator, batch_size: int = 4) -> float | None:
     """Mean loss of ``model`` on the first ``batch_size`` training samples, before any update (eval mode, on the
     device the model is on); None under ZeRO-3, whose partitioned weights need the engine."""
-    from glm_experiments.recipe.distributed import zero3_partitioned
+    from glm_experiments.distributed import zero3_partitioned
 
     if zero3_partitioned(model) or len(dataset) == 0:
         return None

@@ -8,7 +8,7 @@ from rich.table import Table
 
 def print_summary(cfg, result) -> None:
     console = Console()
-    from glm_experiments.tracking.naming import job_label
+    from glm_experiments.config.naming import job_label
     from glm_experiments.recipe.run_result import hydra_tags
 
     varied = job_label(hydra_tags()[1])

@@ -21,7 +21,7 @@ from glm_experiments.config.schema import check_settings
 from glm_experiments.recipe.console import quiet_library_bars, quiet_trainer
 from glm_experiments.data.dataset import eval_prompts, load_split, make_collator, tokenized_cache_dir
 from glm_experiments.data.formats import load_samples, resolve_data_path
-from glm_experiments.recipe.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
+from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
 from glm_experiments.recipe.evaluation import EvalSet, evaluate_generation, generation_kwargs, load_eval_set, write_predictions
 from glm_experiments.config.hydra_checks import check_creatable

@@ -21,7 +21,8 @@ log = logging.getLogger("glm_experiments")
 
 def load_config(path: Path) -> DictConfig:
     """The resolved YAML merged back into the structured schema (so model.tiny etc. are typed as under Hydra)."""
-    from glm_experiments.config.schema import Config, method_schema
+    from glm_experiments.config.schema import Config
+    from glm_experiments.methods import method_schema
 
     raw = OmegaConf.load(path)
     schema = OmegaConf.structured(Config)
