@@ -105,8 +105,8 @@ def run(args) -> dict:
 
     from glm_experiments.data.dataset import eval_prompts
     from glm_experiments.data.formats import load_samples, resolve_data_path
-    from glm_experiments.models.loading import template_for
     from glm_experiments.inference.run_loading import load_run
+    from glm_experiments.models.loading import template_for
 
     n = 32 if args.quick else 64
     cfg = compose(

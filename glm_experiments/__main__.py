@@ -22,6 +22,7 @@ from omegaconf import DictConfig  # noqa: E402
 import glm_experiments.config.schema  # noqa: E402, F401  (registers the schema before Hydra composes)
 from glm_experiments.methods import method_names  # noqa: E402
 from glm_experiments.recipe.interrupts import exit_code, signal_name  # noqa: E402
+
 method_names()  # each method module stores its schema (method/base_<name>) as it registers
 log = logging.getLogger("glm_experiments")
 
@@ -29,8 +30,8 @@ log = logging.getLogger("glm_experiments")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from glm_experiments.recipe.summary import print_summary
-    from glm_experiments.scale.launcher import launch, needs_launch
     from glm_experiments.recipe.train import preflight, run
+    from glm_experiments.scale.launcher import launch, needs_launch
 
     try:
         preflight(cfg)  # before torchrun workers start and before any weight loads: one message, not one per rank

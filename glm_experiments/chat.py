@@ -17,9 +17,8 @@ import logging
 import sys
 
 from glm_experiments.errors import cli_main
-from glm_experiments.inference.run_loading import add_run_arguments
-
 from glm_experiments.inference.chat_session import COMMANDS, ChatSession, _nullcontext, chat_loop
+from glm_experiments.inference.run_loading import add_run_arguments
 
 log = logging.getLogger("glm_experiments.chat")
 

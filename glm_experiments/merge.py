@@ -26,9 +26,8 @@ import sys
 from pathlib import Path
 
 from glm_experiments.errors import cli_main
-from glm_experiments.inference.run_loading import add_run_arguments
-
 from glm_experiments.inference.merging import merge_run
+from glm_experiments.inference.run_loading import add_run_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 
 from glm_experiments.errors import cli_main
-from glm_experiments.inference.web_compare import Comparison
-
-from glm_experiments.inference.web_page import _check_port, _gradio, build_page, serve
 from glm_experiments.inference.engines import find_engines, load_engines
+from glm_experiments.inference.web_compare import Comparison
+from glm_experiments.inference.web_page import _check_port, _gradio, build_page, serve
 
 EXAMPLES = """examples:
   python -m glm_experiments.web --run outputs/2025-01-01/12-00-00_lora_tiny

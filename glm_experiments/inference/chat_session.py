@@ -7,7 +7,6 @@ from collections.abc import Iterator
 
 from glm_experiments.errors import UserError
 
-
 COMMANDS = "/reset clears the history, /exit ends"
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from glm_experiments.errors import UserError
 
-
 log = logging.getLogger("glm_experiments.predict")
 
 
@@ -93,9 +92,9 @@ def _default_config(args: argparse.Namespace):
 
 def _load_foreign(cfg, args: argparse.Namespace):
     """(base from --model-path) + (--adapter, converted on the fly), in eval mode on the device."""
-    from glm_experiments.models.thudm import CheckpointError
-    from glm_experiments.migration.thudm_adapters import load_adapter
     from glm_experiments.inference.run_loading import LoadedRun, default_device, load_base
+    from glm_experiments.migration.thudm_adapters import load_adapter
+    from glm_experiments.models.thudm import CheckpointError
 
     try:
         model, tokenizer, template = load_base(cfg)

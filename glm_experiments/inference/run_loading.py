@@ -161,7 +161,7 @@ def check_adapter(run_dir: Path) -> Path:
 
 
 def saved_method(run_dir: Path) -> str:
-    from glm_experiments.methods.base import read_method_json
+    from glm_experiments.methods.artifacts import read_method_json
 
     return read_method_json(check_adapter(run_dir))["method"]
 

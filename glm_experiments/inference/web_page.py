@@ -7,10 +7,8 @@ import os
 import socket
 
 from glm_experiments.errors import UserError
-from glm_experiments.inference.web_compare import KEYS, KEYS_SCRIPT, Comparison, compare_tab
-
 from glm_experiments.inference.engines import Engine
-
+from glm_experiments.inference.web_compare import KEYS, KEYS_SCRIPT, Comparison, compare_tab
 
 log = logging.getLogger("glm_experiments.web")
 
@@ -28,7 +26,12 @@ def _gradio():
 def build_page(engines: list[Engine], comparison: Comparison | None, max_new_tokens: int | None = None):
     """The gradio Blocks of the page (not launched)."""
     gr = _gradio()
-    from glm_experiments.inference.chat_session import chat_generation_kwargs, fit_prompt, model_max_length, stream_reply
+    from glm_experiments.inference.chat_session import (
+        chat_generation_kwargs,
+        fit_prompt,
+        model_max_length,
+        stream_reply,
+    )
 
     by_label = {e.label: e for e in engines}
     first = engines[0]

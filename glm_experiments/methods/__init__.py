@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 from glm_experiments.discovery import import_modules
-from glm_experiments.methods.base import REGISTRY, Method, read_method_json, trainable_summary
+from glm_experiments.methods.artifacts import read_method_json
+from glm_experiments.methods.parameters import trainable_summary
+from glm_experiments.methods.record import REGISTRY, Method
 
 __all__ = ["Method", "get_method", "load_saved", "method_names", "method_schema", "trainable_summary"]
 

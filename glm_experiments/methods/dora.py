@@ -16,7 +16,7 @@ from torch import nn
 
 from glm_experiments.methods.lora import LoraMethodConfig
 from glm_experiments.methods import lora
-from glm_experiments.methods.base import Method, register
+from glm_experiments.methods.record import Method, register
 
 NAME = "dora"
 

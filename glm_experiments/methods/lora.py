@@ -16,16 +16,8 @@ from typing import Any
 from torch import nn
 
 from glm_experiments.compat import silence_known_renames
-from glm_experiments.methods.base import (
-    Method,
-    cfg_get,
-    check_settings,
-    is_peft_model,
-    read_method_json,
-    register,
-    unwrap_peft,
-    write_method_json,
-)
+from glm_experiments.methods.artifacts import cfg_get, check_settings, read_method_json, write_method_json
+from glm_experiments.methods.record import Method, is_peft_model, register, unwrap_peft
 from glm_experiments.models.families import architecture_of
 from dataclasses import dataclass, field
 from typing import Optional

@@ -21,7 +21,8 @@ from torch import nn
 from glm_experiments.errors import UserError
 from glm_experiments.methods import lora
 from glm_experiments.constants import TORCH_DTYPES
-from glm_experiments.methods.base import Method, cfg_get, register, unwrap_peft
+from glm_experiments.methods.artifacts import cfg_get
+from glm_experiments.methods.record import Method, register, unwrap_peft
 from dataclasses import dataclass
 
 from glm_experiments.config.schema import one_of

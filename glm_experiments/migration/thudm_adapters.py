@@ -58,7 +58,6 @@ from glm_experiments.migration.thudm_adapter_files import (
 from glm_experiments.migration.thudm_lora import convert_lora
 from glm_experiments.migration.thudm_prefix import convert_peft_prefix, convert_thudm_prefix
 
-
 # ----------------------------------------------------------------------------------------------- entry points
 
 
@@ -71,7 +70,7 @@ def convert_adapter(src: str | os.PathLike, dst: str | os.PathLike, config: Any,
     kind = adapter_kind(src)
     dims = base_dims(config)
     if kind == "ours":
-        from glm_experiments.methods.base import read_method_json
+        from glm_experiments.methods.artifacts import read_method_json
 
         shutil.copytree(src, dst, dirs_exist_ok=True)
         return dst, read_method_json(dst)["method"]
@@ -118,7 +117,7 @@ def load_adapter(model, adapter_dir: str | os.PathLike, family: str | None = Non
     """``model`` (a fresh base) with the adapter in ``adapter_dir`` (ours, or THUDM's/PEFT's, converted on the fly).
     Returns (model, method name). ``method_cfg`` (LoRA: r, alpha; ptuning: pre_seq_len, prefix_projection) must
     agree with the adapter; LoRA target modules come from the adapter."""
-    from glm_experiments.methods.base import check_settings, read_method_json
+    from glm_experiments.methods.artifacts import check_settings, read_method_json
 
     prepared = prepared_adapter(adapter_dir, model.config, family)
     method = read_method_json(prepared)["method"]
@@ -141,7 +140,7 @@ def load_adapter(model, adapter_dir: str | os.PathLike, family: str | None = Non
 
 
 def _get(cfg: Any, key: str, default: Any) -> Any:
-    from glm_experiments.methods.base import cfg_get
+    from glm_experiments.methods.artifacts import cfg_get
 
     value = cfg_get(cfg, key, None)
     return default if value is None else value
@@ -165,7 +164,7 @@ INIT_FROM_METHODS = {"lora": ("lora", "qlora"), "ptuning": ("ptuning",)}
 
 def init_from_dir(method_cfg: Any) -> str | None:
     """``method.init_from`` when set (methods without the field: None)."""
-    from glm_experiments.methods.base import cfg_get
+    from glm_experiments.methods.artifacts import cfg_get
 
     value = cfg_get(method_cfg, "init_from", None)
     return str(value) if value else None
@@ -176,7 +175,7 @@ def init_method_from(model, method_cfg: Any, family: str | None = None):
     (ours, or THUDM's / PEFT's, converted on the fly into the cache). r/alpha (LoRA) or pre_seq_len/prefix_projection
     (ptuning) must agree with the adapter; LoRA's target modules, dropout and flags are the adapter's."""
     from glm_experiments.errors import UserError
-    from glm_experiments.methods.base import cfg_get, read_method_json
+    from glm_experiments.methods.artifacts import cfg_get, read_method_json
 
     path = init_from_dir(method_cfg)
     name = cfg_get(method_cfg, "name")

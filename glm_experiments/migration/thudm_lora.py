@@ -15,17 +15,16 @@ log = logging.getLogger(__name__)
 
 from glm_experiments.migration.thudm_adapter_files import (
     ADAPTER_CONFIG,
-    BaseDims,
     LAYER_KEY,
     PEFT_PREFIX,
     V1_MODULES,
     V2_MODULES,
+    BaseDims,
     adapter_weights_file,
     check_family_hint,
     read_json,
     read_weights,
 )
-
 
 # ----------------------------------------------------------------------------------------------- LoRA
 
@@ -61,7 +60,7 @@ def convert_lora(src: Path, dst: Path, dims: BaseDims, family: str | None = None
     """A PEFT 0.6-0.10 LoRA trained on THUDM module names -> current PEFT LoRA for the loaded model (+ method.json)."""
     from peft import LoraConfig
 
-    from glm_experiments.methods.base import save_safetensors, write_method_json
+    from glm_experiments.methods.artifacts import save_safetensors, write_method_json
 
     config_file = src / ADAPTER_CONFIG
     cfg = read_json(config_file)

@@ -17,15 +17,14 @@ log = logging.getLogger(__name__)
 
 from glm_experiments.migration.thudm_adapter_files import (
     ADAPTER_CONFIG,
-    BaseDims,
     PEFT_PREFIX,
     THUDM_PREFIX_ENCODER,
+    BaseDims,
     adapter_weights_file,
     check_family_hint,
     read_json,
     read_weights,
 )
-
 
 # ----------------------------------------------------------------------------------------------- P-Tuning v2
 

@@ -11,7 +11,6 @@ from transformers import PreTrainedTokenizerFast
 
 from glm_experiments.models.tokenizers import TokenizerError, _tokenizer_model, wrap_fast
 
-
 GLM4_SPECIALS = [
     "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
     "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>",

@@ -26,7 +26,6 @@ from glm_experiments.constants import IGNORE_INDEX
 from glm_experiments.errors import UserError
 
 
-
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = hidden @ weight.t()
     # half precision is upcast as transformers does; float64 stays float64
@@ -69,7 +68,7 @@ def chunked_loss(model, chunk_size: int):
     wrapper above it (PEFT adapters and virtual tokens, P-Tuning v2's prefix, Trainer's loss scaling for
     gradient accumulation and ``num_items_in_batch``) works as before. Outputs carry no real logits.
     """
-    from glm_experiments.methods.base import unwrap_peft
+    from glm_experiments.methods.record import unwrap_peft
 
     causal_lm = unwrap_peft(model)
     head = causal_lm.get_output_embeddings()

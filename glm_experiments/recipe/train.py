@@ -17,22 +17,27 @@ from typing import Any
 from omegaconf import DictConfig
 from transformers import SchedulerType, Trainer, set_seed
 
+from glm_experiments.config.hydra_checks import check_creatable
 from glm_experiments.config.schema import check_settings
-from glm_experiments.recipe.console import quiet_library_bars, quiet_trainer
 from glm_experiments.data.dataset import eval_prompts, load_split, make_collator, tokenized_cache_dir
 from glm_experiments.data.formats import load_samples, resolve_data_path
 from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
-from glm_experiments.recipe.evaluation import EvalSet, evaluate_generation, generation_kwargs, load_eval_set, write_predictions
-from glm_experiments.config.hydra_checks import check_creatable
-from glm_experiments.recipe.interrupts import sigterm_as_interrupt
 from glm_experiments.methods import Method, get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
 from glm_experiments.migration import thudm_adapters
 from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, template_for
+from glm_experiments.recipe.console import quiet_library_bars, quiet_trainer
+from glm_experiments.recipe.evaluation import (
+    EvalSet,
+    evaluate_generation,
+    generation_kwargs,
+    load_eval_set,
+    write_predictions,
+)
+from glm_experiments.recipe.interrupts import sigterm_as_interrupt
 from glm_experiments.recipe.run_dirs import resolve_resume
 from glm_experiments.recipe.run_result import RunResult, hydra_tags
-from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
 from glm_experiments.recipe.trainer import (  # noqa: F401  (GlmTrainer, TRAINABLE_FILE: imported from here by tests and bench)
     TRAINABLE_FILE,
     GlmTrainer,
@@ -41,6 +46,7 @@ from glm_experiments.recipe.trainer import (  # noqa: F401  (GlmTrainer, TRAINAB
     reset_peak_memory,
     training_arguments,
 )
+from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +297,7 @@ def save_method(method, model, out_dir: Path, method_cfg, trainer: Trainer) -> N
     if method.saves_whole_model:
         state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)  # needs stage3_gather_16bit_weights_on_model_save
         if is_main():
-            from glm_experiments.methods.base import write_method_json
+            from glm_experiments.methods.artifacts import write_method_json
 
             model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
             write_method_json(out_dir, method_cfg.name, {})

@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     setup_logging(rank, run_dir)
 
+    import torch.distributed as dist
+
     from glm_experiments.errors import EXIT_BAD_INPUT, as_user_error, debug_requested
     from glm_experiments.recipe.interrupts import exit_code, signal_name
-
-    import torch.distributed as dist
 
     try:
         check_deepspeed(deepspeed_dict(cfg))

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glm_experiments.errors import UserError
 from glm_experiments.config.naming import SHORT_NAMES
+from glm_experiments.errors import UserError
 from glm_experiments.tracking.mlflow_tracker import ROLE_TAG
-
 
 NOT_TRAINING_RUNS = {"sweep_parent", "comparison", "human_eval"}
 

@@ -8,7 +8,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-from glm_experiments.study.comparison import QUALITY, ROLE_TAG, TIMING_NOTE, Comparison, best_value, format_value, headlines, table_cells
+from glm_experiments.study.comparison import (
+    QUALITY,
+    ROLE_TAG,
+    TIMING_NOTE,
+    Comparison,
+    best_value,
+    format_value,
+    headlines,
+    table_cells,
+)
 
 
 # --------------------------------------------------------------------------- plots

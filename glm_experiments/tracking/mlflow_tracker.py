@@ -18,9 +18,9 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from glm_experiments.config.naming import override_parts
 from glm_experiments.config.schema import check_tracking_uri
 from glm_experiments.errors import UserError
-from glm_experiments.config.naming import override_parts
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers.common import checkout_env, compose, run_cli
 from glm_experiments.errors import EXIT_BAD_INPUT, UserError, cli_main
 from glm_experiments.recipe.train import preflight
+from tests.helpers.common import checkout_env, compose, run_cli
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None

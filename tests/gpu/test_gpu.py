@@ -124,8 +124,8 @@ def test_greedy_generation_gpu_equals_cpu():
 
     from glm_experiments.config.schema import TinyModelConfig
     from glm_experiments.data.templates import get_template
-    from glm_experiments.recipe.evaluation import generate, load_eval_set
     from glm_experiments.models.tiny import ensure_tiny_checkpoint
+    from glm_experiments.recipe.evaluation import generate, load_eval_set
 
     path = ensure_tiny_checkpoint(TinyModelConfig())
     tokenizer = AutoTokenizer.from_pretrained(path)

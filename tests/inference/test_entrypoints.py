@@ -167,8 +167,8 @@ def fake_run(lora_run, tmp_path: Path, method: str, **settings) -> Path:
     """A run dir of ``method`` written by the method's own save(), with perturbed trained weights."""
     from omegaconf import OmegaConf
 
-    from glm_experiments.methods import get_method
     from glm_experiments.inference.run_loading import load_base, load_run_config
+    from glm_experiments.methods import get_method
 
     run_dir, _, _ = lora_run
     fake = tmp_path / f"run_{method}"

@@ -15,15 +15,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import test_families as tf
 import torch
 
-import test_families as tf
+from glm_experiments import convert
+from glm_experiments.migration.thudm_adapters import convert_adapter
+from glm_experiments.models.thudm import CheckpointError, load_checkpoint
 from tests.helpers import thudm_fixtures as fx
 from tests.helpers.common import assert_close
-
-from glm_experiments import convert
-from glm_experiments.models.thudm import CheckpointError, load_checkpoint
-from glm_experiments.migration.thudm_adapters import convert_adapter
 
 V2_FAMILIES = ["chatglm2", "chatglm3", "glm4"]
 V2_TARGETS = ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]
@@ -528,8 +527,9 @@ def test_predict_foreign_adapter_error_is_one_line(bases, tmp_path, monkeypatch,
 def test_training_starts_from_foreign_adapter(kind, bases, tmp_path, monkeypatch):
     """method.init_from=<THUDM adapter>: the run trains the converted adapter (with lr 0 it saves it unchanged) and
     logs the loss it starts from at step 0."""
-    from tests.helpers.common import ROOT, run_cli
     from safetensors.torch import load_file
+
+    from tests.helpers.common import ROOT, run_cli
 
     monkeypatch.setenv("GLM_EXPERIMENTS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the CLI of this checkout, whatever is installed
@@ -564,10 +564,9 @@ def test_training_starts_from_foreign_adapter(kind, bases, tmp_path, monkeypatch
     assert [m.step for m in history] == [0]
 
     # that loss is the original adapter's on the run's first 4 samples, not the bare base's
-    from tests.helpers.common import compose
-
     from glm_experiments.data.dataset import load_split, make_collator
     from glm_experiments.data.templates import get_template
+    from tests.helpers.common import compose
 
     cfg = compose(["model=chatglm3", f"model.path={base}"])
     model, tok = load_checkpoint(base, "chatglm3", torch.float32)

@@ -16,14 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import thudm_fixtures as fx  # noqa: E402
-from tests.helpers.common import assert_close  # noqa: E402
-
 from glm_experiments.data import templates  # noqa: E402
 from glm_experiments.errors import UserError  # noqa: E402
 from glm_experiments.models import thudm  # noqa: E402
 from glm_experiments.models.chatglm_v1 import ChatGLMv1ForCausalLM  # noqa: E402
 from glm_experiments.models.thudm import CheckpointError, converted_path, load_checkpoint  # noqa: E402
+from tests.helpers import thudm_fixtures as fx  # noqa: E402
+from tests.helpers.common import assert_close  # noqa: E402
 
 V2_FAMILIES = ["chatglm2", "chatglm3", "glm4"]
 ALL_FAMILIES = ["chatglm", *V2_FAMILIES]

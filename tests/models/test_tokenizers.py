@@ -21,12 +21,11 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from tests.helpers import thudm_fixtures as fx  # noqa: E402
-
 from glm_experiments.data import templates  # noqa: E402
 from glm_experiments.data.dataset import fingerprint  # noqa: E402
-from glm_experiments.models.thudm import CheckpointError, load_checkpoint  # noqa: E402
 from glm_experiments.models.families import get_family  # noqa: E402
+from glm_experiments.models.thudm import CheckpointError, load_checkpoint  # noqa: E402
+from tests.helpers import thudm_fixtures as fx  # noqa: E402
 
 
 def build_tokenizer(directory, family):

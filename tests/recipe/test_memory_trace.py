@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import GlmConfig, GlmForCausalLM
 
-from tests.helpers.common import ROOT
-from glm_experiments.config.schema import FullMethodConfig, LoraMethodConfig
 from glm_experiments.methods import get_method
+from glm_experiments.methods.full import FullMethodConfig
+from glm_experiments.methods.lora import LoraMethodConfig
+from tests.helpers.common import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 from memory_trace import MIB, trace_training_step  # noqa: E402

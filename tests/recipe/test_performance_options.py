@@ -11,13 +11,13 @@ from datasets import Dataset
 from omegaconf import OmegaConf
 from test_methods import CASES, batch, make_model, make_v1_model
 
-from tests.helpers.common import assert_close, compose, run_cli
-from glm_experiments.config.schema import LoraMethodConfig
 from glm_experiments.data.dataset import CausalCollator, PackingCollator, make_collator
 from glm_experiments.errors import UserError
-from glm_experiments.recipe.losses import chunked_causal_lm_loss, chunked_loss
 from glm_experiments.methods import get_method, lora
+from glm_experiments.methods.lora import LoraMethodConfig
+from glm_experiments.recipe.losses import chunked_causal_lm_loss, chunked_loss
 from glm_experiments.recipe.train import GlmTrainer, check_train_options
+from tests.helpers.common import assert_close, compose, run_cli
 
 
 def loss_and_grads(model, chunk_size: int, num_items=None):
@@ -128,7 +128,7 @@ def test_refused_combinations_name_the_setting():
         check_train_options(compose(["method=ptuning", "train.packing=true"]))
     with pytest.raises(UserError, match="does not work under ZeRO-3"):
         check_train_options(compose(["deepspeed=zero3", "train.loss_chunk_size=256"]))
-    from glm_experiments.config.schema import check_settings  # the range itself is declared on the schema field
+    from glm_experiments.config.schema import check_settings
 
     with pytest.raises(UserError, match=r"train.loss_chunk_size=-1: expected 0 \(off\) or >= 1"):
         check_settings(compose(["train.loss_chunk_size=-1"]))

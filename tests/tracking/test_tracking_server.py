@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from tests.helpers.common import TINY_SWEEP_JOB, demo_data_slice, run_cli
 
 TINY = ["train.max_steps=3", *TINY_SWEEP_JOB]
@@ -304,10 +305,9 @@ def test_parallel_sweep_against_postgres_backed_server(mlflow_server, tmp_path):
 
 def test_server_tracking_needs_an_address(monkeypatch):
     """tracking=server with no MLFLOW_TRACKING_URI: one line naming the setting, before anything loads."""
-    from tests.helpers.common import compose
-
     from glm_experiments.config.schema import check_settings
     from glm_experiments.errors import UserError
+    from tests.helpers.common import compose
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose(["tracking=server"])
