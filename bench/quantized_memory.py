@@ -4,7 +4,7 @@ Two models, each loaded three ways (bf16, ``model.quantization=4bit`` = NF4 with
 compute, ``8bit`` = LLM.int8) in a fresh process per load (``run.py --worker quantized-memory``):
 
 * **tiny**: the project's pre-trained tiny GLM (``model=tiny``, TinyModelConfig: hidden 128, 4 layers), loaded by
-  the project's own loader (``load_model_and_tokenizer`` with ``models.quantization.quantization_config``, the
+  the project's own loader (``load_model_and_tokenizer`` with ``methods.quantized_base.quantization_config``, the
   path a run takes), ``model.dtype=bfloat16``;
 * **chatglm3_layer**: one decoder layer of ChatGLM3-6B's shape (hidden 4096, ffn 13696, 32 heads, 2 kv groups),
   random bf16 weights saved once, vocabulary cut to 1,024 so the decoder's linears (what quantizes) dominate,
@@ -84,7 +84,8 @@ def worker(spec: dict) -> dict:
     from glm_experiments.compose import compose
     from glm_experiments.methods import get_method
     from glm_experiments.models.loading import load_model_and_tokenizer
-    from glm_experiments.models.quantization import bnb_config, one_cpu_path, quantization_config
+    from glm_experiments.methods.quantized_base import quantization_config
+    from glm_experiments.models.quantization import bnb_config, one_cpu_path
 
     model_name, variant = spec["model"], spec["variant"]
     quantize = [] if variant == "bf16" else [f"model.quantization={variant}"]

@@ -11,15 +11,22 @@ adapter and ``merge`` (merging into 4-bit weights would round them).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from glm_experiments.config import QloraMethodConfig
 from glm_experiments.methods import lora
-from glm_experiments.methods.base import Method, register, unwrap_peft
+from glm_experiments.methods.record import Method, register, unwrap_peft
 from glm_experiments.models.quantization import is_quantized
+
+
+@dataclass
+class QloraMethodConfig(lora.LoraMethodConfig):
+    """LoRA on a quantized base: the quantization is the model's (model.quantization, 4bit when null;
+    model.quant_type, model.double_quant, model.quant_compute_dtype)."""
+
 
 NAME = "qlora"
 

@@ -1,11 +1,8 @@
 """A quantized base (``model.quantization: null | 4bit | 8bit``): bitsandbytes NF4/FP4 or int8 weights, loaded through
-transformers' ``BitsAndBytesConfig``, under any method whose ``Method`` record allows a frozen quantized base.
-
-What a method declares (``methods/base.py``): ``allows_quantized_base`` (full fine-tuning does not: it trains every
-base weight), ``base_quantization`` (the quantization it implies when ``model.quantization`` is null: qlora's
-``4bit``) and ``full_precision_modules`` (module patterns that stay unquantized because the method trains them:
-freeze's layers). Where bitsandbytes can run: CUDA, and the CPU with bitsandbytes >= 0.50 (checked here: NF4
-``Linear4bit`` and int8 ``Linear8bitLt`` forwards and input gradients in bf16/fp32 on the CPU).
+transformers' ``BitsAndBytesConfig``. This module knows bitsandbytes and transformers, not the methods: which
+method allows a quantized base, and what it keeps in full precision, is decided in ``methods/quantized_base.py``
+from the ``Method`` record. Where bitsandbytes can run: CUDA, and the CPU with bitsandbytes >= 0.50 (checked here:
+NF4 ``Linear4bit`` and int8 ``Linear8bitLt`` forwards and input gradients in bf16/fp32 on the CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +12,6 @@ import importlib.util
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 from glm_experiments.errors import UserError
 
@@ -25,14 +21,6 @@ CPU_MIN_VERSION = (0, 50)  # the first bitsandbytes release whose CPU path was c
 
 class QuantizationUnavailable(UserError, RuntimeError):
     """bitsandbytes missing, or no device it runs on: the user's to fix (one line)."""
-
-
-def requested(cfg) -> str | None:
-    """The quantization the run loads its base with: ``model.quantization``, else the method's own (qlora: 4bit)."""
-    from glm_experiments.methods import get_method
-
-    kind = cfg.model.get("quantization")
-    return kind or get_method(cfg.method.name).base_quantization
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -56,28 +44,15 @@ def device_supported(kind: str) -> None:
             "pip install -U bitsandbytes, or use model.quantization=null")
 
 
-def check(cfg) -> None:
-    """Preflight (no weights read): the method allows a quantized base and bitsandbytes runs here."""
-    from glm_experiments.methods import get_method
-
-    kind = requested(cfg)
-    if kind is None:
-        return
-    method = get_method(cfg.method.name)
-    if not method.allows_quantized_base:
-        raise UserError(f"method={method.name} cannot train on a quantized base (model.quantization={kind}): "
-                        f"{method.not_quantizable_because}; use model.quantization=null or a method that freezes the base")
-    device_supported(kind)
-
-
 def num_layers(model_cfg) -> int:
     """The model's transformer layers, from its config (before any weight loads)."""
     tiny = model_cfg.get("tiny")
     if model_cfg.family == "tiny" and tiny is not None:
         return int(tiny.num_hidden_layers)
-    from glm_experiments.models.loading import checkpoint_dir
-
-    config = json.loads((checkpoint_dir(model_cfg) / "config.json").read_text(encoding="utf-8"))
+    path = Path(str(model_cfg.path)).expanduser() / "config.json"
+    if not path.is_file():
+        raise UserError(f"model={model_cfg.name} needs model.path=<checkpoint directory>; {path} does not exist")
+    config = json.loads(path.read_text(encoding="utf-8"))
     for key in ("num_hidden_layers", "num_layers", "n_layer"):
         if key in config:
             return int(config[key])
@@ -101,21 +76,6 @@ def bnb_config(kind: str, quant_type: str = "nf4", double_quant: bool = True, co
                               bnb_4bit_compute_dtype=TORCH_DTYPES[compute_dtype], llm_int8_skip_modules=skip)
 
 
-def quantization_config(cfg) -> Any:
-    """The BitsAndBytesConfig the run's base loads with, or None (``model.quantization`` null and the method implies
-    none). Checks first (``check``), so a caller outside ``train.preflight`` gets the same one-line refusals."""
-    kind = requested(cfg)
-    if kind is None:
-        return None
-    check(cfg)
-    from glm_experiments.methods import get_method
-
-    method, m = get_method(cfg.method.name), cfg.model
-    skip = method.full_precision_modules(cfg.method, num_layers(m))
-    return bnb_config(kind, m.get("quant_type") or "nf4", bool(m.get("double_quant", True)),
-                      m.get("quant_compute_dtype") or "bfloat16", skip)
-
-
 def load_kwargs(quantization_config) -> dict:
     """``from_pretrained`` keyword arguments for a quantized load (bitsandbytes places the weights itself)."""
     if quantization_config is None:
@@ -127,9 +87,7 @@ def load_kwargs(quantization_config) -> dict:
 
 def is_quantized(model) -> bool:
     """A base loaded through bitsandbytes (4-bit or 8-bit), PEFT-wrapped or not."""
-    from glm_experiments.methods.base import unwrap_peft
-
-    base = unwrap_peft(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper's base
     return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
                 or getattr(getattr(base, "config", None), "quantization_config", None) is not None)
 

@@ -8,14 +8,15 @@ import json
 import pytest
 import torch
 
-from conftest import ROOT, assert_close, compose
+from tests.helpers.common import ROOT, assert_close, compose
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install -e '.[qlora]')")
 
 from glm_experiments.errors import UserError  # noqa: E402
 from glm_experiments.methods import get_method  # noqa: E402
 from glm_experiments.models.loading import load_model_and_tokenizer  # noqa: E402
-from glm_experiments.models.quantization import check, is_quantized, quantization_config  # noqa: E402
+from glm_experiments.methods.quantized_base import check, quantization_config  # noqa: E402
+from glm_experiments.models.quantization import is_quantized  # noqa: E402
 
 TEXTS = [json.loads(line)["summary"] for line in (ROOT / "data/adgen_demo/dev.json").read_text(encoding="utf-8")
          .splitlines()[:2]]
@@ -153,7 +154,7 @@ def test_refusals_are_one_line():
                               "trains every base weight, and 4-bit/8-bit weights cannot be trained; use "
                               "model.quantization=null or a method that freezes the base")
     with pytest.raises(UserError, match=r"model.quantization=2bit: expected one of 4bit, 8bit"):
-        from glm_experiments.config import check_settings
+        from glm_experiments.config.schema import check_settings
 
         check_settings(_cfg("model.quantization=2bit"))
     # a freeze pattern that maps onto its module is loaded in full precision ...
