@@ -31,6 +31,9 @@ def check(cfg) -> None:
     if not method.allows_quantized_base:
         raise UserError(f"method={method.name} cannot train on a quantized base (model.quantization={kind}): "
                         f"{method.not_quantizable_because}; use model.quantization=null or a method that freezes the base")
+    if cfg.get("deepspeed") is not None and cfg.deepspeed.get("config"):
+        raise UserError(f"model.quantization={kind} with deepspeed={cfg.deepspeed.name}: a bitsandbytes base under "
+                        "DeepSpeed is not supported here (docs/distributed.md); use deepspeed=none")
     device_supported(kind)
 
 

@@ -153,6 +153,9 @@ def test_refusals_are_one_line():
     assert str(err.value) == ("method=full cannot train on a quantized base (model.quantization=4bit): full fine-tuning "
                               "trains every base weight, and 4-bit/8-bit weights cannot be trained; use "
                               "model.quantization=null or a method that freezes the base")
+    with pytest.raises(UserError, match=r"^model.quantization=4bit with deepspeed=zero2: a bitsandbytes base under "
+                                        r"DeepSpeed is not supported here"):
+        check(_cfg("method=qlora", "deepspeed=zero2"))
     with pytest.raises(UserError, match=r"model.quantization=2bit: expected one of 4bit, 8bit"):
         from glm_experiments.config.schema import check_settings
 
