@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import nn
 
+from glm_experiments.errors import SettingError
 from glm_experiments.methods import lora
 from glm_experiments.methods.record import Method, register, unwrap_peft
 from glm_experiments.models.quantization import is_quantized
@@ -35,7 +36,7 @@ def apply(model: nn.Module, cfg: Any, tokenizer: Any = None) -> nn.Module:
     if not is_quantized(model):
         raise ValueError(
             "method=qlora: the base model is not quantized; load it with from_pretrained(..., "
-            "quantization_config=models.quantization.quantization_config(cfg))"
+            "quantization_config=methods.quantized_base.quantization_config(cfg))"
         )
     from peft import prepare_model_for_kbit_training
 
@@ -55,7 +56,7 @@ def load(model: nn.Module, in_dir: Path, cfg: Any = None, *, is_trainable: bool 
 def merge(model: nn.Module) -> nn.Module:
     base = unwrap_peft(model)
     if is_quantized(base):
-        raise ValueError(
+        raise SettingError(
             "method=qlora: refusing to merge into a quantised base (the merged weights would be re-rounded). "
             "Load the base without quantization_config, qlora.load(base, adapter_dir) and merge that."
         )
