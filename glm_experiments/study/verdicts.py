@@ -1,0 +1,399 @@
+"""Paired verdicts: is a setting better than the baseline on the same dev samples, or within noise?
+
+Pure numpy / scipy, no MLflow: ``compare`` feeds it the per-sample scores it read from the runs' prediction
+tables and writes what it returns (``verdicts.json``, the sentences, the verdict metrics).
+
+For one setting, one metric, against the baseline, over the dev samples both evaluated (matched by sample key,
+e.g. the input text):
+
+* ``delta``: the mean of the per-sample differences (setting - baseline);
+* ``ci_low`` / ``ci_high``: a 95 % percentile interval of that mean by a paired bootstrap over samples
+  (:data:`N_BOOTSTRAP` resamples, seeded: the same inputs give the same interval);
+* ``p_value``: a two-sided paired permutation test (sign flips of the differences): exact (every sign pattern)
+  for up to :data:`EXACT_MAX_N` samples, else :data:`N_PERMUTATIONS` seeded random sign patterns, with the
+  ``(1 + hits) / (1 + resamples)`` correction that keeps a random-resample p-value valid;
+* ``p_adjusted``: Holm's step-down adjustment across the whole table (every setting x metric);
+* ``verdict``: ``better`` / ``worse`` when the interval excludes 0, else ``within noise``;
+* ``samples_needed`` (within noise only): how many dev samples would detect a difference of the observed size
+  at 80 % power in a two-sided 5 % test, from the observed paired standard deviation (see
+  :func:`samples_needed`).
+
+Seeds are pooled: runs that differ only in their seed are one setting; a sample's score for the setting is its
+score averaged over that setting's seeds (:func:`pool_seeds`), and ``n_seeds`` says how many there were.
+
+Human A/B votes get the matching test: a two-sided sign (binomial) test over the decisive votes beside the
+Wilson interval of the win rate, and the same three-way verdict (:func:`vote_verdict`).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+from glm_experiments.errors import UserError
+
+BETTER, WORSE, WITHIN_NOISE = "better", "worse", "within noise"
+CONFIDENCE = 0.95
+POWER = 0.80
+N_BOOTSTRAP = 4000      # bootstrap resamples per comparison (the issue asks for >= 2,000)
+N_PERMUTATIONS = 4000   # random sign patterns per comparison where the test is not exact
+EXACT_MAX_N = 12        # up to 2**12 = 4,096 sign patterns: enumerate them all (an exact p-value)
+DEFAULT_SEED = 0
+_CHUNK = 4_000_000      # resample matrix entries per block: bounds memory for large dev sets (~32 MB of indices)
+
+Z_CONFIDENCE = float(stats.norm.ppf(1 - (1 - CONFIDENCE) / 2))  # 1.95996...
+Z_POWER = float(stats.norm.ppf(POWER))                          # 0.84162...
+
+
+class VerdictError(UserError):
+    """Bad input for a paired comparison: one line, no traceback."""
+
+
+# ------------------------------------------------------------------------------------------ pooling seeds
+def pool_seeds(per_seed: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """One setting's per-sample scores averaged over its seeds: ``{sample_key: mean score}``.
+
+    ``per_seed`` is one ``{sample_key: score}`` dict per seed (run). Only the samples every seed scored are kept,
+    so each pooled score averages the same number of seeds (runs of one setting evaluate the same dev set; a
+    sample one seed lacks would otherwise mix one-seed and three-seed averages). The order is the first seed's.
+    """
+    if not per_seed:
+        return {}
+    shared = set(per_seed[0]).intersection(*per_seed[1:]) if len(per_seed) > 1 else set(per_seed[0])
+    return {key: float(np.mean([float(seed[key]) for seed in per_seed])) for key in per_seed[0] if key in shared}
+
+
+def seed_summary(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
+    """(mean, sd, n_seeds) of one setting's metric over its seeds; sd (ddof=1) is None for fewer than 2 seeds."""
+    xs = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if xs.size == 0:
+        return None, None, 0
+    sd = float(xs.std(ddof=1)) if xs.size > 1 else None
+    return float(xs.mean()), sd, int(xs.size)
+
+
+def paired_differences(setting: Mapping[str, float], baseline: Mapping[str, float]) -> tuple[np.ndarray, list[str]]:
+    """setting - baseline over the sample keys both scored, in the baseline's order."""
+    keys = [key for key in baseline if key in setting]
+    diffs = np.fromiter((setting[k] - baseline[k] for k in keys), dtype=float, count=len(keys))
+    return diffs, keys
+
+
+# ------------------------------------------------------------------------------------------ one comparison
+def comparison_seed(seed: int, *names: str) -> np.random.SeedSequence:
+    """A seed for one comparison from the table's seed and its names: stable across processes and row order."""
+    return np.random.SeedSequence([seed, *(zlib.crc32(name.encode("utf-8")) for name in names)])
+
+
+def bootstrap_ci(diffs: np.ndarray, rng: np.random.Generator, n_resamples: int = N_BOOTSTRAP,
+                 confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Percentile interval of the mean of ``diffs`` by resampling samples with replacement (vectorised)."""
+    n = diffs.size
+    means = np.empty(n_resamples)
+    block = max(1, _CHUNK // n)
+    for start in range(0, n_resamples, block):  # blocks of resamples, not one resample at a time
+        stop = min(n_resamples, start + block)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = diffs[idx].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def sign_flip_p(diffs: np.ndarray, rng: np.random.Generator, n_resamples: int = N_PERMUTATIONS) -> float:
+    """Two-sided p-value of a paired permutation test: under "no difference" each difference's sign is a coin flip.
+
+    The statistic is |sum of differences|. Up to :data:`EXACT_MAX_N` samples every sign pattern is enumerated
+    (exact); beyond, ``n_resamples`` random patterns, p = (1 + hits) / (1 + n_resamples).
+    """
+    n = diffs.size
+    observed = abs(diffs.sum())
+    tolerance = 1e-9 * max(1.0, float(np.abs(diffs).sum()))  # float noise must not turn a tie into a miss
+    if n <= EXACT_MAX_N:
+        patterns = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1) * 2 - 1
+        flipped = np.abs(patterns @ diffs)
+        return float(np.mean(flipped >= observed - tolerance))
+    hits = 0
+    block = max(1, _CHUNK // n)
+    for start in range(0, n_resamples, block):
+        stop = min(n_resamples, start + block)
+        signs = rng.integers(0, 2, size=(stop - start, n), dtype=np.int8) * 2 - 1
+        hits += int(np.count_nonzero(np.abs(signs @ diffs) >= observed - tolerance))
+    return (1 + hits) / (1 + n_resamples)
+
+
+def samples_needed(delta: float, sd: float, z_alpha: float = Z_CONFIDENCE, z_power: float = Z_POWER) -> int | None:
+    """Dev samples that would detect a true mean difference ``delta`` at 80 % power (two-sided, 5 %).
+
+    The normal approximation to the paired t-test: the mean of n paired differences with standard deviation sd
+    has standard error sd / sqrt(n); it is detected with power 1 - beta when |delta| >= (z_{1-alpha/2} + z_{1-beta})
+    * sd / sqrt(n), i.e. n = ((z_0.975 + z_0.8) * sd / |delta|)^2 = (2.80 * sd / |delta|)^2, rounded up.
+    None when delta is 0 (no observed difference to detect); 2 at least (a paired sd needs two samples).
+    """
+    if delta == 0 or not math.isfinite(delta) or not math.isfinite(sd):
+        return None
+    return max(2, math.ceil(((z_alpha + z_power) * sd / abs(delta)) ** 2))
+
+
+@dataclass
+class PairedResult:
+    delta: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    n_samples: int
+    sd: float                    # standard deviation of the paired differences (ddof=1)
+    verdict: str
+    samples_needed: int | None   # within noise only
+
+
+def three_way(ci_low: float, ci_high: float, null: float = 0.0) -> str:
+    """better / worse when the interval excludes ``null``, else within noise."""
+    if ci_low > null:
+        return BETTER
+    if ci_high < null:
+        return WORSE
+    return WITHIN_NOISE
+
+
+def paired_verdict(diffs: Sequence[float] | np.ndarray, seed: int | np.random.SeedSequence = DEFAULT_SEED,
+                   n_bootstrap: int = N_BOOTSTRAP, n_permutations: int = N_PERMUTATIONS) -> PairedResult:
+    """delta, its bootstrap interval, the sign-flip p-value, the verdict and samples_needed for one comparison."""
+    d = np.asarray(diffs, dtype=float)
+    if d.ndim != 1 or d.size < 2:
+        raise VerdictError(f"a paired comparison needs at least 2 shared samples, got {d.size}")
+    if not np.all(np.isfinite(d)):
+        raise VerdictError("a paired comparison got a missing (NaN) or infinite per-sample score")
+    sequence = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    boot_seed, perm_seed = sequence.spawn(2)
+    delta = float(d.mean())
+    sd = float(d.std(ddof=1))
+    low, high = bootstrap_ci(d, np.random.default_rng(boot_seed), n_bootstrap)
+    # the bootstrap of a constant difference is that constant: keep the interval around delta despite float noise
+    low, high = min(low, delta), max(high, delta)
+    p = sign_flip_p(d, np.random.default_rng(perm_seed), n_permutations)
+    verdict = three_way(low, high)
+    needed = samples_needed(delta, sd) if verdict == WITHIN_NOISE else None
+    return PairedResult(delta, low, high, p, int(d.size), sd, verdict, needed)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment (controls the family-wise error rate); None / NaN stay None, outside the family."""
+    index = [i for i, p in enumerate(p_values) if p is not None and not math.isnan(p)]
+    out: list[float | None] = [None] * len(p_values)
+    if not index:
+        return out
+    ps = np.asarray([p_values[i] for i in index], dtype=float)
+    order = np.argsort(ps, kind="stable")
+    m = ps.size
+    stepped = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * ps[order]))
+    for rank, position in enumerate(order):
+        out[index[position]] = float(stepped[rank])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the table
+@dataclass
+class VerdictRow:
+    metric: str
+    setting: str
+    baseline: str
+    delta: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    p_adjusted: float
+    n_samples: int
+    n_seeds: int
+    verdict: str
+    samples_needed: int | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class VerdictTable:
+    baseline: str
+    rows: list[VerdictRow] = field(default_factory=list)
+    baseline_seeds: int = 1
+
+    def to_json(self) -> dict:
+        """verdicts.json: ``{"baseline": name, "rows": [{metric, setting, baseline, delta, ...}]}``."""
+        return {"baseline": self.baseline, "rows": [row.as_dict() for row in self.rows]}
+
+    def settings(self) -> list[str]:
+        return list(dict.fromkeys(row.setting for row in self.rows))
+
+    def sentences(self) -> list[str]:
+        """One plain sentence per setting: 'src=1024 vs src=512: ROUGE-L +23.5 [17.1, 29.8], better; ...'."""
+        return [setting_sentence([r for r in self.rows if r.setting == s]) for s in self.settings()]
+
+    def metrics(self) -> dict[str, float]:
+        """MLflow metrics: ``verdict/<setting>/<metric>/delta|ci_low|ci_high|p`` (names sanitised for MLflow)."""
+        out = {}
+        for row in self.rows:
+            prefix = f"verdict/{metric_key_part(row.setting)}/{metric_key_part(row.metric)}"
+            out.update({f"{prefix}/delta": row.delta, f"{prefix}/ci_low": row.ci_low,
+                        f"{prefix}/ci_high": row.ci_high, f"{prefix}/p": row.p_value})
+        return out
+
+
+def metric_key_part(text: str) -> str:
+    """``text`` with the characters MLflow metric names refuse replaced (it allows [A-Za-z0-9_-. /])."""
+    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in text).strip() or "_"
+
+
+SeedScores = Sequence[Mapping[str, float]]  # one {sample_key: score} per seed
+
+
+def verdict_table(scores: Mapping[str, Mapping[str, SeedScores]], baseline: str | None = None,
+                  metrics: Sequence[str] | None = None, seed: int = DEFAULT_SEED,
+                  n_bootstrap: int = N_BOOTSTRAP, n_permutations: int = N_PERMUTATIONS) -> VerdictTable:
+    """Every non-baseline setting against the baseline on every metric, Holm-adjusted across the whole table.
+
+    ``scores``: setting name -> metric -> one ``{sample_key: score}`` dict per seed (run), settings in sweep
+    order. ``baseline``: a setting name (default: the first). ``metrics``: those to compare (default: every
+    metric any setting has, in first-seen order); each setting must have per-sample scores for each.
+    """
+    names = list(scores)
+    if len(names) < 2:
+        raise VerdictError(f"a paired comparison needs at least 2 settings, got {len(names)}")
+    if baseline is None:
+        baseline = names[0]
+    if baseline not in scores:
+        raise VerdictError(f"baseline {baseline!r} is not one of the settings: {', '.join(names)}")
+    if metrics is None:
+        metrics = list(dict.fromkeys(m for name in names for m in scores[name]))
+    for name in names:
+        for metric in metrics:
+            seeds = scores[name].get(metric)
+            if not seeds or not any(seeds):
+                raise VerdictError(f"setting {name} has no per-sample {metric} scores (its runs' prediction tables "
+                                   f"lack them): cannot compare {metric} sample by sample")
+    pooled = {name: {metric: pool_seeds(scores[name][metric]) for metric in metrics} for name in names}
+    results: list[tuple[str, str, PairedResult, int]] = []
+    for name in names:
+        if name == baseline:
+            continue
+        for metric in metrics:
+            diffs, _ = paired_differences(pooled[name][metric], pooled[baseline][metric])
+            if diffs.size < 2:
+                raise VerdictError(f"{name} vs {baseline}: {diffs.size} dev sample(s) scored by both on {metric}; "
+                                   "a paired comparison needs at least 2 (do the runs share a dev set?)")
+            result = paired_verdict(diffs, comparison_seed(seed, name, baseline, metric), n_bootstrap, n_permutations)
+            results.append((name, metric, result, len(scores[name][metric])))
+    adjusted = holm([r.p_value for _, _, r, _ in results])
+    rows = [VerdictRow(metric=metric, setting=name, baseline=baseline, delta=r.delta, ci_low=r.ci_low,
+                       ci_high=r.ci_high, p_value=r.p_value, p_adjusted=p_adj, n_samples=r.n_samples,
+                       n_seeds=n_seeds, verdict=r.verdict, samples_needed=r.samples_needed)
+            for (name, metric, r, n_seeds), p_adj in zip(results, adjusted)]
+    baseline_seeds = max(len(scores[baseline][m]) for m in metrics) if metrics else 1
+    return VerdictTable(baseline=baseline, rows=rows, baseline_seeds=baseline_seeds)
+
+
+# ------------------------------------------------------------------------------------------ sentences
+def _decimals(*values: float) -> int:
+    """Decimals that show the interval with about two significant digits of its width: 1 to 4."""
+    width = abs(values[-1] - values[-2]) if len(values) >= 2 else 0.0
+    if width <= 0 or not math.isfinite(width):
+        return 1
+    return int(min(4, max(1, 1 - math.floor(math.log10(width)))))
+
+
+def about(n: int) -> str:
+    """A count rounded to two significant digits for prose: 873 -> '870', 12345 -> '12,000'."""
+    if n < 100:
+        return str(n)
+    digits = int(math.floor(math.log10(n))) - 1
+    return f"{int(round(n, -digits)):,}"
+
+
+def row_phrase(row: VerdictRow) -> str:
+    """'ROUGE-L +23.5 [17.1, 29.8], better' / 'BLEU-4 +0.4 [-1.2, 2.0], within noise: about 900 dev samples ...'."""
+    k = _decimals(row.ci_low, row.ci_high)
+    text = f"{row.metric} {row.delta:+.{k}f} [{row.ci_low:.{k}f}, {row.ci_high:.{k}f}], {row.verdict}"
+    if row.verdict == WITHIN_NOISE:
+        if row.samples_needed is None:
+            text += ": no difference observed"
+        else:
+            text += f": about {about(row.samples_needed)} dev samples would detect {row.delta:+.{k}f}"
+    return text
+
+
+def setting_sentence(rows: Sequence[VerdictRow]) -> str:
+    if not rows:
+        return ""
+    return f"{rows[0].setting} vs {rows[0].baseline}: " + "; ".join(row_phrase(r) for r in rows)
+
+
+# ------------------------------------------------------------------------------------------ human votes
+@dataclass
+class VoteVerdict:
+    """A/B votes: a's win rate over decisive votes, its Wilson interval, the sign test, the verdict for a."""
+
+    wins_a: int
+    wins_b: int
+    win_rate_a: float | None
+    ci_low: float
+    ci_high: float
+    p_value: float | None
+    verdict: str  # for a against b: better / worse when the interval excludes 50 %, else within noise
+
+    @property
+    def decisive(self) -> int:
+        return self.wins_a + self.wins_b
+
+    def sentence(self, label_a: str = "A", label_b: str = "B") -> str:
+        """'A preferred 14 of 20 decisive votes, 70 % [48, 85], p = 0.12, within noise' (from the side with more wins)."""
+        if not self.decisive:
+            return f"no decisive votes between {label_a} and {label_b}"
+        if self.wins_b > self.wins_a:
+            label, wins, low, high = label_b, self.wins_b, 1 - self.ci_high, 1 - self.ci_low
+            verdict = {BETTER: WORSE, WORSE: BETTER}.get(self.verdict, self.verdict)
+        else:
+            label, wins, low, high, verdict = label_a, self.wins_a, self.ci_low, self.ci_high, self.verdict
+        return (f"{label} preferred {wins} of {self.decisive} decisive votes, {100 * wins / self.decisive:.0f} % "
+                f"[{100 * low:.0f}, {100 * high:.0f}], p {format_p(self.p_value)}, {verdict}")
+
+
+def format_p(p: float | None) -> str:
+    """'= 0.12', '= 0.004', '< 0.001' (to follow a 'p')."""
+    if p is None:
+        return "n/a"
+    if p < 0.001:
+        return "< 0.001"
+    return f"= {p:.3f}" if p < 0.01 else f"= {p:.2f}"
+
+
+def wilson(wins: int, trials: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The Wilson score interval of ``wins / trials`` ((0, 1) without trials)."""
+    if trials <= 0:
+        return 0.0, 1.0
+    z = float(stats.norm.ppf(1 - (1 - confidence) / 2))
+    p = wins / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def vote_verdict(wins_a: int, wins_b: int, interval: tuple[float, float] | None = None) -> VoteVerdict:
+    """The sign test (two-sided exact binomial, p = 1/2) over the decisive votes beside the Wilson interval.
+
+    Ties and "both bad" say neither is better and are not votes here. ``interval``: a's interval when the caller
+    already has one (human_eval's Wilson interval), else computed here.
+    """
+    if wins_a < 0 or wins_b < 0:
+        raise VerdictError(f"vote counts cannot be negative: {wins_a}, {wins_b}")
+    decisive = wins_a + wins_b
+    if not decisive:
+        return VoteVerdict(wins_a, wins_b, None, 0.0, 1.0, None, WITHIN_NOISE)
+    low, high = interval if interval is not None else wilson(wins_a, decisive)
+    p = float(stats.binomtest(wins_a, decisive, 0.5, alternative="two-sided").pvalue)
+    return VoteVerdict(wins_a, wins_b, wins_a / decisive, low, high, p, three_way(low, high, null=0.5))
