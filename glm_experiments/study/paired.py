@@ -1,0 +1,196 @@
+"""compare's paired comparison: the runs' per-sample scores (their ``predictions/after.json`` tables), the runs
+grouped into settings (seeds pooled), the baseline, and the verdict table (glm_experiments.study.verdicts).
+
+A setting is the values of the varied params other than the seed: runs that differ only in ``seed`` are one
+setting, and a sample's score for it is the mean over those runs. Samples are matched by their input text (the
+k-th repeat of one input matches the k-th repeat elsewhere).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from glm_experiments.errors import UserError
+from glm_experiments.study.verdicts import VerdictTable, verdict_table
+
+PREDICTIONS_TABLE = "predictions/after.json"  # the per-sample scores after training (train.Evaluator, tag "after")
+SEED_PARAM = "seed"
+NOT_SCORES = {"input", "reference", "prediction", "history", "prompt"}  # the table's text columns
+DATA_PARAMS = ("data.name", "data.dev_file", "data.validation_file", "eval.max_samples")  # change the dev set
+
+
+class BaselineError(UserError):
+    pass
+
+
+@dataclass
+class PairedComparison:
+    table: VerdictTable | None               # None: no verdicts (see notes)
+    settings: dict[str, list[str]]           # setting name -> its run ids, in sweep order
+    notes: list[str] = field(default_factory=list)  # why runs or metrics were left out, or why there are no verdicts
+
+
+def setting_name(params: Mapping[str, str], varied: Sequence[str], label: Callable[[str, str | None], str]) -> str:
+    """The run's setting: its varied params except the seed, as compare labels them (``src=512 tgt=128``)."""
+    return " ".join(label(k, params.get(k)) for k in varied if k != SEED_PARAM) or "all runs"
+
+
+def group_settings(runs: Sequence[Any], varied: Sequence[str], label: Callable[[str, str | None], str]) -> dict[str, list]:
+    """Setting name -> its runs, in the order the settings first appear (sweep order)."""
+    settings: dict[str, list] = {}
+    for run in runs:
+        settings.setdefault(setting_name(run.data.params, varied, label), []).append(run)
+    return settings
+
+
+def keyed_scores(table: Mapping[str, Any], where: str) -> dict[str, dict[str, float]]:
+    """``{metric: {sample key: score}}`` from one MLflow table (``{"columns": [...], "data": [[...]]}``)."""
+    columns = list(table.get("columns") or [])
+    if "input" not in columns:
+        raise UserError(f"{where}: the predictions table has no 'input' column to match samples by")
+    position = columns.index("input")
+    metrics = [c for c in columns if c not in NOT_SCORES]
+    out: dict[str, dict[str, float]] = {m: {} for m in metrics}
+    seen: dict[str, int] = {}
+    for record in table.get("data") or []:
+        text = str(record[position])
+        repeat = seen[text] = seen.get(text, -1) + 1
+        key = text if repeat == 0 else f"{text}\x00{repeat}"
+        for metric in metrics:
+            value = record[columns.index(metric)]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[metric][key] = float(value)
+    return {m: scores for m, scores in out.items() if scores}  # text columns a data format adds are not metrics
+
+
+def load_predictions(client, run_id: str, path: str = PREDICTIONS_TABLE) -> dict | None:
+    """The run's predictions table as logged by ``mlflow.log_table``, or None when the run has none."""
+    folder, _, name = path.rpartition("/")
+    if not any(a.path == path for a in client.list_artifacts(run_id, folder)):
+        return None
+    previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no progress bar per run in compare's output
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = client.download_artifacts(run_id, path, tmp)
+            return json.loads(Path(local).read_text(encoding="utf-8"))
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
+
+
+def parse_baseline(specs: Sequence[str] | None) -> dict[str, str]:
+    """``["src=512", "method=lora tgt=128"]`` -> ``{"src": "512", "method": "lora", "tgt": "128"}``."""
+    pairs: dict[str, str] = {}
+    for spec in specs or []:
+        for part in spec.split():
+            key, sep, value = part.partition("=")
+            if not sep or not key:
+                raise BaselineError(f"--baseline takes KEY=VALUE (e.g. src=512 or data.max_source_length=512), "
+                                    f"got {part!r}")
+            pairs[key] = value
+    return pairs
+
+
+def resolve_baseline(specs: Sequence[str] | None, settings: Mapping[str, list], varied: Sequence[str],
+                     aliases: Callable[[str], set[str]]) -> str | None:
+    """The setting ``--baseline KEY=VALUE ...`` names (None: none given, the first setting is the baseline).
+
+    KEY is a varied param as compare names it: the full key (``data.max_source_length``), its short name
+    (``src``) or, for a group choice, the group (``method``); the given pairs must pick exactly one setting.
+    """
+    wanted = parse_baseline(specs)
+    if not wanted:
+        return None
+    keys = {}
+    for given in wanted:
+        matches = [k for k in varied if given in aliases(k)]
+        if not matches:
+            names = ", ".join(sorted({a for k in varied for a in aliases(k)})) or "none"
+            raise BaselineError(f"--baseline {given}=...: {given!r} is not a param that varies between the runs "
+                                f"(those that do: {names})")
+        keys[given] = matches[0]
+    chosen = [name for name, runs in settings.items()
+              if all(str(runs[0].data.params.get(keys[g])) == value for g, value in wanted.items())]
+    spec = " ".join(f"{k}={v}" for k, v in wanted.items())
+    if not chosen:
+        raise BaselineError(f"--baseline {spec} matches none of the settings: {', '.join(settings)}")
+    if len(chosen) > 1:
+        raise BaselineError(f"--baseline {spec} matches {len(chosen)} settings ({', '.join(chosen)}); "
+                            "add KEY=VALUE pairs until it names one")
+    return chosen[0]
+
+
+def paired_comparison(client, runs: Sequence[Any], varied: Sequence[str], label: Callable[[str, str | None], str],
+                      aliases: Callable[[str], set[str]], metric_labels: Mapping[str, str] | None = None,
+                      baseline: Sequence[str] | None = None, seed: int = 0,
+                      load: Callable[[Any, str], dict | None] = load_predictions) -> PairedComparison:
+    """Every setting against the baseline on every per-sample metric the settings share.
+
+    ``metric_labels`` maps a per-sample column (``rouge-l``) to its label in compare's tables (``ROUGE-L``);
+    columns a data config adds keep their name. Runs without a predictions table (failed, or trained before
+    per-sample tables existed) are left out with a note; a metric whose run reports it (``eval/<metric>``) but
+    whose table lacks its per-sample scores, or settings sharing fewer than 2 dev samples, are errors.
+    """
+    metric_labels = dict(metric_labels or {})
+    settings_runs = group_settings(runs, varied, label)
+    settings = {name: [r.info.run_id for r in members] for name, members in settings_runs.items()}
+    baseline_name = resolve_baseline(baseline, settings_runs, varied, aliases)
+    notes: list[str] = []
+    if len(settings_runs) < 2:
+        return PairedComparison(None, settings, ["one setting only: nothing to compare"])
+    different_data = [k for k in varied if k in DATA_PARAMS or k.startswith("data.") and k.endswith("_file")]
+    if different_data:
+        return PairedComparison(None, settings, [f"no paired verdicts: the settings differ in {', '.join(different_data)}, "
+                                                 "so they were not scored on the same dev samples"])
+
+    scores: dict[str, dict[str, list[dict[str, float]]]] = {}
+    reported: dict[str, set[str]] = {}  # setting -> metrics its runs report as eval/<metric>
+    missing_tables = []
+    for name, members in settings_runs.items():
+        for run in members:
+            table = load(client, run.info.run_id)
+            if table is None:
+                missing_tables.append(f"{name} ({run.info.run_id[:8]})")
+                continue
+            for metric, by_sample in keyed_scores(table, f"run {run.info.run_id[:8]} ({name})").items():
+                scores.setdefault(name, {}).setdefault(metric, []).append(by_sample)
+            reported.setdefault(name, set()).update(
+                k.split("/", 1)[1] for k in run.data.metrics if k.startswith("eval/"))
+    if missing_tables:
+        notes.append(f"left out of the verdicts, no per-sample scores ({PREDICTIONS_TABLE}): {', '.join(missing_tables)}")
+    if baseline_name is not None and baseline_name not in scores:
+        raise BaselineError(f"--baseline {baseline_name}: its runs have no per-sample scores ({PREDICTIONS_TABLE})")
+    if len(scores) < 2:
+        return PairedComparison(None, settings, notes + ["no paired verdicts: fewer than 2 settings have per-sample "
+                                                         "scores"])
+    # a setting whose seeds do not all have a table: use the seeds that do (n_seeds says how many)
+    for name in scores:
+        counts = {len(v) for v in scores[name].values()}
+        if len(counts) > 1:
+            raise UserError(f"setting {name}: its runs' predictions tables have different per-sample columns")
+    # a metric some setting scores per sample, which another reports (eval/<metric>) without per-sample scores
+    union = {m for by_metric in scores.values() for m in by_metric}
+    for name, by_metric in scores.items():
+        for metric in sorted(union - set(by_metric)):
+            if metric in reported.get(name, set()):
+                raise UserError(f"setting {name} reports eval/{metric} but its predictions table has no per-sample "
+                                f"{metric} scores: cannot compare {metric} sample by sample")
+    every = {m for m in union if all(m in by_metric for by_metric in scores.values())}
+    metrics = [m for m in dict.fromkeys(m for by_metric in scores.values() for m in by_metric) if m in every]
+    left_out = sorted({m for by_metric in scores.values() for m in by_metric} - set(metrics))
+    if left_out:
+        notes.append(f"not compared (not every setting has per-sample scores for it): {', '.join(left_out)}")
+    if not metrics:
+        return PairedComparison(None, settings, notes + ["no paired verdicts: no per-sample metric shared by the settings"])
+    labelled = {name: {metric_labels.get(m, m): by_metric[m] for m in metrics} for name, by_metric in scores.items()}
+    table = verdict_table(labelled, baseline=baseline_name, seed=seed)
+    return PairedComparison(table, settings, notes)
+
