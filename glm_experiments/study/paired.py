@@ -194,3 +194,70 @@ def paired_comparison(client, runs: Sequence[Any], varied: Sequence[str], label:
     table = verdict_table(labelled, baseline=baseline_name, seed=seed)
     return PairedComparison(table, settings, notes)
 
+
+
+# ------------------------------------------------------------------------------------------ report sections
+METHOD_NOTE = ("Each setting against the baseline on the dev samples both evaluated (matched by input), each "
+               "sample's score averaged over the setting's seeds: delta = mean per-sample difference, 95 % interval "
+               "by paired bootstrap, p by a paired sign-flip permutation test, p (Holm) adjusted across the whole "
+               "table; better / worse when the interval excludes 0, else within noise, with the dev samples that "
+               "would detect the observed difference at 80 % power.")
+COLUMNS = ["setting", "metric", "delta", "95% CI", "p", "p (Holm)", "samples", "seeds", "verdict", "samples needed"]
+
+
+def table_cells(table: VerdictTable) -> list[list[str]]:
+    from glm_experiments.study.verdicts import decimals
+
+    cells = []
+    for r in table.rows:
+        k = decimals(r.ci_low, r.ci_high)
+        cells.append([r.setting, r.metric, f"{r.delta:+.{k}f}", f"[{r.ci_low:.{k}f}, {r.ci_high:.{k}f}]",
+                      _p(r.p_value), _p(r.p_adjusted), f"{r.n_samples:,}", str(r.n_seeds), r.verdict,
+                      "-" if r.samples_needed is None else f"{r.samples_needed:,}"])
+    return cells
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def markdown_section(result: PairedComparison | None) -> list[str]:
+    """The 'Verdicts' section of report.md (first): the sentences, the table, the notes."""
+    if result is None:
+        return []
+    lines = ["## Verdicts", ""]
+    if result.table is not None:
+        lines += [f"Baseline: **{result.table.baseline}**. {METHOD_NOTE}", ""]
+        lines += [f"* {sentence}" for sentence in result.table.sentences()] + [""]
+        lines += ["| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * 6 + "---|---:|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table_cells(result.table)]
+        lines.append("")
+    lines += [f"_{note}_" for note in result.notes] + ([""] if result.notes else [])
+    return lines
+
+
+def html_section(result: PairedComparison | None) -> str:
+    import html
+
+    if result is None:
+        return ""
+    parts = ["<h2>Verdicts</h2>"]
+    if result.table is not None:
+        parts.append(f"<p>Baseline: <b>{html.escape(result.table.baseline)}</b>. {html.escape(METHOD_NOTE)}</p>")
+        parts.append("<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in result.table.sentences()) + "</ul>")
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
+                       for row in table_cells(result.table))
+        parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+    parts += [f"<p><i>{html.escape(note)}</i></p>" for note in result.notes]
+    return "".join(parts)
+
+
+def description(result: PairedComparison | None) -> str | None:
+    """The parent run's description (MLflow's ``mlflow.note.content``): the sentences, one per line."""
+    if result is None or result.table is None:
+        return None
+    return "\n".join([f"Paired verdicts against {result.table.baseline} (95 % bootstrap intervals):",
+                      *(f"- {s}" for s in result.table.sentences())])

@@ -298,7 +298,7 @@ def verdict_table(scores: Mapping[str, Mapping[str, SeedScores]], baseline: str 
 
 
 # ------------------------------------------------------------------------------------------ sentences
-def _decimals(*values: float) -> int:
+def decimals(*values: float) -> int:
     """Decimals that show the interval with about two significant digits of its width: 1 to 4."""
     width = abs(values[-1] - values[-2]) if len(values) >= 2 else 0.0
     if width <= 0 or not math.isfinite(width):
@@ -316,7 +316,7 @@ def about(n: int) -> str:
 
 def row_phrase(row: VerdictRow) -> str:
     """'ROUGE-L +23.5 [17.1, 29.8], better' / 'BLEU-4 +0.4 [-1.2, 2.0], within noise: about 900 dev samples ...'."""
-    k = _decimals(row.ci_low, row.ci_high)
+    k = decimals(row.ci_low, row.ci_high)
     text = f"{row.metric} {row.delta:+.{k}f} [{row.ci_low:.{k}f}, {row.ci_high:.{k}f}], {row.verdict}"
     if row.verdict == WITHIN_NOISE:
         if row.samples_needed is None:
