@@ -164,10 +164,12 @@ def paired_comparison(client, runs: Sequence[Any], varied: Sequence[str], label:
                 scores.setdefault(name, {}).setdefault(metric, []).append(by_sample)
             reported.setdefault(name, set()).update(
                 k.split("/", 1)[1] for k in run.data.metrics if k.startswith("eval/"))
-    if missing_tables:
-        notes.append(f"left out of the verdicts, no per-sample scores ({PREDICTIONS_TABLE}): {', '.join(missing_tables)}")
     if baseline_name is not None and baseline_name not in scores:
         raise BaselineError(f"--baseline {baseline_name}: its runs have no per-sample scores ({PREDICTIONS_TABLE})")
+    if not scores:
+        return PairedComparison(None, settings, [f"no paired verdicts: no run has per-sample scores ({PREDICTIONS_TABLE})"])
+    if missing_tables:
+        notes.append(f"left out of the verdicts, no per-sample scores ({PREDICTIONS_TABLE}): {', '.join(missing_tables)}")
     if len(scores) < 2:
         return PairedComparison(None, settings, notes + ["no paired verdicts: fewer than 2 settings have per-sample "
                                                          "scores"])
@@ -261,3 +263,18 @@ def description(result: PairedComparison | None) -> str | None:
         return None
     return "\n".join([f"Paired verdicts against {result.table.baseline} (95 % bootstrap intervals):",
                       *(f"- {s}" for s in result.table.sentences())])
+
+
+VERDICTS_START, VERDICTS_END = "<!-- verdicts -->", "<!-- /verdicts -->"
+
+
+def with_description(existing: str | None, result: PairedComparison | None) -> str | None:
+    """The run description with the verdicts first (replacing those of an earlier compare), the rest kept."""
+    rest = existing or ""
+    if VERDICTS_START in rest and VERDICTS_END in rest:
+        before, _, tail = rest.partition(VERDICTS_START)
+        rest = before + tail.partition(VERDICTS_END)[2].lstrip("\n")
+    text = description(result)
+    if text is None:
+        return rest if rest != (existing or "") else None
+    return f"{VERDICTS_START}\n{text}\n{VERDICTS_END}\n\n{rest}".rstrip() + "\n"

@@ -133,3 +133,18 @@ def test_repeated_inputs_are_matched_by_occurrence():
     table = {"columns": ["input", "reference", "bleu-4", "note"],
              "data": [["x", "r", 1.0, "a"], ["x", "r", 3.0, "b"], ["y", "r", 2.0, "c"]]}
     assert paired.keyed_scores(table, "run") == {"bleu-4": {"x": 1.0, "x\x001": 3.0, "y": 2.0}}
+
+
+def test_description_puts_verdicts_first_and_replaces_earlier_ones():
+    from tests.study.test_verdicts import scores_for
+    from glm_experiments.study.verdicts import verdict_table
+
+    result = paired.PairedComparison(verdict_table(scores_for(2, ["ROUGE-L"], 50, 1, {})), {})
+    sweep_note = "Sweep parent: each job of this --multirun is a child run.\n\nCompare the children: `...`"
+    first = paired.with_description(sweep_note, result)
+    assert first.startswith(paired.VERDICTS_START) and "src=1024 vs src=512: ROUGE-L" in first
+    assert first.rstrip().endswith(sweep_note.rstrip())
+    again = paired.with_description(first, result)
+    assert again == first  # replaced, not stacked
+    assert paired.with_description(first, None).strip() == sweep_note.strip()  # verdicts gone: the old ones too
+    assert paired.with_description(sweep_note, None) is None  # nothing to change
