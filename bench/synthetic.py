@@ -124,7 +124,7 @@ def train_steps(
     """``steps`` optimizer steps on ``batch``: bf16 autocast (unless ``bf16=False``) and the chunked loss of
     ``train.loss_chunk_size`` (when set), as GlmTrainer applies them. (seconds per step, CUDA-synchronised;
     loss per step)."""
-    from glm_experiments.losses import chunked_loss
+    from glm_experiments.recipe.losses import chunked_loss
 
     cuda = device == "cuda"
     times, losses = [], []

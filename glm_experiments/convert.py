@@ -10,7 +10,7 @@ ChatGLM-6B (family chatglm) converts into ``model_type="chatglm_v1"``, which the
 With ``--adapter DIR`` (a LoRA or P-Tuning v2 trained with THUDM's scripts: PEFT ``adapter_config.json`` +
 ``adapter_model.safetensors|bin``, or ptuning/main.py's ``config.json`` + ``pytorch_model.bin``), ``DST/adapter/``
 is written too: a LoRA in current PEFT format (``PeftModel.from_pretrained(model, DST/adapter)``) or this
-project's ptuning adapter, computing what the original did (see ``glm_experiments.models.thudm_adapters``).
+project's ptuning adapter, computing what the original did (see ``glm_experiments.migration.thudm_adapters``).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     tmp = None
     try:
         if args.adapter:  # first, so that an adapter that cannot be mapped fails before the base is written
-            from glm_experiments.models.thudm_adapters import convert_adapter
+            from glm_experiments.migration.thudm_adapters import convert_adapter
 
             src = Path(args.src).expanduser()
             if checkpoint_kind(src) == "native":

@@ -9,24 +9,32 @@ overwrites those tensors.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from glm_experiments.config import FreezeMethodConfig
-from glm_experiments.methods.base import (
-    Method,
-    register,
+from glm_experiments.config.schema import AT_LEAST_1, MethodConfig, ranged
+from glm_experiments.methods.artifacts import (
     cfg_get,
     check_settings,
     load_safetensors,
-    model_dims,
     read_method_json,
     save_safetensors,
-    trainable_state_dict,
     write_method_json,
 )
+from glm_experiments.methods.parameters import model_dims, trainable_state_dict
+from glm_experiments.methods.record import Method, register
+
+
+@dataclass
+class FreezeMethodConfig(MethodConfig):
+    # train the last N transformer layers ...
+    num_last_layers: int = ranged(2, **AT_LEAST_1)
+    # ... or, if given, exactly the parameters whose name contains one of these
+    trainable_patterns: list[str] = field(default_factory=list)
+
 
 NAME = "freeze"
 DEFAULTS = FreezeMethodConfig()  # the schema owns every default

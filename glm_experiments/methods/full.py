@@ -8,8 +8,17 @@ from typing import Any
 
 from torch import nn
 
-from glm_experiments.config import FullMethodConfig
-from glm_experiments.methods.base import Method, load_safetensors, read_method_json, register, write_method_json
+from glm_experiments.methods.artifacts import load_safetensors, read_method_json, write_method_json
+from glm_experiments.methods.record import Method, register
+from dataclasses import dataclass
+
+from glm_experiments.config.schema import MethodConfig
+
+
+@dataclass
+class FullMethodConfig(MethodConfig):
+    pass
+
 
 NAME = "full"
 

@@ -16,18 +16,26 @@ from typing import Any
 from torch import nn
 
 from glm_experiments.compat import silence_known_renames
-from glm_experiments.config import LoraMethodConfig
-from glm_experiments.methods.base import (
-    Method,
-    cfg_get,
-    check_settings,
-    is_peft_model,
-    read_method_json,
-    register,
-    unwrap_peft,
-    write_method_json,
-)
+from glm_experiments.methods.artifacts import cfg_get, check_settings, read_method_json, write_method_json
+from glm_experiments.methods.record import Method, is_peft_model, register, unwrap_peft
 from glm_experiments.models.families import architecture_of
+from dataclasses import dataclass, field
+from typing import Optional
+
+from glm_experiments.config.schema import AT_LEAST_1, POSITIVE, PROBABILITY, MethodConfig, one_of, ranged
+
+
+@dataclass
+class LoraMethodConfig(MethodConfig):
+    r: int = ranged(8, **AT_LEAST_1)
+    alpha: int = ranged(32, **POSITIVE)
+    dropout: float = ranged(0.05, **PROBABILITY)
+    # ["all-linear"] or module names; empty = the family's default
+    target_modules: list[str] = field(default_factory=list)
+    bias: str = one_of("none", "none", "all", "lora_only")
+    # start from this adapter (ours, or a THUDM/PEFT one: converted on the fly) instead of a fresh LoRA
+    init_from: Optional[str] = None
+
 
 silence_known_renames()  # peft calls transformers' deprecated is_gradient_checkpointing on every wrap and load
 

@@ -21,6 +21,7 @@ Saved: ``soft_prompt.safetensors`` + ``method.json``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,27 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
-from glm_experiments.config import PromptTuningMethodConfig
-from glm_experiments.methods.base import (Method, cfg_get, check_settings, freeze_all, input_embeddings,
-                                          load_safetensors, override_method, query_shape, read_method_json,
-                                          real_position_ids, register, save_safetensors, split_virtual_mask,
-                                          write_method_json)
+from glm_experiments.config.schema import AT_LEAST_1, MethodConfig, ranged
+from glm_experiments.methods.artifacts import (
+    cfg_get,
+    check_settings,
+    load_safetensors,
+    read_method_json,
+    save_safetensors,
+    write_method_json,
+)
+from glm_experiments.methods.parameters import freeze_all, input_embeddings
+from glm_experiments.methods.record import Method, register
+from glm_experiments.methods.virtual_tokens import override_method, query_shape, real_position_ids, split_virtual_mask
 from glm_experiments.models.families import architecture_of
+
+
+@dataclass
+class PromptTuningMethodConfig(MethodConfig):
+    num_virtual_tokens: int = ranged(16, **AT_LEAST_1)
+    # text whose embeddings initialise the soft prompt; empty = random
+    init_text: str = ""
+
 
 NAME = "prompt_tuning"
 DEFAULTS = PromptTuningMethodConfig()  # the schema owns every default

@@ -35,8 +35,9 @@ Only the encoder is saved: ``prefix_encoder.safetensors`` + ``method.json``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -45,12 +46,30 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
-from glm_experiments.config import PtuningMethodConfig
-from glm_experiments.methods.base import (Method, cfg_get, check_settings, freeze_all, input_embeddings,
-                                          load_safetensors, model_dims, override_method, query_shape,
-                                          read_method_json, real_position_ids, register, save_safetensors,
-                                          split_virtual_mask, write_method_json)
+from glm_experiments.config.schema import AT_LEAST_1, PROBABILITY, MethodConfig, ranged
+from glm_experiments.methods.artifacts import (
+    cfg_get,
+    check_settings,
+    load_safetensors,
+    read_method_json,
+    save_safetensors,
+    write_method_json,
+)
+from glm_experiments.methods.parameters import freeze_all, input_embeddings, model_dims
+from glm_experiments.methods.record import Method, register
+from glm_experiments.methods.virtual_tokens import override_method, query_shape, real_position_ids, split_virtual_mask
 from glm_experiments.models.families import architecture_of
+
+
+@dataclass
+class PtuningMethodConfig(MethodConfig):
+    pre_seq_len: int = ranged(16, **AT_LEAST_1)
+    prefix_projection: bool = False
+    prefix_hidden_size: int = ranged(512, **AT_LEAST_1)
+    prefix_dropout: float = ranged(0.1, **PROBABILITY)
+    # start from this prefix encoder (ours, ptuning/main.py's, or PEFT PREFIX_TUNING: converted on the fly)
+    init_from: Optional[str] = None
+
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,21 @@ from torch import nn
 
 from glm_experiments.errors import UserError
 from glm_experiments.methods import lora
-from glm_experiments.config import QloraMethodConfig
 from glm_experiments.constants import TORCH_DTYPES
-from glm_experiments.methods.base import Method, cfg_get, register, unwrap_peft
+from glm_experiments.methods.artifacts import cfg_get
+from glm_experiments.methods.record import Method, register, unwrap_peft
+from dataclasses import dataclass
+
+from glm_experiments.config.schema import one_of
+
+
+@dataclass
+class QloraMethodConfig(lora.LoraMethodConfig):
+    bits: int = one_of(4, 4, 8)
+    quant_type: str = one_of("nf4", "nf4", "fp4")
+    double_quant: bool = True
+    compute_dtype: str = one_of("bfloat16", "bfloat16", "float16", "float32")
+
 
 NAME = "qlora"
 DEFAULTS = QloraMethodConfig()  # the schema owns every default

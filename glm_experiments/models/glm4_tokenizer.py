@@ -9,8 +9,7 @@ import os
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from glm_experiments.models.tokenizers import TokenizerError, wrap_fast
-
+from glm_experiments.models.tokenizers import TokenizerError, _tokenizer_model, wrap_fast
 
 GLM4_SPECIALS = [
     "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
@@ -94,3 +93,8 @@ def glm4_tokenizer(model_file: str | os.PathLike) -> PreTrainedTokenizerFast:
 
 
 # ----------------------------------------------------------------------------------------------- entry point
+
+
+def glm4_tokenizer_from_dir(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """GLM-4's tokenizer from a checkpoint directory (tiktoken tokenizer.model)."""
+    return glm4_tokenizer(_tokenizer_model(directory, "glm4", "tiktoken"))

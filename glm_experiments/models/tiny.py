@@ -22,7 +22,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GlmConfig, GlmForCausalLM, PreTrainedTokenizerFast
 
-from glm_experiments.config import TinyModelConfig
+from glm_experiments.config.schema import TinyModelConfig
 from glm_experiments.constants import PROJECT_ROOT, build_once, cache_root
 
 log = logging.getLogger(__name__)

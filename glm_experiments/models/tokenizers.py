@@ -335,9 +335,3 @@ def chatglm2_tokenizer_from_dir(directory: str | os.PathLike, family: str = "cha
     """ChatGLM2-6B's / ChatGLM3-6B's tokenizer from a checkpoint directory (SentencePiece tokenizer.model)."""
     return chatglm2_tokenizer(_tokenizer_model(directory, family, "sentencepiece"))
 
-
-def glm4_tokenizer_from_dir(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """GLM-4's tokenizer from a checkpoint directory (tiktoken tokenizer.model)."""
-    from glm_experiments.models.glm4_tokenizer import glm4_tokenizer  # it builds on this module's helpers
-
-    return glm4_tokenizer(_tokenizer_model(directory, "glm4", "tiktoken"))
