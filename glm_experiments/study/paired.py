@@ -278,3 +278,24 @@ def with_description(existing: str | None, result: PairedComparison | None) -> s
     if text is None:
         return rest if rest != (existing or "") else None
     return f"{VERDICTS_START}\n{text}\n{VERDICTS_END}\n\n{rest}".rstrip() + "\n"
+
+
+def seed_table(comparison) -> tuple[list[str], list[list[str]]]:
+    """(header, cells): per setting, every score column as mean ± sd over its seeds and n_seeds; empty unless some
+    setting has several runs (seeds)."""
+    from glm_experiments.study.verdicts import seed_summary
+
+    result = comparison.paired
+    if result is None or not any(len(ids) > 1 for ids in result.settings.values()):
+        return [], []
+    columns = comparison.tables.get("scores", [])
+    by_id = {row["run_id"]: row for row in comparison.rows}
+    cells = []
+    for name, ids in result.settings.items():
+        row = [name, str(len(ids))]
+        for col in columns:
+            mean, sd, n = seed_summary(by_id[i].get(col) for i in ids if i in by_id)
+            row.append("-" if mean is None else f"{mean:.2f}" + ("" if sd is None else f" ± {sd:.2f}")
+                       + ("" if n == len(ids) else f" ({n})"))
+        cells.append(row)
+    return ["setting", "seeds", *columns], cells
