@@ -308,6 +308,7 @@ def print_verdicts(comparison: Comparison, console) -> None:
     from rich.table import Table
 
     from glm_experiments.study.paired import seed_table
+    from glm_experiments.study.verdicts import row_phrase
 
     paired = comparison.paired
     if paired is None:
@@ -315,8 +316,11 @@ def print_verdicts(comparison: Comparison, console) -> None:
     if paired.table is not None:
         console.print(f"[bold]verdicts[/] against {paired.table.baseline} (95 % paired bootstrap intervals; "
                       "report.md has p-values):", highlight=False)
-        for sentence in paired.table.sentences():
-            console.print(f"  {sentence}", highlight=False)
+        for setting in paired.table.settings():  # the sentence, a metric a line
+            rows = [r for r in paired.table.rows if r.setting == setting]
+            console.print(f"  {setting} vs {paired.table.baseline}:", highlight=False)
+            for row in rows:
+                console.print(f"    {row_phrase(row)}", highlight=False)
     for note in paired.notes:
         console.print(f"  {note}", style="dim", highlight=False)
     header, cells = seed_table(comparison)

@@ -208,12 +208,12 @@ COLUMNS = ["setting", "metric", "delta", "95% CI", "p", "p (Holm)", "samples", "
 
 
 def table_cells(table: VerdictTable) -> list[list[str]]:
-    from glm_experiments.study.verdicts import decimals
+    from glm_experiments.study.verdicts import decimals, delta_decimals
 
     cells = []
     for r in table.rows:
-        k = decimals(r.ci_low, r.ci_high)
-        cells.append([r.setting, r.metric, f"{r.delta:+.{k}f}", f"[{r.ci_low:.{k}f}, {r.ci_high:.{k}f}]",
+        k, d = decimals(r.ci_low, r.ci_high), delta_decimals(r.delta, r.ci_low, r.ci_high)
+        cells.append([r.setting, r.metric, f"{r.delta:+.{d}f}", f"[{r.ci_low:.{k}f}, {r.ci_high:.{k}f}]",
                       _p(r.p_value), _p(r.p_adjusted), f"{r.n_samples:,}", str(r.n_seeds), r.verdict,
                       "-" if r.samples_needed is None else f"{r.samples_needed:,}"])
     return cells

@@ -306,6 +306,14 @@ def decimals(*values: float) -> int:
     return int(min(4, max(1, 1 - math.floor(math.log10(width)))))
 
 
+def delta_decimals(delta: float, ci_low: float, ci_high: float) -> int:
+    """The interval's decimals, more where the delta would otherwise print as 0 (+0.03, not +0.0): up to 4."""
+    k = decimals(ci_low, ci_high)
+    if delta and math.isfinite(delta) and abs(delta) < 10 ** -k:
+        k = min(4, -math.floor(math.log10(abs(delta))))
+    return k
+
+
 def about(n: int) -> str:
     """A count rounded to two significant digits for prose: 873 -> '870', 12345 -> '12,000'."""
     if n < 100:
@@ -317,12 +325,13 @@ def about(n: int) -> str:
 def row_phrase(row: VerdictRow) -> str:
     """'ROUGE-L +23.5 [17.1, 29.8], better' / 'BLEU-4 +0.4 [-1.2, 2.0], within noise: about 900 dev samples ...'."""
     k = decimals(row.ci_low, row.ci_high)
-    text = f"{row.metric} {row.delta:+.{k}f} [{row.ci_low:.{k}f}, {row.ci_high:.{k}f}], {row.verdict}"
+    d = delta_decimals(row.delta, row.ci_low, row.ci_high)
+    text = f"{row.metric} {row.delta:+.{d}f} [{row.ci_low:.{k}f}, {row.ci_high:.{k}f}], {row.verdict}"
     if row.verdict == WITHIN_NOISE:
         if row.samples_needed is None:
             text += ": no difference observed"
         else:
-            text += f": about {about(row.samples_needed)} dev samples would detect {row.delta:+.{k}f}"
+            text += f": about {about(row.samples_needed)} dev samples would detect {row.delta:+.{d}f}"
     return text
 
 

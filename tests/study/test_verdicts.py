@@ -227,6 +227,8 @@ def test_sentences_read_like_the_issue():
                                         "[-1.2, 2.0], within noise: about 900 dev samples would detect +0.4")
     assert v.row_phrase(row("acc.", -0.031, -0.052, -0.011, v.WORSE)) == "acc. -0.031 [-0.052, -0.011], worse"
     assert v.row_phrase(row("F1", 0.0, -1.0, 1.0, v.WITHIN_NOISE)).endswith("within noise: no difference observed")
+    assert v.row_phrase(row("ROUGE-1", 0.031, -0.9, 1.0, v.WITHIN_NOISE, 199078)) == (
+        "ROUGE-1 +0.03 [-0.9, 1.0], within noise: about 200,000 dev samples would detect +0.03")  # not +0.0
     assert v.about(873) == "870" and v.about(12345) == "12,000" and v.about(57) == "57"
     table = v.VerdictTable("src=512", rows)
     assert table.sentences() == [v.setting_sentence(rows)]
