@@ -1,6 +1,6 @@
 """Adapters trained with THUDM's scripts, made to compute the same on the models this project loads.
 
-What users bring (see DESIGN.md, "Users' existing fine-tuning artifacts"):
+What users bring (the PEFT and THUDM adapter files tests/helpers/thudm_fixtures.py writes):
 
 * **LoRA** written by PEFT 0.6-0.10 (ChatGLM3 ``finetune_demo/finetune_hf.py``, liucongg-style scripts):
   ``adapter_config.json`` + ``adapter_model.safetensors`` or ``adapter_model.bin``, keys like
@@ -49,12 +49,7 @@ from glm_experiments.models.checkpoint_files import CheckpointError
 
 log = logging.getLogger(__name__)
 
-from glm_experiments.migration.thudm_adapter_files import (
-    ADAPTER_CONVERTER_VERSION,
-    BaseDims,
-    adapter_kind,
-    base_dims,
-)
+from glm_experiments.migration.thudm_adapter_files import ADAPTER_CONVERTER_VERSION, BaseDims, adapter_kind, base_dims
 from glm_experiments.migration.thudm_lora import convert_lora
 from glm_experiments.migration.thudm_prefix import convert_peft_prefix, convert_thudm_prefix
 

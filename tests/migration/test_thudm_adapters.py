@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import test_families as tf
+from tests.models import test_families as tf
 import torch
 
 from glm_experiments import convert
