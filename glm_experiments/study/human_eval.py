@@ -31,7 +31,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -42,13 +41,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from glm_experiments.errors import UserError
+from glm_experiments.study.votes import wilson_interval
 
 log = logging.getLogger(__name__)
 
 ROLE = "human_eval"  # value of the glm_experiments.role tag (compare leaves these runs out of its training runs)
 TAG_RUN = "human_eval.run_{}"  # .run_a / .run_b: the MLflow run ids of the two runs judged
 CHOICES = ("left", "right", "tie", "both_bad")
-Z95 = 1.959963984540054  # two-sided 95 %
 DEFINITION = (
     "win_rate_a = wins of run a / (wins of run a + wins of run b) in blind side-by-side votes; ties and "
     "'both bad' are left out of it and counted as ties / both_bad; n = all verdicts; ci_low / ci_high: "
@@ -57,17 +56,6 @@ DEFINITION = (
 
 
 # ------------------------------------------------------------------------------------------ the tally
-def wilson_interval(wins: int, trials: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a proportion ``wins / trials`` (``(0, 1)`` when there are no trials)."""
-    if trials <= 0:
-        return 0.0, 1.0
-    p = wins / trials
-    denominator = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denominator
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 @dataclass
 class Tally:
     wins_a: int = 0
@@ -89,7 +77,7 @@ class Tally:
 
     def verdict(self):
         """The sign test over the decisive votes beside the Wilson interval (study.verdicts.VoteVerdict)."""
-        from glm_experiments.study.verdicts import vote_verdict
+        from glm_experiments.study.votes import vote_verdict
 
         interval = wilson_interval(self.wins_a, self.decisive) if self.decisive else None
         return vote_verdict(self.wins_a, self.wins_b, interval)

@@ -132,7 +132,7 @@ def human_eval_columns(client, rows: list[dict]) -> list[str]:
             evals.append((tags, metrics, a, b))
     if not evals:
         return []
-    from glm_experiments.study.verdicts import format_p, vote_verdict
+    from glm_experiments.study.votes import format_p, vote_verdict
 
     columns = ["human win %", "95% CI", "p", "verdict", "W-L-tie-bad", "vs"]
     for run_id, row in by_id.items():

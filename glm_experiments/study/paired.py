@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from glm_experiments.errors import UserError
 from glm_experiments.study.verdicts import VerdictTable, verdict_table
@@ -70,7 +71,7 @@ def keyed_scores(table: Mapping[str, Any], where: str) -> dict[str, dict[str, fl
 
 def load_predictions(client, run_id: str, path: str = PREDICTIONS_TABLE) -> dict | None:
     """The run's predictions table as logged by ``mlflow.log_table``, or None when the run has none."""
-    folder, _, name = path.rpartition("/")
+    folder = path.rpartition("/")[0]
     if not any(a.path == path for a in client.list_artifacts(run_id, folder)):
         return None
     previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
@@ -148,8 +149,9 @@ def paired_comparison(client, runs: Sequence[Any], varied: Sequence[str], label:
         return PairedComparison(None, settings, ["one setting only: nothing to compare"])
     different_data = [k for k in varied if k in DATA_PARAMS or k.startswith("data.") and k.endswith("_file")]
     if different_data:
-        return PairedComparison(None, settings, [f"no paired verdicts: the settings differ in {', '.join(different_data)}, "
-                                                 "so they were not scored on the same dev samples"])
+        why = (f"no paired verdicts: the settings differ in {', '.join(different_data)}, so they were not scored on "
+               "the same dev samples")
+        return PairedComparison(None, settings, [why])
 
     scores: dict[str, dict[str, list[dict[str, float]]]] = {}
     reported: dict[str, set[str]] = {}  # setting -> metrics its runs report as eval/<metric>
@@ -171,11 +173,10 @@ def paired_comparison(client, runs: Sequence[Any], varied: Sequence[str], label:
     if missing_tables:
         notes.append(f"left out of the verdicts, no per-sample scores ({PREDICTIONS_TABLE}): {', '.join(missing_tables)}")
     if len(scores) < 2:
-        return PairedComparison(None, settings, notes + ["no paired verdicts: fewer than 2 settings have per-sample "
-                                                         "scores"])
+        return PairedComparison(None, settings, [*notes, "no paired verdicts: fewer than 2 settings have per-sample scores"])
     # a setting whose seeds do not all have a table: use the seeds that do (n_seeds says how many)
-    for name in scores:
-        counts = {len(v) for v in scores[name].values()}
+    for name, by_metric in scores.items():
+        counts = {len(v) for v in by_metric.values()}
         if len(counts) > 1:
             raise UserError(f"setting {name}: its runs' predictions tables have different per-sample columns")
     # a metric some setting scores per sample, which another reports (eval/<metric>) without per-sample scores

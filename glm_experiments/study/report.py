@@ -20,7 +20,6 @@ from glm_experiments.study.comparison import (
     table_cells,
 )
 
-
 VERDICTS_FILE = "verdicts.json"
 
 

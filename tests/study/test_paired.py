@@ -15,7 +15,7 @@ N = 120
 
 
 def label(key: str, value: str | None) -> str:
-    group, _, leaf = key.rpartition(".")
+    leaf = key.rpartition(".")[2]
     return str(value) if leaf == "name" else f"{SHORT.get(leaf, leaf)}={value}"
 
 
@@ -112,7 +112,7 @@ def test_bad_input_one_line():
             fake_run("b" * 8, {"seed": "1", "data.max_source_length": "1024"}, ("eval/bleu-4", "eval/rouge-l"))]
     tables = {"a" * 8: {"columns": ["input", "bleu-4", "rouge-l"], "data": [["x", 1.0, 2.0], ["y", 2.0, 3.0]]},
               "b" * 8: {"columns": ["input", "bleu-4"], "data": [["x", 1.5], ["z", 2.0]]}}
-    load = lambda client, run_id: tables[run_id]  # noqa: E731
+    load = lambda client, run_id: tables[run_id]
     with pytest.raises(UserError, match="reports eval/rouge-l but its predictions table has no per-sample") as caught:
         paired.paired_comparison(None, runs, VARIED, label, aliases, load=load)
     assert "\n" not in str(caught.value)
@@ -136,8 +136,8 @@ def test_repeated_inputs_are_matched_by_occurrence():
 
 
 def test_description_puts_verdicts_first_and_replaces_earlier_ones():
-    from tests.study.test_verdicts import scores_for
     from glm_experiments.study.verdicts import verdict_table
+    from tests.study.test_verdicts import scores_for
 
     result = paired.PairedComparison(verdict_table(scores_for(2, ["ROUGE-L"], 50, 1, {})), {})
     sweep_note = "Sweep parent: each job of this --multirun is a child run.\n\nCompare the children: `...`"

@@ -16,6 +16,7 @@ from scipy import stats
 
 from glm_experiments.errors import UserError
 from glm_experiments.study import verdicts as v
+from glm_experiments.study import votes
 
 N_SIMULATIONS = 500
 
@@ -236,16 +237,19 @@ def test_sentences_read_like_the_issue():
 
 # ------------------------------------------------------------------------------------------ human votes
 def test_votes_get_a_sign_test_beside_the_wilson_interval():
-    votes = v.vote_verdict(14, 6)
-    assert votes.p_value == pytest.approx(stats.binomtest(14, 20).pvalue) == pytest.approx(0.1153, abs=1e-4)
-    assert votes.sentence() == "A preferred 14 of 20 decisive votes, 70 % [48, 85], p = 0.12, within noise"
-    assert v.vote_verdict(6, 14).sentence() == "B preferred 14 of 20 decisive votes, 70 % [48, 85], p = 0.12, within noise"
-    assert v.vote_verdict(6, 14).verdict == v.WITHIN_NOISE
-    strong = v.vote_verdict(2, 18)
+    tally = votes.vote_verdict(14, 6)
+    assert tally.p_value == pytest.approx(stats.binomtest(14, 20).pvalue) == pytest.approx(0.1153, abs=1e-4)
+    assert tally.sentence() == "A preferred 14 of 20 decisive votes, 70 % [48, 85], p = 0.12, within noise"
+    assert votes.vote_verdict(6, 14).sentence() == "B preferred 14 of 20 decisive votes, 70 % [48, 85], p = 0.12, within noise"
+    assert votes.vote_verdict(6, 14).verdict == v.WITHIN_NOISE
+    strong = votes.vote_verdict(2, 18)
     assert strong.verdict == v.WORSE  # for a
     assert strong.sentence("lora", "freeze") == (
         "freeze preferred 18 of 20 decisive votes, 90 % [70, 97], p < 0.001, better")
-    assert v.vote_verdict(0, 0).p_value is None and v.vote_verdict(0, 0).verdict == v.WITHIN_NOISE
+    assert votes.vote_verdict(0, 0).p_value is None and votes.vote_verdict(0, 0).verdict == v.WITHIN_NOISE
+    assert votes.wilson_interval(14, 20) == pytest.approx((0.4810, 0.8545), abs=5e-4)
+    with pytest.raises(UserError, match="negative"):
+        votes.vote_verdict(-1, 3)
 
 
 # ------------------------------------------------------------------------------------------ bad input
