@@ -350,8 +350,8 @@ def print_table(comparison: Comparison, console=None) -> None:
     def metric_table(title: str, columns: list[str], mark_best: bool) -> Table:
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
         table.add_column("run", no_wrap=True, max_width=LABEL_WIDTH)
-        for col in columns:
-            table.add_column(col, justify="right", no_wrap=True)
+        for col in columns:  # the other run of a human eval: named in full in the report, cut here to fit 100 columns
+            table.add_column(col, justify="right", no_wrap=True, max_width=14 if col == "vs" else None)
         for label, row, cells in zip(labels, comparison.rows, table_cells(comparison, columns)):
             styled = [f"[bold green]{cell}[/]" if mark_best and row.get(col) is not None and row.get(col) == best_value(comparison, col)
                       else cell for col, cell in zip(columns, cells)]

@@ -171,14 +171,13 @@ def test_mlflow_run_mirrors_the_session_and_compare_shows_it(pair, tmp_path):
 
     comparison = collect(uri, experiment="study")
     assert {row["run_id"] for row in comparison.rows} == set(ids.values()), "the human_eval run is no training run"
-    assert comparison.tables["human eval"] == ["human win %", "95% CI", "p", "verdict", "W-L-tie-bad", "vs"]
+    assert comparison.tables["human eval"] == ["human win %", "95% CI", "sign test", "W-L-tie-bad", "vs"]
     rows = {row["run_id"]: row for row in comparison.rows}
     assert rows[ids["a"]]["human win %"] == pytest.approx(66.7)
     assert rows[ids["b"]]["human win %"] == pytest.approx(33.3)
     assert rows[ids["a"]]["95% CI"] == f"{100 * low:.0f}–{100 * high:.0f}"
     assert rows[ids["b"]]["95% CI"] == f"{100 * (1 - high):.0f}–{100 * (1 - low):.0f}"
-    assert rows[ids["a"]]["p"] == rows[ids["b"]]["p"] == "1.00"
-    assert rows[ids["a"]]["verdict"] == rows[ids["b"]]["verdict"] == "within noise"
+    assert rows[ids["a"]]["sign test"] == rows[ids["b"]]["sign test"] == "noise p=1.00"  # within noise
     assert rows[ids["a"]]["W-L-tie-bad"] == "2-1-1-0" and rows[ids["b"]]["W-L-tie-bad"] == "1-2-1-0"
     assert rows[ids["a"]]["vs"] == rows[ids["b"]]["label"]
     from rich.console import Console
