@@ -44,7 +44,7 @@ N_BOOTSTRAP = 4000      # bootstrap resamples per comparison (the issue asks for
 N_PERMUTATIONS = 4000   # random sign patterns per comparison where the test is not exact
 EXACT_MAX_N = 12        # up to 2**12 = 4,096 sign patterns: enumerate them all (an exact p-value)
 DEFAULT_SEED = 0
-_CHUNK = 4_000_000      # resample matrix entries per block: bounds memory for large dev sets (~32 MB of indices)
+_CHUNK = 4_000_000      # resample matrix entries per block: bounds memory for large dev sets (~48 MB a block)
 
 Z_CONFIDENCE = float(stats.norm.ppf(1 - (1 - CONFIDENCE) / 2))  # 1.95996...
 Z_POWER = float(stats.norm.ppf(POWER))                          # 0.84162...
@@ -65,7 +65,7 @@ def pool_seeds(per_seed: Sequence[Mapping[str, float]]) -> dict[str, float]:
     if not per_seed:
         return {}
     shared = set(per_seed[0]).intersection(*per_seed[1:]) if len(per_seed) > 1 else set(per_seed[0])
-    return {key: float(np.mean([float(seed[key]) for seed in per_seed])) for key in per_seed[0] if key in shared}
+    return {key: sum(float(seed[key]) for seed in per_seed) / len(per_seed) for key in per_seed[0] if key in shared}
 
 
 def seed_summary(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
@@ -90,41 +90,58 @@ def comparison_seed(seed: int, *names: str) -> np.random.SeedSequence:
     return np.random.SeedSequence([seed, *(zlib.crc32(name.encode("utf-8")) for name in names)])
 
 
+def _columns(diffs: np.ndarray) -> np.ndarray:
+    d = np.asarray(diffs, dtype=float)
+    return d[:, None] if d.ndim == 1 else d
+
+
 def bootstrap_ci(diffs: np.ndarray, rng: np.random.Generator, n_resamples: int = N_BOOTSTRAP,
-                 confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Percentile interval of the mean of ``diffs`` by resampling samples with replacement (vectorised)."""
-    n = diffs.size
-    means = np.empty(n_resamples)
+                 confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.ndarray] | tuple[float, float]:
+    """Percentile interval of the mean of ``diffs`` by resampling samples with replacement (vectorised).
+
+    ``diffs``: one comparison (n,) or several over the same samples (n, metrics): one resample of the samples
+    serves every column (the paired bootstrap of a table row). A resample's mean is ``counts @ diffs / n``, with
+    ``counts`` how often it drew each sample: one matrix product for every column, in blocks of resamples.
+    """
+    d = _columns(diffs)
+    n = d.shape[0]
+    means = np.empty((n_resamples, d.shape[1]))
     block = max(1, _CHUNK // n)
     for start in range(0, n_resamples, block):  # blocks of resamples, not one resample at a time
-        stop = min(n_resamples, start + block)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = diffs[idx].mean(axis=1)
+        rows = min(n_resamples, start + block) - start
+        drawn = rng.integers(0, n, size=(rows, n), dtype=np.int32) + (np.arange(rows, dtype=np.int32) * n)[:, None]
+        counts = np.bincount(drawn.ravel(), minlength=rows * n).reshape(rows, n).astype(float)  # BLAS, not int
+        means[start:start + rows] = counts @ d / n
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(low), float(high)
+    low, high = np.percentile(means, [tail, 100 - tail], axis=0)
+    return (float(low[0]), float(high[0])) if np.ndim(diffs) == 1 else (low, high)
 
 
-def sign_flip_p(diffs: np.ndarray, rng: np.random.Generator, n_resamples: int = N_PERMUTATIONS) -> float:
+def sign_flip_p(diffs: np.ndarray, rng: np.random.Generator, n_resamples: int = N_PERMUTATIONS) -> float | np.ndarray:
     """Two-sided p-value of a paired permutation test: under "no difference" each difference's sign is a coin flip.
 
     The statistic is |sum of differences|. Up to :data:`EXACT_MAX_N` samples every sign pattern is enumerated
-    (exact); beyond, ``n_resamples`` random patterns, p = (1 + hits) / (1 + n_resamples).
+    (exact); beyond, ``n_resamples`` random patterns, p = (1 + hits) / (1 + n_resamples). ``diffs`` as for
+    :func:`bootstrap_ci`: (n,) or (n, metrics), one set of sign patterns for every column.
     """
-    n = diffs.size
-    observed = abs(diffs.sum())
-    tolerance = 1e-9 * max(1.0, float(np.abs(diffs).sum()))  # float noise must not turn a tie into a miss
+    d = _columns(diffs)
+    n = d.shape[0]
+    observed = np.abs(d.sum(axis=0))
+    tolerance = 1e-9 * np.maximum(1.0, np.abs(d).sum(axis=0))  # float noise must not turn a tie into a miss
     if n <= EXACT_MAX_N:
-        patterns = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1) * 2 - 1
-        flipped = np.abs(patterns @ diffs)
-        return float(np.mean(flipped >= observed - tolerance))
-    hits = 0
-    block = max(1, _CHUNK // n)
-    for start in range(0, n_resamples, block):
-        stop = min(n_resamples, start + block)
-        signs = rng.integers(0, 2, size=(stop - start, n), dtype=np.int8) * 2 - 1
-        hits += int(np.count_nonzero(np.abs(signs @ diffs) >= observed - tolerance))
-    return (1 + hits) / (1 + n_resamples)
+        patterns = ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1) * 2.0 - 1
+        p = np.mean(np.abs(patterns @ d) >= observed - tolerance, axis=0)
+    else:
+        hits = np.zeros(d.shape[1], dtype=np.int64)
+        block = max(1, _CHUNK // n)
+        total = d.sum(axis=0)
+        for start in range(0, n_resamples, block):
+            rows = min(n_resamples, start + block) - start
+            # 8 coin flips per random byte; flipping the samples in `flip` turns the sum into total - 2 * their sum
+            flip = np.unpackbits(rng.integers(0, 256, size=(rows, (n + 7) // 8), dtype=np.uint8), axis=1)[:, :n]
+            hits += np.count_nonzero(np.abs(total - 2 * (flip.astype(float) @ d)) >= observed - tolerance, axis=0)
+        p = (1 + hits) / (1 + n_resamples)
+    return float(p[0]) if np.ndim(diffs) == 1 else np.asarray(p, dtype=float)
 
 
 def samples_needed(delta: float, sd: float, z_alpha: float = Z_CONFIDENCE, z_power: float = Z_POWER) -> int | None:
@@ -161,25 +178,36 @@ def three_way(ci_low: float, ci_high: float, null: float = 0.0) -> str:
     return WITHIN_NOISE
 
 
-def paired_verdict(diffs: Sequence[float] | np.ndarray, seed: int | np.random.SeedSequence = DEFAULT_SEED,
-                   n_bootstrap: int = N_BOOTSTRAP, n_permutations: int = N_PERMUTATIONS) -> PairedResult:
-    """delta, its bootstrap interval, the sign-flip p-value, the verdict and samples_needed for one comparison."""
-    d = np.asarray(diffs, dtype=float)
-    if d.ndim != 1 or d.size < 2:
-        raise VerdictError(f"a paired comparison needs at least 2 shared samples, got {d.size}")
+def paired_verdicts(diffs: np.ndarray, seed: int | np.random.SeedSequence = DEFAULT_SEED,
+                    n_bootstrap: int = N_BOOTSTRAP, n_permutations: int = N_PERMUTATIONS) -> list[PairedResult]:
+    """:func:`paired_verdict` for each column of ``diffs`` (n samples, metrics), sharing the resamples."""
+    d = _columns(diffs)
+    if d.ndim != 2 or d.shape[0] < 2:
+        raise VerdictError(f"a paired comparison needs at least 2 shared samples, got {d.shape[0] if d.ndim else 0}")
     if not np.all(np.isfinite(d)):
         raise VerdictError("a paired comparison got a missing (NaN) or infinite per-sample score")
     sequence = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
     boot_seed, perm_seed = sequence.spawn(2)
-    delta = float(d.mean())
-    sd = float(d.std(ddof=1))
-    low, high = bootstrap_ci(d, np.random.default_rng(boot_seed), n_bootstrap)
-    # the bootstrap of a constant difference is that constant: keep the interval around delta despite float noise
-    low, high = min(low, delta), max(high, delta)
-    p = sign_flip_p(d, np.random.default_rng(perm_seed), n_permutations)
-    verdict = three_way(low, high)
-    needed = samples_needed(delta, sd) if verdict == WITHIN_NOISE else None
-    return PairedResult(delta, low, high, p, int(d.size), sd, verdict, needed)
+    deltas, sds = d.mean(axis=0), d.std(axis=0, ddof=1)
+    lows, highs = bootstrap_ci(d, np.random.default_rng(boot_seed), n_bootstrap)
+    ps = sign_flip_p(d, np.random.default_rng(perm_seed), n_permutations)
+    results = []
+    for delta, sd, low, high, p in zip(deltas, sds, lows, highs, ps):
+        # the bootstrap of a constant difference is that constant: keep the interval around delta despite float noise
+        low, high = min(float(low), float(delta)), max(float(high), float(delta))
+        verdict = three_way(low, high)
+        needed = samples_needed(float(delta), float(sd)) if verdict == WITHIN_NOISE else None
+        results.append(PairedResult(float(delta), low, high, float(p), int(d.shape[0]), float(sd), verdict, needed))
+    return results
+
+
+def paired_verdict(diffs: Sequence[float] | np.ndarray, seed: int | np.random.SeedSequence = DEFAULT_SEED,
+                   n_bootstrap: int = N_BOOTSTRAP, n_permutations: int = N_PERMUTATIONS) -> PairedResult:
+    """delta, its bootstrap interval, the sign-flip p-value, the verdict and samples_needed for one comparison."""
+    d = np.asarray(diffs, dtype=float)
+    if d.ndim != 1:
+        raise VerdictError(f"paired_verdict takes one array of per-sample differences, got shape {d.shape}")
+    return paired_verdicts(d[:, None], seed, n_bootstrap, n_permutations)[0]
 
 
 def holm(p_values: Sequence[float | None]) -> list[float | None]:
@@ -281,13 +309,22 @@ def verdict_table(scores: Mapping[str, Mapping[str, SeedScores]], baseline: str 
     for name in names:
         if name == baseline:
             continue
+        # metrics scored on the same samples (the usual case: all of them) share one set of resamples: the
+        # paired bootstrap of a table row, and one matrix product per block instead of one per metric
+        groups: dict[tuple[str, ...], list[tuple[str, np.ndarray]]] = {}
         for metric in metrics:
-            diffs, _ = paired_differences(pooled[name][metric], pooled[baseline][metric])
+            diffs, keys = paired_differences(pooled[name][metric], pooled[baseline][metric])
             if diffs.size < 2:
                 raise VerdictError(f"{name} vs {baseline}: {diffs.size} dev sample(s) scored by both on {metric}; "
                                    "a paired comparison needs at least 2 (do the runs share a dev set?)")
-            result = paired_verdict(diffs, comparison_seed(seed, name, baseline, metric), n_bootstrap, n_permutations)
-            results.append((name, metric, result, len(scores[name][metric])))
+            groups.setdefault(tuple(keys), []).append((metric, diffs))
+        by_metric = {}
+        for group in groups.values():
+            group_seed = comparison_seed(seed, name, baseline, *(metric for metric, _ in group))
+            found = paired_verdicts(np.column_stack([diffs for _, diffs in group]), group_seed, n_bootstrap,
+                                    n_permutations)
+            by_metric.update({metric: result for (metric, _), result in zip(group, found)})
+        results += [(name, metric, by_metric[metric], len(scores[name][metric])) for metric in metrics]
     adjusted = holm([r.p_value for _, _, r, _ in results])
     rows = [VerdictRow(metric=metric, setting=name, baseline=baseline, delta=r.delta, ci_low=r.ci_low,
                        ci_high=r.ci_high, p_value=r.p_value, p_adjusted=p_adj, n_samples=r.n_samples,
