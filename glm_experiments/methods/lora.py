@@ -21,7 +21,7 @@ from glm_experiments.config.schema import AT_LEAST_1, POSITIVE, PROBABILITY, Met
 from glm_experiments.errors import SettingError
 from glm_experiments.methods.artifacts import cfg_get, check_settings, read_method_json, write_method_json
 from glm_experiments.methods.record import Method, is_peft_model, register, unwrap_peft
-from glm_experiments.models.families import architecture_of
+from glm_experiments.models.family import architecture_of
 
 
 @dataclass

@@ -44,7 +44,7 @@ from glm_experiments.methods.artifacts import (
 from glm_experiments.methods.parameters import freeze_all, input_embeddings
 from glm_experiments.methods.record import Method, register
 from glm_experiments.methods.virtual_tokens import override_method, query_shape, real_position_ids, split_virtual_mask
-from glm_experiments.models.families import architecture_of
+from glm_experiments.models.family import architecture_of
 
 
 @dataclass

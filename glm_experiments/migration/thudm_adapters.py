@@ -9,7 +9,7 @@ What users bring (the PEFT and THUDM adapter files tests/helpers/thudm_fixtures.
 
   - ``query_key_value`` -> ``q_proj`` / ``k_proj`` / ``v_proj``: the same ``lora_A`` for each, ``lora_B`` split
     by the rows the base weight is split by ([Q heads*head_dim | K kv_heads*head_dim | V kv_heads*head_dim],
-    as :func:`glm_experiments.models.thudm_layouts.map_v2_key` does); DoRA magnitudes and trained biases split the
+    as :func:`glm_experiments.models.glm.layout.map_v2_key` does); DoRA magnitudes and trained biases split the
     same way (DoRA's norm is per output row, so the split is exact);
   - ``dense`` -> ``o_proj``, ``dense_h_to_4h`` -> ``gate_up_proj`` (same [gate | up] rows),
     ``dense_4h_to_h`` -> ``down_proj``;
