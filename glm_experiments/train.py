@@ -25,7 +25,7 @@ from glm_experiments.distributed import barrier, gather_to_main, gathered, is_ma
 from glm_experiments.errors import UserError
 from glm_experiments.evaluation import EvalSet, evaluate_generation, generation_kwargs, load_eval_set, write_predictions
 from glm_experiments.hydra_checks import check_creatable
-from glm_experiments.interrupts import sigterm_as_interrupt
+from glm_experiments.interrupts import STOP, sigterm_as_interrupt, stop_at_step_callback
 from glm_experiments.methods import Method, get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
 from glm_experiments.models import thudm_adapters
@@ -225,13 +225,14 @@ def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracke
         args=training_arguments(cfg, checkpoint_dir),
         train_dataset=pieces.train_set,
         data_collator=make_collator(cfg.train, pieces.tokenizer.pad_token_id),
-        callbacks=[TrackingCallback(tracker, evaluator, cfg.train.eval_steps)],
+        callbacks=[TrackingCallback(tracker, evaluator, cfg.train.eval_steps), stop_at_step_callback()],
         method_cfg=cfg.method,
         loss_chunk_size=cfg.train.loss_chunk_size,
     )
     quiet_trainer(trainer)
     train_start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
+    STOP.raise_if_stopped()  # a signal stopped training at a step's end, checkpointed (hydra/launcher=slurm jobs)
     train_seconds = time.perf_counter() - train_start
     # every rank's tokens and peak memory, on rank 0 (one entry in-process)
     per_rank = gather_to_main((trainer.tokens_seen, peak_memory_mib())) or []
