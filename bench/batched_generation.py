@@ -1,4 +1,4 @@
-"""generation: ``glm_experiments.evaluation.generate`` at batch 16 vs batch 1, predictions compared.
+"""generation: ``glm_experiments.recipe.evaluation.generate`` at batch 16 vs batch 1, predictions compared.
 
 dev.json prompts through the chatglm3 template, the default run's eval settings (greedy, max_new_tokens 64). Two
 models: the fine-tuned default run (tiny + LoRA, 300 steps; trained once and cached in
@@ -58,7 +58,7 @@ def paired_generation(model, tok, template, prompts, eval_cfg) -> dict:
     load); predictions compared."""
     from omegaconf import OmegaConf
 
-    from glm_experiments.evaluation import generate
+    from glm_experiments.recipe.evaluation import generate
 
     batched_cfg = OmegaConf.merge(eval_cfg, {"batch_size": 16})
     single_cfg = OmegaConf.merge(eval_cfg, {"batch_size": 1})
@@ -105,8 +105,8 @@ def run(args) -> dict:
 
     from glm_experiments.data.dataset import eval_prompts
     from glm_experiments.data.formats import load_samples, resolve_data_path
+    from glm_experiments.inference.run_loading import load_run
     from glm_experiments.models.loading import template_for
-    from glm_experiments.run_loading import load_run
 
     n = 32 if args.quick else 64
     cfg = compose(

@@ -134,7 +134,7 @@ CASES = [
     (
         "pytest_gpu",
         (
-            "pytest -m gpu tests/test_gpu.py (bf16 vs fp32, QLoRA train+reload, GPU = CPU greedy, CLI CUDA "
+            "pytest -m gpu tests/gpu/test_gpu.py (bf16 vs fp32, QLoRA train+reload, GPU = CPU greedy, CLI CUDA "
             "metrics)"
         ),
         [],

@@ -23,7 +23,7 @@ ChatGLM3-6B's sizes; ChatGLM2-6B has the same shape; settings composed from the 
   * full fine-tuning of a 4-layer shortened model (checkpointing + chunked CE);
   * the project's CLI end to end (``python -m glm_experiments``, a GPU-sized tiny GLM, a few hundred steps,
     tracking=none): bf16, ``perf/cuda_max_allocated_mib``, batched generation before/after, checkpoints;
-  * ``pytest -m gpu tests/test_gpu.py``.
+  * ``pytest -m gpu tests/gpu/test_gpu.py``.
 
 Every case runs in its own process on CUDA (clean peak stats, a time cap that can kill it) inside a
 try/except: an error or a hit cap is recorded as the case's status and the next case runs. A case starts
@@ -59,7 +59,7 @@ from gpu_report import environment, fmt, reference_text, write_report
 from gpu_train import failure, run_train_case, worker_main
 from harness import ROOT
 
-# read here by tests/test_gpu_check.py
+# read here by tests/gpu/test_gpu_check.py
 __all__ = [
     "CASES",
     "CLI_GPU_MODEL",

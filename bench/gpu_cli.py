@@ -74,7 +74,7 @@ def cli_overrides(args, run_dir: Path) -> list[str]:
 def cli_child(metrics_file: str, overrides: list[str]) -> None:
     """``python -m glm_experiments OVERRIDES`` in this process, every metric the run logs also appended to
     ``metrics_file`` (with tracking=none they go nowhere else) and the Trainer's precision recorded."""
-    from glm_experiments import train
+    from glm_experiments.recipe import train
     from glm_experiments.tracking.mlflow_tracker import Tracker
 
     log_metrics, training_arguments = Tracker.log_metrics, train.training_arguments

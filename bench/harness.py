@@ -239,8 +239,8 @@ def tiny_tokenizer():
     """(path, tokenizer) of the pre-trained tiny checkpoint (built once, cached)."""
     from transformers import AutoTokenizer
 
-    from glm_experiments.config import TinyModelConfig
-    from glm_experiments.models.tiny import ensure_tiny_checkpoint
+    from glm_experiments.config.schema import TinyModelConfig
+    from glm_experiments.models.tiny.build import ensure_tiny_checkpoint
 
     path = ensure_tiny_checkpoint(TinyModelConfig())
     return path, AutoTokenizer.from_pretrained(path)

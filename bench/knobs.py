@@ -1,7 +1,7 @@
 """knobs: each memory/speed knob against the baseline on a GLM with ChatGLM's 65,024-token vocabulary.
 
 Hidden 256, 4 layers, full fine-tuning, random weights. Knobs: gradient checkpointing, eager vs SDPA attention,
-bf16 autocast vs fp32, chunked cross-entropy (``train.loss_chunk_size=512``, the ``glm_experiments.losses.chunked_loss``
+bf16 autocast vs fp32, chunked cross-entropy (``train.loss_chunk_size=512``, the ``glm_experiments.recipe.losses.chunked_loss``
 GlmTrainer uses). Per knob: forward+backward speed vs the baseline (rounds interleaved, order alternating) and the
 step's peak memory (a separate process, glibc's mmap threshold lowered, VmHWM reset before each step).
 """
@@ -58,7 +58,7 @@ def knob_batch(bs: int, seq: int) -> dict:
 
 def knob_step(model, batch, knob: str) -> float:
     """Forward + backward with one knob changed from the baseline (fp32, SDPA, full logits, no checkpointing)."""
-    from glm_experiments.losses import chunked_loss
+    from glm_experiments.recipe.losses import chunked_loss
 
     if knob == "grad_checkpointing":
         model.gradient_checkpointing_enable(

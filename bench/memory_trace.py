@@ -63,7 +63,7 @@ def _fake_world():
     ``.to()``, which under fake tensors must swap parameters and fails; everything is on the (fake) CPU anyway."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from glm_experiments import losses
+    from glm_experiments.recipe import losses
 
     original_to, original_select = torch.nn.Module.to, losses.supervised_positions
     torch.nn.Module.to = lambda self, *args, **kwargs: self
@@ -93,7 +93,7 @@ def training_steps(
     live tensor bytes. Real tensors here; under :func:`trace_training_step` fake ones."""
     from transformers import GlmForCausalLM
 
-    from glm_experiments.losses import chunked_loss
+    from glm_experiments.recipe.losses import chunked_loss
     from glm_experiments.methods import get_method, trainable_summary
 
     tracker = LiveBytes()

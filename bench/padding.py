@@ -60,8 +60,8 @@ def pad_to_max_collate(features, pad_id: int, max_len: int) -> dict:
 
 
 def random_tiny_model(tokenizer, seed: int = 0):
-    from glm_experiments.config import TinyModelConfig
-    from glm_experiments.models.tiny import build_model
+    from glm_experiments.config.schema import TinyModelConfig
+    from glm_experiments.models.tiny.build import build_model
 
     torch.manual_seed(seed)
     model = build_model(TinyModelConfig(), tokenizer)
@@ -94,7 +94,7 @@ def train_step(model, optimizer, batch: dict | list[dict]) -> float:
 
 def run(args) -> dict:
     from glm_experiments.data.dataset import CausalCollator, PackingCollator
-    from glm_experiments.trainer import EpochSeededLengthGroupedSampler
+    from glm_experiments.recipe.trainer import EpochSeededLengthGroupedSampler
 
     _, tok = tiny_tokenizer()
     vocab, pad = len(tok), tok.pad_token_id

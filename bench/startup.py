@@ -2,7 +2,7 @@
 
 ``python -m glm_experiments train.max_steps=1 eval.before_training=false tracking=none`` in a subprocess through a
 probe that records the first ``Trainer.training_step`` call: wall and CPU time to the first step, of the whole
-subprocess, of ``python -c "import glm_experiments.train"``, and ``train.startup_seconds`` from ``result.json``;
+subprocess, of ``python -c "import glm_experiments.recipe.train"``, and ``train.startup_seconds`` from ``result.json``;
 then a 2-job ``--multirun`` (no dev set): time from job 1's first step to job 2's.
 """
 
@@ -104,9 +104,9 @@ def probed_sweep(tmp: str) -> dict:
 
 
 def top_level_imports() -> list[tuple[str, float]]:
-    """The 8 slowest top-level imports of ``import glm_experiments.train`` (``python -X importtime``)."""
+    """The 8 slowest top-level imports of ``import glm_experiments.recipe.train`` (``python -X importtime``)."""
     _, proc = timed_cmd(
-        [sys.executable, "-X", "importtime", "-c", "import glm_experiments.train"]
+        [sys.executable, "-X", "importtime", "-c", "import glm_experiments.recipe.train"]
     )
     cum = {}
     for line in proc.stderr.splitlines():
@@ -120,7 +120,7 @@ def run(args) -> dict:
     reps = 1 if args.quick else 2
     py = sys.executable
     import_t = [
-        cpu_cmd([py, "-c", "import glm_experiments.train"]) for _ in range(reps + 1)
+        cpu_cmd([py, "-c", "import glm_experiments.recipe.train"]) for _ in range(reps + 1)
     ]
     torch_t = [cpu_cmd([py, "-c", "import torch"]) for _ in range(reps)]
     bare_t = [cpu_cmd([py, "-c", "pass"]) for _ in range(reps)]
@@ -159,7 +159,7 @@ def run(args) -> dict:
             "",
         ),
         (
-            "  import glm_experiments.train",
+            "  import glm_experiments.recipe.train",
             f"{imp_wall:.1f} s wall, {imp:.1f} s CPU",
             f"{result['import_share_of_first_step_cpu']:.0%} of first-step CPU (torch alone {torch_cpu:.1f} s CPU)",
             "",

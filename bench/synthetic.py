@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-# ChatGLM3-6B's shape (DESIGN.md "Checkpoint layouts"); ChatGLM2-6B has the same. 28 layers in the real models.
+# ChatGLM3-6B's shape (its config.json: hidden 4096, 32 heads, 2 KV groups, ffn 13696); ChatGLM2-6B has the same. 28 layers in the real models.
 CHATGLM3_6B = {
     "hidden_size": 4096,
     "intermediate_size": 13696,
@@ -124,7 +124,7 @@ def train_steps(
     """``steps`` optimizer steps on ``batch``: bf16 autocast (unless ``bf16=False``) and the chunked loss of
     ``train.loss_chunk_size`` (when set), as GlmTrainer applies them. (seconds per step, CUDA-synchronised;
     loss per step)."""
-    from glm_experiments.losses import chunked_loss
+    from glm_experiments.recipe.losses import chunked_loss
 
     cuda = device == "cuda"
     times, losses = [], []

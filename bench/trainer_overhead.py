@@ -27,7 +27,7 @@ def run(args) -> dict:
     from glm_experiments.models.loading import template_for
     from glm_experiments.methods import get_method
     from glm_experiments.tracking.mlflow_tracker import Tracker
-    from glm_experiments.trainer import (
+    from glm_experiments.recipe.trainer import (
         EpochSeededLengthGroupedSampler,
         GlmTrainer,
         TrackingCallback,

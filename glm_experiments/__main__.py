@@ -12,23 +12,26 @@ from glm_experiments.errors import DEBUG_FLAG, EXIT_BAD_INPUT, as_user_error, de
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 if __name__ == "__main__":  # before the imports below (torch, transformers): a mistyped option is answered at once
-    from glm_experiments.hydra_checks import exit_on_unknown_group_options
+    from glm_experiments.config.hydra_checks import exit_on_unknown_group_options
 
     exit_on_unknown_group_options([arg for arg in sys.argv[1:] if arg != DEBUG_FLAG], Path(CONF_DIR))
 
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-import glm_experiments.config  # noqa: E402, F401  (registers the schema before Hydra composes)
-from glm_experiments.interrupts import exit_code, signal_name  # noqa: E402
+import glm_experiments.config.schema  # noqa: E402, F401  (registers the schema before Hydra composes)
+from glm_experiments.methods import method_names  # noqa: E402
+from glm_experiments.recipe.interrupts import exit_code, signal_name  # noqa: E402
+
+method_names()  # each method module stores its schema (method/base_<name>) as it registers
 log = logging.getLogger("glm_experiments")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from glm_experiments.summary import print_summary
-    from glm_experiments.launcher import launch, needs_launch
-    from glm_experiments.train import preflight, run
+    from glm_experiments.recipe.summary import print_summary
+    from glm_experiments.recipe.train import preflight, run
+    from glm_experiments.scale.launcher import launch, needs_launch
 
     try:
         preflight(cfg)  # before torchrun workers start and before any weight loads: one message, not one per rank

@@ -16,8 +16,11 @@ def compose(overrides: list[str] | None = None, *, return_hydra_config: bool = F
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import glm_experiments.config  # noqa: F401  (registers the schema)
-    from glm_experiments.resolvers import CONF_DIR
+    import glm_experiments.config.schema  # noqa: F401  (registers the schema)
+    from glm_experiments.methods import method_names
+
+    method_names()  # each method module stores its schema (method/base_<name>) as it registers
+    from glm_experiments.config.resolvers import CONF_DIR
 
     GlobalHydra.instance().clear()  # a Hydra left initialised in this process would refuse a second init
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

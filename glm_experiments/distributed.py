@@ -1,7 +1,7 @@
 """Rank helpers for code that runs the same in one process and under torchrun (DDP / DeepSpeed).
 
 Everything here is a no-op (rank 0 of 1) when torch.distributed is not initialised, so train.py reads
-the same in-process and in a torchrun worker (glm_experiments.worker initialises the process group).
+the same in-process and in a torchrun worker (glm_experiments.scale.worker initialises the process group).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Generation settings are the run's ``eval`` settings (greedy by default) unless o
 
 An adapter trained elsewhere (THUDM's ptuning/main.py, ChatGLM3's finetune_demo LoRA or PREFIX_TUNING, or one of
 ours) is evaluated without a run, on a base checkpoint; the data format and generation settings are the project's
-defaults for ``--data`` (converted once into the cache, see ``glm_experiments.models.thudm_adapters``):
+defaults for ``--data`` (converted once into the cache, see ``glm_experiments.migration.thudm_adapters``):
 
     python -m glm_experiments.predict --model-path /data/chatglm3-6b --family chatglm3 \
         --adapter output/adgen-lora/checkpoint-3000 --input AdvertiseGen/dev.json
@@ -24,12 +24,10 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
-from glm_experiments.errors import UserError, cli_main
-from glm_experiments.run_loading import add_run_arguments
-
-log = logging.getLogger("glm_experiments.predict")
+from glm_experiments.errors import cli_main
+from glm_experiments.inference.prediction import predict
+from glm_experiments.inference.run_loading import add_run_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,100 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     return args
-
-
-def predict(args: argparse.Namespace) -> dict:
-    from omegaconf import OmegaConf
-
-    from glm_experiments.data.formats import load_samples, resolve_data_path
-    from glm_experiments.run_loading import check_adapter, find_run_dir, load_run, load_run_config
-
-    # everything that can be checked without loading the model (or importing torch), first
-    if args.run:
-        run_dir = find_run_dir(args.run, args.tracking_uri)
-        cfg = load_run_config(run_dir)
-        check_adapter(run_dir)
-    else:
-        run_dir, cfg = Path.cwd(), _default_config(args)
-    input_path = resolve_data_path(args.input, "--input")
-    samples, report = load_samples(input_path, cfg.data)
-    if args.max_samples:
-        samples = samples[: args.max_samples]
-
-    from glm_experiments.data.dataset import eval_prompts
-    from glm_experiments.evaluation import EvalSet, evaluate_generation, write_predictions
-
-    if args.no_progress:
-        from glm_experiments.console import quiet_library_bars
-
-        quiet_library_bars()
-    loaded = load_run(run_dir, device=args.device) if args.run else _load_foreign(cfg, args)
-    eval_cfg = OmegaConf.create(OmegaConf.to_container(cfg.eval, resolve=True))
-    if args.batch_size:
-        eval_cfg.batch_size = args.batch_size
-    if args.max_new_tokens:
-        eval_cfg.max_new_tokens = args.max_new_tokens
-    prompts, inputs, references = eval_prompts(samples, loaded.tokenizer, loaded.template, cfg.data)
-    if not prompts:
-        raise UserError(f"{args.input}: no sample ends with a reply to compare against")
-    metrics = list(cfg.data.metrics)
-    means, rows = evaluate_generation(loaded.model, loaded.tokenizer, loaded.template,
-                                      EvalSet(prompts, inputs, references), eval_cfg, metrics,
-                                      show_progress=not args.no_progress)
-    for row, sample in zip(rows, (s for s in samples if s.messages[-1]["role"] == "assistant")):
-        row["source"] = sample.source
-
-    output = Path(args.output) if args.output else run_dir / "predictions" / f"predict-{input_path.stem}.jsonl"
-    if not args.run:
-        run_dir = None
-    write_predictions(rows, output)
-    summary = {
-        "run_dir": str(run_dir) if run_dir else None,
-        "adapter": args.adapter,
-        "method": loaded.method,
-        "input": str(input_path),
-        "samples": len(rows),
-        "skipped": report.skipped,
-        "predictions": str(output),
-        "generation": {k: eval_cfg[k] for k in ("max_new_tokens", "do_sample", "num_beams", "batch_size")},
-        "metrics": {k: means[k] for k in metrics if k in means},
-        "gen_seconds": means.get("gen_seconds"),
-    }
-    metrics_path = output.with_name(output.stem + ".metrics.json")
-    metrics_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    summary["metrics_file"] = str(metrics_path)
-    return summary
-
-
-def _default_config(args: argparse.Namespace):
-    """The project's config for ``--family`` / ``--model-path`` / ``--data``, as the CLI would compose it."""
-    from hydra.errors import HydraException
-
-    from glm_experiments.compose import compose
-
-    overrides = [f"model={args.family}", f"data={args.data}"]
-    if args.model_path:
-        overrides.append(f"model.path={Path(args.model_path).expanduser().resolve()}")
-    try:
-        return compose(overrides)
-    except HydraException as exc:
-        raise UserError(f"cannot compose the config for {' '.join(overrides)}: {str(exc).splitlines()[0]}") from None
-
-
-def _load_foreign(cfg, args: argparse.Namespace):
-    """(base from --model-path) + (--adapter, converted on the fly), in eval mode on the device."""
-    from glm_experiments.models.thudm import CheckpointError
-    from glm_experiments.models.thudm_adapters import load_adapter
-    from glm_experiments.run_loading import LoadedRun, default_device, load_base
-
-    try:
-        model, tokenizer, template = load_base(cfg)
-        model, method = load_adapter(model, args.adapter, args.family)
-    except (CheckpointError, ValueError, FileNotFoundError) as exc:
-        raise UserError(f"--adapter {args.adapter}: {exc}") from None
-    model.to(args.device or default_device())
-    model.eval()
-    return LoadedRun(run_dir=Path.cwd(), cfg=cfg, model=model, tokenizer=tokenizer, template=template, method=method)
 
 
 @cli_main

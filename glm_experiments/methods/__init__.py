@@ -11,9 +11,12 @@
 from __future__ import annotations
 
 from glm_experiments.discovery import import_modules
-from glm_experiments.methods.base import REGISTRY, Method, read_method_json, trainable_summary
+from glm_experiments.errors import SettingError
+from glm_experiments.methods.artifacts import read_method_json
+from glm_experiments.methods.parameters import trainable_summary
+from glm_experiments.methods.record import REGISTRY, Method
 
-__all__ = ["Method", "get_method", "load_saved", "method_names", "trainable_summary"]
+__all__ = ["Method", "get_method", "load_saved", "method_names", "method_schema", "trainable_summary"]
 
 
 def _discover() -> dict[str, Method]:
@@ -29,8 +32,14 @@ def get_method(name: str) -> Method:
     """The registered method ``name``."""
     methods = _discover()
     if name not in methods:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(methods))}")
+        raise SettingError(f"unknown method {name!r}; choose one of: {', '.join(sorted(methods))}")
     return methods[name]
+
+
+def method_schema(name: str | None) -> type | None:
+    """The config dataclass of method ``name`` (None for a name no module registers)."""
+    method = _discover().get(str(name))
+    return method.schema if method else None
 
 
 def load_saved(model, in_dir, cfg=None):

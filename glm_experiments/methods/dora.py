@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from glm_experiments.config import LoraMethodConfig
 from glm_experiments.methods import lora
-from glm_experiments.methods.base import Method, register
+from glm_experiments.methods.lora import LoraMethodConfig
+from glm_experiments.methods.record import Method, register
 
 NAME = "dora"
 

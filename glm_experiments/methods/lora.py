@@ -10,24 +10,31 @@ loaded with ``PeftModel.from_pretrained``; ``merge`` = ``merge_and_unload``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
 from glm_experiments.compat import silence_known_renames
-from glm_experiments.config import LoraMethodConfig
-from glm_experiments.methods.base import (
-    Method,
-    cfg_get,
-    check_settings,
-    is_peft_model,
-    read_method_json,
-    register,
-    unwrap_peft,
-    write_method_json,
-)
-from glm_experiments.models.families import architecture_of
+from glm_experiments.config.schema import AT_LEAST_1, POSITIVE, PROBABILITY, MethodConfig, one_of, ranged
+from glm_experiments.errors import SettingError
+from glm_experiments.methods.artifacts import cfg_get, check_settings, read_method_json, write_method_json
+from glm_experiments.methods.record import Method, is_peft_model, register, unwrap_peft
+from glm_experiments.models.family import architecture_of
+
+
+@dataclass
+class LoraMethodConfig(MethodConfig):
+    r: int = ranged(8, **AT_LEAST_1)
+    alpha: int = ranged(32, **POSITIVE)
+    dropout: float = ranged(0.05, **PROBABILITY)
+    # ["all-linear"] or module names; empty = the family's default
+    target_modules: list[str] = field(default_factory=list)
+    bias: str = one_of("none", "none", "all", "lora_only")
+    # start from this adapter (ours, or a THUDM/PEFT one: converted on the fly) instead of a fresh LoRA
+    init_from: Optional[str] = None
+
 
 silence_known_renames()  # peft calls transformers' deprecated is_gradient_checkpointing on every wrap and load
 
@@ -48,7 +55,7 @@ def resolve_target_modules(model: nn.Module, cfg: Any) -> list[str] | str:
     if targets == ["all-linear"]:
         return "all-linear"
     if "all-linear" in targets:
-        raise ValueError(f"method=lora: 'all-linear' must be the only target_modules entry, got {targets}")
+        raise SettingError(f"method=lora: 'all-linear' must be the only target_modules entry, got {targets}")
     return targets
 
 

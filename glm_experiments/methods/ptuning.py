@@ -35,8 +35,9 @@ Only the encoder is saved: ``prefix_encoder.safetensors`` + ``method.json``.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -45,12 +46,31 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
-from glm_experiments.config import PtuningMethodConfig
-from glm_experiments.methods.base import (Method, cfg_get, check_settings, freeze_all, input_embeddings,
-                                          load_safetensors, model_dims, override_method, query_shape,
-                                          read_method_json, real_position_ids, register, save_safetensors,
-                                          split_virtual_mask, write_method_json)
-from glm_experiments.models.families import architecture_of
+from glm_experiments.config.schema import AT_LEAST_1, PROBABILITY, MethodConfig, ranged
+from glm_experiments.errors import SettingError
+from glm_experiments.methods.artifacts import (
+    cfg_get,
+    check_settings,
+    load_safetensors,
+    read_method_json,
+    save_safetensors,
+    write_method_json,
+)
+from glm_experiments.methods.parameters import freeze_all, input_embeddings, model_dims
+from glm_experiments.methods.record import Method, register
+from glm_experiments.methods.virtual_tokens import override_method, query_shape, real_position_ids, split_virtual_mask
+from glm_experiments.models.family import architecture_of
+
+
+@dataclass
+class PtuningMethodConfig(MethodConfig):
+    pre_seq_len: int = ranged(16, **AT_LEAST_1)
+    prefix_projection: bool = False
+    prefix_hidden_size: int = ranged(512, **AT_LEAST_1)
+    prefix_dropout: float = ranged(0.1, **PROBABILITY)
+    # start from this prefix encoder (ours, ptuning/main.py's, or PEFT PREFIX_TUNING: converted on the fly)
+    init_from: Optional[str] = None
+
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +98,7 @@ class PrefixEncoder(nn.Module):
     ):
         super().__init__()
         if pre_seq_len <= 0:
-            raise ValueError(f"method=ptuning: pre_seq_len must be > 0, got {pre_seq_len}")
+            raise SettingError(f"method=ptuning: pre_seq_len must be > 0, got {pre_seq_len}")
         self.pre_seq_len = int(pre_seq_len)
         self.num_layers = int(num_layers)
         self.kv_heads = int(kv_heads)
@@ -98,7 +118,7 @@ class PrefixEncoder(nn.Module):
             )
         else:
             if embedding_dim not in (None, out_dim):
-                raise ValueError(
+                raise SettingError(
                     f"method=ptuning: without prefix_projection the embedding width must be "
                     f"num_layers*2*kv_heads*head_dim = {out_dim}, got {embedding_dim}"
                 )
@@ -211,7 +231,7 @@ def _check_reentrant(model: nn.Module) -> None:
                 func = module._gradient_checkpointing_func
                 break
     if func is not None and getattr(func, "keywords", {}).get("use_reentrant", False) and model.training:
-        raise ValueError(
+        raise SettingError(
             "method=ptuning: reentrant gradient checkpointing (use_reentrant=True) cannot pass gradients to "
             "the prefix (it travels as a keyword argument); enable it with the default "
             "gradient_checkpointing_kwargs={'use_reentrant': False}"
@@ -367,7 +387,7 @@ def _check_model_dims(model: nn.Module, saved: dict, where: str) -> None:
     have = {"num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim}
     diffs = [f"{k}: model {v}, checkpoint {saved[k]}" for k, v in have.items() if k in saved and saved[k] != v]
     if diffs:
-        raise ValueError(f"method=ptuning: the prefix in {where} was trained for another model shape (" + "; ".join(diffs) + ")")
+        raise SettingError(f"method=ptuning: the prefix in {where} was trained for another model shape (" + "; ".join(diffs) + ")")
 
 
 METHOD = register(

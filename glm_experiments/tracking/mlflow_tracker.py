@@ -18,8 +18,9 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
+from glm_experiments.config.naming import override_parts
+from glm_experiments.config.schema import check_tracking_uri
 from glm_experiments.errors import UserError
-from glm_experiments.naming import override_parts
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +109,6 @@ def store_lock(tracking_uri: str):
     db.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db) + ".lock"):
         yield
-
-
-def check_tracking_uri(tracking_cfg) -> None:
-    """An empty URI would silently become MLflow's default (./mlruns or $MLFLOW_TRACKING_URI of the moment)."""
-    if tracking_cfg.get("enabled", True) and not str(tracking_cfg.get("tracking_uri") or "").strip():
-        raise UserError("tracking.tracking_uri is empty: tracking=server takes the server's address from "
-                        "MLFLOW_TRACKING_URI (export MLFLOW_TRACKING_URI=http://<host>:5000) or "
-                        "tracking.tracking_uri=http://<host>:5000")
 
 
 # MLflow 3's UI opens an experiment by its kind: without this tag it guesses "GenAI" (a traces overview, the

@@ -17,7 +17,7 @@ Registered in ``conf/hydra/default.yaml`` (``hydra.callbacks.mlflow_sweep``). Wh
 * ``on_multirun_end``: ends the parent FINISHED, or FAILED when any job failed (tag ``sweep.failed_jobs``).
 
 Jobs may run in other processes, in any order and at the same time (``hydra/launcher=parallel|slurm``,
-glm_experiments/scale.py): the launcher pickles this callback with the parent's id, and Hydra calls
+glm_experiments/scale/submitit_pool.py): the launcher pickles this callback with the parent's id, and Hydra calls
 ``on_job_start`` / ``on_job_end`` *in the job's process*. So nothing is counted in memory: each job writes only
 its own keys (``job.<num>.*`` tags, its step of ``sweep/objective``), and the counts are read back from the
 parent's tags, by each job for progress and by the launching process when it ends the parent. A job whose
@@ -43,7 +43,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-import glm_experiments.resolvers  # noqa: F401  (configs may use ${mul:...}; registered before any job resolves)
+import glm_experiments.config.resolvers  # noqa: F401  (configs may use ${mul:...}; registered before any job resolves)
 from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, ROLE_TAG, git_commit, open_experiment
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_SWEEP_JOB, checkout_env
+from tests.helpers.common import ROOT, TINY_SWEEP_JOB, checkout_env
 
 SCRIPT = ROOT / "scripts" / "local_slurm.sh"
 # the tiny job on one core each (two jobs side by side on a 2-core node: the same arithmetic in both)

@@ -1,5 +1,5 @@
 """What a hydra/launcher=slurm job decides when a signal comes, and how the launching process reads squeue,
-without a cluster (glm_experiments/slurm_jobs.py; the real cluster: test_slurm_cluster.py)."""
+without a cluster (glm_experiments/scale/slurm_jobs.py; the real cluster: test_slurm_cluster.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from glm_experiments.interrupts import STOP
-from glm_experiments.slurm_jobs import JobInterruptions, TimeLimitReached, squeue_watcher_class
+from glm_experiments.recipe.interrupts import STOP
+from glm_experiments.scale.slurm_jobs import (
+    JobInterruptions,
+    TimeLimitReached,
+    squeue_watcher_class,
+)
 
 
 class FakeSubmititHandler:

@@ -1,9 +1,0 @@
-"""Any directory already in transformers' format (``model_type`` known to the Auto classes): a converted
-ChatGLM, a merged run, another decoder. Needs ``model.template``; the methods treat its class generically."""
-
-from __future__ import annotations
-
-from glm_experiments.models.families.base import Family, register
-from glm_experiments.models.families.glm import load_checkpoint_dir
-
-FAMILY = register(Family("hf", load_checkpoint_dir))

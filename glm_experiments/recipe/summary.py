@@ -1,0 +1,35 @@
+"""End-of-run summary: metrics before/after, where things are, how to look at them."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_summary(cfg, result) -> None:
+    console = Console()
+    from glm_experiments.config.naming import job_label
+    from glm_experiments.recipe.run_result import hydra_tags
+
+    varied = job_label(hydra_tags()[1])
+    table = Table(title=f"{cfg.method.name} on {cfg.model.name} / {cfg.data.name}" + (f" ({varied})" if varied else ""))
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for name in list(cfg.data.metrics) + ["loss"]:
+        before, after = result.metrics_before.get(name), result.metrics_after.get(name)
+        if before is None and after is None:
+            continue
+        table.add_row(name, "-" if before is None else f"{before:.2f}", "-" if after is None else f"{after:.2f}")
+    console.print(table)
+    t = result.train_metrics
+    console.print(
+        f"trainable {result.trainable.get('trainable', 0):,} / {result.trainable.get('total', 0):,} "
+        f"({result.trainable.get('pct', 0):.3f}%) | train {t.get('train_seconds', 0):.0f} s, "
+        f"{t.get('tokens_per_s', 0):,.0f} tokens/s | final loss {t.get('final_loss', float('nan')):.3f}"
+    )
+    console.print(f"outputs: {result.run_dir}")
+    if result.run_id:
+        console.print(f"MLflow run {result.run_id} in {cfg.tracking.tracking_uri} (experiment '{cfg.tracking.experiment_name}')")
+        console.print(f"open the UI: mlflow ui --backend-store-uri {cfg.tracking.tracking_uri} --workers 1 "
+                      "(then *Model training* at the top left for the runs table)")

@@ -1,0 +1,319 @@
+"""One run, as a recipe read top to bottom: ``preflight`` (every check that needs no weights), ``setup`` (data
+files, model, method, tokenised data), an ``Evaluator`` (generation metrics before, during and after training),
+``train`` (transformers' Trainer, trainer.py), ``evaluate_after`` and ``save_and_log``. ``run`` ties them to one
+MLflow run that ends FINISHED, FAILED or KILLED."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+from transformers import SchedulerType, Trainer, set_seed
+
+from glm_experiments.config.hydra_checks import check_creatable
+from glm_experiments.config.schema import check_settings
+from glm_experiments.data.dataset import eval_prompts, load_split, make_collator, tokenized_cache_dir
+from glm_experiments.data.formats import load_samples, resolve_data_path
+from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
+from glm_experiments.errors import UserError
+from glm_experiments.methods import Method, get_method, trainable_summary
+from glm_experiments.metrics import DEFINITIONS
+from glm_experiments.migration import thudm_adapters
+from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, template_for
+from glm_experiments.recipe.console import quiet_library_bars, quiet_trainer
+from glm_experiments.recipe.evaluation import (
+    EvalSet,
+    evaluate_generation,
+    generation_kwargs,
+    load_eval_set,
+    write_predictions,
+)
+from glm_experiments.recipe.interrupts import STOP, sigterm_as_interrupt, stop_at_step_callback
+from glm_experiments.recipe.run_dirs import resolve_resume
+from glm_experiments.recipe.run_result import RunResult, hydra_tags
+from glm_experiments.recipe.trainer import (  # noqa: F401  (GlmTrainer, TRAINABLE_FILE: imported from here by tests and bench)
+    TRAINABLE_FILE,
+    GlmTrainer,
+    TrackingCallback,
+    peak_memory_mib,
+    reset_peak_memory,
+    training_arguments,
+)
+from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------- preflight
+def check_train_options(cfg: DictConfig) -> None:
+    t = cfg.train
+    if t.packing and not get_method(cfg.method.name).packable:
+        # virtual tokens / prefix keys would be shared by all samples of the packed row
+        raise UserError(f"train.packing=true does not work with method={cfg.method.name} "
+                        "(its virtual tokens would be shared by every sample packed into a row)")
+    try:
+        SchedulerType(t.lr_scheduler_type)
+    except ValueError:
+        raise UserError(f"train.lr_scheduler_type={t.lr_scheduler_type}: expected one of "
+                        f"{', '.join(s.value for s in SchedulerType)}") from None
+    stage = ((cfg.deepspeed.config or {}).get("zero_optimization") or {}).get("stage")
+    if t.loss_chunk_size and stage == 3:
+        raise UserError("train.loss_chunk_size does not work under ZeRO-3 (the output head's weight is partitioned "
+                        "outside its forward); use deepspeed=zero2 or train.loss_chunk_size=0")
+
+
+def preflight(cfg: DictConfig) -> None:
+    """Every check that needs no weights, so that a mistake costs seconds, not a model load: the settings'
+    ranges (config.py), option combinations, lengths vs the model's positions (its config.json only), the
+    method's hardware, DeepSpeed installed. The Hydra process runs it before torchrun starts; run() again."""
+    check_settings(cfg)
+    check_creatable("output_dir", cfg.output_dir)
+    check_train_options(cfg)
+    check_lengths(cfg)
+    template_for(cfg.model)
+    get_method(cfg.method.name).check_available()
+    if cfg.deepspeed.config and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(f"deepspeed={cfg.deepspeed.name} needs the deepspeed package, which is not installed "
+                        "(pip install -e '.[deepspeed]'), or use deepspeed=none")
+
+
+# ------------------------------------------------------------------------------- the run
+def run(cfg: DictConfig) -> RunResult:
+    preflight(cfg)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_dir = run_dir / "checkpoints"
+    reset_peak_memory()
+    set_seed(cfg.seed)
+    resume_from = resolve_resume(cfg.resume, checkpoint_dir)
+    method = get_method(cfg.method.name)
+
+    tags, overrides = hydra_tags()
+    tracker = Tracker(cfg.tracking, active=is_main())  # one MLflow run, created by rank 0
+    commit = git_commit()
+    tracker.start(run_name(cfg, overrides), {**tags, **({"git.commit": commit} if commit else {})}, run_dir=run_dir,
+                  resumed_from=resume_from)
+    result = RunResult(run_dir=run_dir, run_id=tracker.run_id)
+    try:
+        with sigterm_as_interrupt():  # ends KILLED below, not RUNNING forever
+            pieces = setup(cfg, method, tracker, result, resume_from)
+            evaluator = Evaluator(cfg, pieces, tracker, run_dir / "predictions", resume_from)
+            forgetting_before = evaluator.forgetting()
+            if cfg.eval.before_training and not resume_from:
+                result.metrics_before = evaluator(0, "before")
+            trainer = train(cfg, pieces, evaluator, tracker, result, checkpoint_dir, resume_from)
+            evaluate_after(cfg, pieces, trainer, evaluator, forgetting_before, tracker, result)
+            save_and_log(cfg, method, pieces, trainer, evaluator.predictions_dir, tracker, result)
+    except BaseException as exc:
+        tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
+        tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.end("FINISHED")
+    return result
+
+
+@dataclass
+class Pieces:
+    """What ``setup`` builds: the model with its method applied, the tokenizer and template, the data."""
+
+    model: Any
+    tokenizer: Any
+    template: Any
+    train_set: Any
+    dev_set: Any  # tokenised dev rows (eval loss), or None without a dev file
+    eval_set: EvalSet | None  # dev prompts and references for generation metrics
+
+
+def setup(cfg: DictConfig, method: Method, tracker: Tracker, result: RunResult, resume_from: str | None) -> Pieces:
+    params = flatten_config(cfg)
+    # where the run writes is not a setting: a tag, so MLflow's compare view does not list it as a difference
+    tracker.set_tags({"output_dir": params.pop("output_dir")})
+    tracker.log_params(params)
+    tracker.set_tags({f"metric_definition.{m}": DEFINITIONS[m] for m in cfg.data.metrics if m in DEFINITIONS})
+
+    # ---- data files read and validated before any weight loads (a 6B model takes minutes)
+    start = time.perf_counter()
+    train_loaded = load_samples(cfg.data.train_file, cfg.data, setting="data.train_file")
+    dev_loaded = load_samples(cfg.data.dev_file, cfg.data, setting="data.dev_file") if cfg.data.dev_file else None
+    if cfg.eval.forgetting_file:
+        resolve_data_path(cfg.eval.forgetting_file, "eval.forgetting_file")  # read later, on rank 0 only
+
+    # ---- model + method
+    quiet_library_bars()  # the console shows one line per step (console.py)
+    quantization = method.quantization_config(cfg.method)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, quantization_config=quantization)
+    template = template_for(cfg.model)
+    # what generate() is really called with (stop ids included), beside the eval.* params
+    tracker.set_tags({"eval.generation_kwargs": json.dumps(generation_kwargs(cfg.eval, tokenizer, template))})
+    if thudm_adapters.init_from_dir(cfg.method):  # method.init_from: start from an existing (THUDM/PEFT) adapter
+        model = thudm_adapters.init_method_from(model, cfg.method, cfg.model.family)
+    else:
+        model = method.apply(model, cfg.method, tokenizer=tokenizer)  # prompt tuning initialises from text
+    result.trainable = trainable_summary(model)
+    tracker.log_metrics({"model/trainable_params": result.trainable["trainable"],
+                         "model/total_params": result.trainable["total"],
+                         "model/trainable_pct": result.trainable["pct"]}, step=0)
+    log.info("method=%s: %s of %s parameters trainable (%.4f%%)", cfg.method.name,
+             f"{result.trainable['trainable']:,}", f"{result.trainable['total']:,}", result.trainable["pct"])
+
+    # ---- tokenised data
+    cache_dir = tokenized_cache_dir()
+    with local_main_first():
+        train_set, _, train_stats = load_split(cfg.data.train_file, tokenizer, template, cfg.data, cache_dir, train_loaded)
+    if cfg.data.max_train_samples:
+        train_set = train_set.select(range(min(cfg.data.max_train_samples, len(train_set))))
+    dev_set = eval_set = None
+    data_metrics = {"data/train_records": train_stats.records, "data/train_skipped": train_stats.skipped,
+                    "data/train_truncated": train_stats.truncated, "data/train_tokens": train_stats.tokens,
+                    "data/train_tokens_dropped": train_stats.tokens_dropped}
+    if cfg.data.dev_file:
+        with local_main_first():
+            dev_set, dev_samples, dev_stats = load_split(cfg.data.dev_file, tokenizer, template, cfg.data, cache_dir,
+                                                         dev_loaded)
+        data_metrics.update({"data/dev_records": dev_stats.records, "data/dev_skipped": dev_stats.skipped,
+                             "data/dev_truncated": dev_stats.truncated})
+        limit = cfg.eval.max_samples or len(dev_samples)
+        eval_set = EvalSet(*eval_prompts(dev_samples[:limit], tokenizer, template, cfg.data))
+    tracker.log_metrics(data_metrics, step=0)
+    if thudm_adapters.init_from_dir(cfg.method) and not resume_from:  # the loss the run starts from (the adapter's, not a fresh one's)
+        thudm_adapters.log_starting_loss(model, train_set, make_collator(cfg.train, tokenizer.pad_token_id), tracker)
+    if cfg.sanity_print:
+        _print_sample(train_set[0], tokenizer)
+    result.train_metrics["startup_seconds"] = time.perf_counter() - start
+    return Pieces(model, tokenizer, template, train_set, dev_set, eval_set)
+
+
+class Evaluator:
+    """Generation metrics on the dev prompts (before, every train.eval_steps, after), and the forgetting probe."""
+
+    def __init__(self, cfg: DictConfig, pieces: Pieces, tracker: Tracker, predictions_dir: Path, resume_from):
+        self.cfg, self.pieces, self.tracker, self.predictions_dir = cfg, pieces, tracker, predictions_dir
+        self.forgetting_set = None
+        # rank 0 alone (under ZeRO-3 generation needs every rank: not supported); not measurable after a resume
+        if cfg.eval.forgetting_file and is_main() and not zero3_partitioned(pieces.model) and not resume_from:
+            self.forgetting_set = load_eval_set(cfg.eval.forgetting_file, cfg.eval.forgetting_format, pieces.tokenizer,
+                                                pieces.template, cfg.data.max_source_length, cfg.eval.max_samples)
+
+    def __call__(self, step: int, tag: str | None = None) -> dict:
+        cfg, p = self.cfg, self.pieces
+        # rank 0 generates alone, except under ZeRO-3 where every forward needs all ranks (generate syncs them)
+        if p.eval_set is None or not (is_main() or zero3_partitioned(p.model)):
+            return {}
+        means, rows = evaluate_generation(p.model, p.tokenizer, p.template, p.eval_set, cfg.eval, list(cfg.data.metrics))
+        if not is_main():
+            return means
+        name = tag or f"step{step}"
+        write_predictions(rows, self.predictions_dir / f"{name}.jsonl")
+        self.tracker.log_table(rows, f"predictions/{name}.json")
+        self.tracker.log_metrics({f"eval/{k}": v for k, v in means.items()}, step=step)
+        log.info("eval @ step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in means.items() if k in cfg.data.metrics))
+        return means
+
+    def forgetting(self) -> dict:
+        if self.forgetting_set is None:
+            return {}
+        p, metrics = self.pieces, list(self.cfg.eval.forgetting_metrics)
+        means, _ = evaluate_generation(p.model, p.tokenizer, p.template, self.forgetting_set, self.cfg.eval, metrics)
+        return {m: means[m] for m in metrics}
+
+
+def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracker, result: RunResult,
+          checkpoint_dir: Path, resume_from: str | None) -> GlmTrainer:
+    trainer = GlmTrainer(
+        model=pieces.model,
+        args=training_arguments(cfg, checkpoint_dir),
+        train_dataset=pieces.train_set,
+        data_collator=make_collator(cfg.train, pieces.tokenizer.pad_token_id),
+        callbacks=[TrackingCallback(tracker, evaluator, cfg.train.eval_steps), stop_at_step_callback()],
+        method_cfg=cfg.method,
+        loss_chunk_size=cfg.train.loss_chunk_size,
+    )
+    quiet_trainer(trainer)
+    train_start = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    STOP.raise_if_stopped()  # a signal stopped training at a step's end, checkpointed (hydra/launcher=slurm jobs)
+    train_seconds = time.perf_counter() - train_start
+    # every rank's tokens and peak memory, on rank 0 (one entry in-process)
+    per_rank = gather_to_main((trainer.tokens_seen, peak_memory_mib())) or []
+    rank_memory = {f"{k}_rank{r}": v for r, (_, mem) in enumerate(per_rank) for k, v in mem.items()} if len(per_rank) > 1 else {}
+    result.train_metrics.update(
+        train_loss=output.training_loss,
+        train_seconds=train_seconds,
+        tokens_per_s=sum(n for n, _ in per_rank) / train_seconds,
+        final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan")),
+    )
+    tracker.log_metrics({"perf/train_seconds": train_seconds, "perf/tokens_per_s": result.train_metrics["tokens_per_s"],
+                         "perf/startup_seconds": result.train_metrics["startup_seconds"], **peak_memory_mib(),
+                         **rank_memory}, step=trainer.state.global_step)
+    return trainer
+
+
+def evaluate_after(cfg: DictConfig, pieces: Pieces, trainer: GlmTrainer, evaluator: Evaluator, forgetting_before: dict,
+                   tracker: Tracker, result: RunResult) -> None:
+    final_step = trainer.state.global_step
+    if pieces.dev_set is not None:
+        loss = trainer.evaluate(pieces.dev_set)["eval_loss"]
+        tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}, step=final_step)
+        result.metrics_after["loss"] = loss
+    result.metrics_after.update(evaluator(final_step, "after"))
+    for name, after in evaluator.forgetting().items():
+        # negative change = the general ability the fine-tuning cost
+        change = {f"forgetting/{name}_before": forgetting_before[name], f"forgetting/{name}_after": after,
+                  f"forgetting/{name}_change": after - forgetting_before[name]}
+        tracker.log_metrics(change, step=final_step)
+        result.metrics_after.update({k.replace("/", "_"): v for k, v in change.items()})
+
+
+def save_and_log(cfg: DictConfig, method: Method, pieces: Pieces, trainer: GlmTrainer, predictions_dir: Path,
+                 tracker: Tracker, result: RunResult) -> None:
+    run_dir = Path(cfg.output_dir)
+    adapter_dir = run_dir / "adapter"
+    save_method(method, pieces.model, adapter_dir, cfg.method, trainer)
+    if not is_main():
+        return
+    pieces.tokenizer.save_pretrained(adapter_dir)
+    result_file = result.write()
+    tracker.log_artifacts(run_dir / ".hydra", "hydra")
+    tracker.log_artifacts(predictions_dir, "predictions_jsonl")
+    tracker.log_artifact(result_file)
+    if cfg.tracking.log_adapter:
+        tracker.log_artifacts(adapter_dir, "adapter")
+
+
+def save_method(method, model, out_dir: Path, method_cfg, trainer: Trainer) -> None:
+    """``method.save`` on rank 0. Under ZeRO-3 each rank holds a slice of every weight, so the weights are
+    gathered first (collective: every rank calls this): the trainable ones for adapter methods, the whole
+    model, layer by layer into rank 0's CPU memory, for full fine-tuning."""
+    if not zero3_partitioned(model):
+        if is_main():
+            method.save(model, out_dir, method_cfg)
+        return
+    if method.saves_whole_model:
+        state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)  # needs stage3_gather_16bit_weights_on_model_save
+        if is_main():
+            from glm_experiments.methods.artifacts import write_method_json
+
+            model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+            write_method_json(out_dir, method_cfg.name, {})
+    else:
+        with gathered([p for p in model.parameters() if p.requires_grad]):
+            if is_main():
+                method.save(model, out_dir, method_cfg)
+    barrier()
+
+
+def _print_sample(sample: dict, tokenizer) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("position", "token", "id", "label", title="first training sample")
+    for i, (tok_id, label) in enumerate(zip(sample["input_ids"], sample["labels"])):
+        table.add_row(str(i), repr(tokenizer.decode([tok_id])), str(tok_id), str(label))
+    Console().print(table)
