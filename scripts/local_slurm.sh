@@ -17,7 +17,8 @@
 # Settings a fine-tuning job's interruptions need (docs/scaling.md, "Interruptions"):
 #   AuthInfo=...,cred_expire=N   a requeued job may start again N s after it ended (SLURM's default: 120 s)
 #   SlurmctldParameters=preempt_send_user_signal   a preempted job first gets its --signal (submitit: USR2)
-#   PreemptType=preempt/partition_prio, PreemptMode=REQUEUE: a job of partition `urgent` requeues one of `local`
+#   PreemptType=preempt/partition_prio, PreemptMode=REQUEUE: a job of partition `urgent` requeues one of `local`,
+#                                which gets its --signal at once and GraceTime=20 s before SIGTERM
 #   KillWait=30                  seconds between SIGTERM and SIGKILL (scancel, scontrol requeue, preemption)
 set -euo pipefail
 
@@ -101,7 +102,7 @@ SlurmctldParameters=preempt_send_user_signal
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 $node_line NodeAddr=127.0.0.1 State=UNKNOWN
-PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE
+PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=20
 PartitionName=urgent Nodes=ALL Default=NO MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 EOF
 }
