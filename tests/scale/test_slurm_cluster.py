@@ -14,6 +14,7 @@ Slow by nature (a requeued job waits ``cred_expire`` = 10 s, SLURM checks time l
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -170,9 +171,38 @@ def wait_for_restart(sweep: Sweep, job: str, restarts: int, timeout: float = 120
     sweep._wait(pending, timeout, f"job {job} pending for restart {restarts}")
 
 
+def seconds_per_step() -> float:
+    """About what one training step of the tiny job takes here, on one thread (LoRA on the tiny GLM, a batch of
+    8 x 64 tokens): the time-limit requeue needs the job still training 30 s after the limit is brought near."""
+    import torch
+
+    from glm_experiments.methods import get_method
+    from glm_experiments.models.loading import load_model_and_tokenizer
+    from tests.helpers.common import compose
+
+    cfg = compose(["model=tiny"])
+    model, _ = load_model_and_tokenizer(cfg.model)
+    model = get_method(cfg.method.name).apply(model, cfg.method)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (8, 64))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for i in range(13):
+            if i == 3:
+                start = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    return (time.perf_counter() - start) / 10
+
+
 @pytest.mark.slow
 def test_sweep_requeued_by_scontrol_and_time_limit_resumes_in_the_same_run(slurm_conf, tmp_path, sweeps):
-    steps = 1000
+    # ~60 s of training after step 150, where the time limit is brought near (its signal comes within 30 s)
+    steps = 150 + math.ceil(60 / seconds_per_step())
     sweep = sweeps([*SLURM_JOB, "hydra.launcher.timeout_min=10", "hydra.launcher.signal_delay_s=20",
                     f"train.max_steps={steps}", TWINS], tmp_path, slurm_conf)
     array = sweep.array_id()
@@ -216,7 +246,7 @@ def test_sweep_requeued_by_scontrol_and_time_limit_resumes_in_the_same_run(slurm
     history = client.get_metric_history(requeued.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, steps + 1))
     checkpoints = sorted(int(p.name.split("-")[1]) for p in sweep.job_dir(0).glob("checkpoints/checkpoint-*"))
-    assert len(checkpoints) == 2 and 50 <= checkpoints[0] < 150 <= checkpoints[1] < steps, checkpoints
+    assert len(checkpoints) == 2 and 50 <= checkpoints[0] < 150 <= checkpoints[1] < steps, (checkpoints, steps)
     assert requeued.data.tags["resumed_from_checkpoint"] == f"checkpoint-{checkpoints[1]}"
     assert requeued.data.metrics["train/loss"] == pytest.approx(twin.data.metrics["train/loss"], rel=1e-4)
 
