@@ -7,9 +7,11 @@
   and logged once (each interruption checkpointed the step it was at), the scheduler reports both COMPLETED;
 * ``scancel`` of the array mid-training: children and parent KILLED, nothing RUNNING, the launching process
   names the cancelled jobs;
+* one time limit more than ``max_num_timeout`` allows: the run FAILED, the one-line reason on the FAILED parent;
 * neither prints a sacct warning per poll (this cluster has no accounting daemon).
 
-Slow by nature (a requeued job waits ``cred_expire`` = 10 s, SLURM checks time limits every 30 s): ~3 min.
+Slow by nature (a requeued job waits ``cred_expire`` = 10 s, SLURM checks time limits every 30 s): 4-8 min on
+the project's loaded 2-core VM.
 """
 
 from __future__ import annotations
@@ -74,16 +76,17 @@ class Sweep:
         return self.log.read_text()
 
     def array_id(self, timeout: float = 120) -> str:
+        """The array's id (a sweep of one job: the job's)."""
         return self._wait(lambda: (re.search(r"SLURM job array (\d+)", self.output()) or [None, None])[1], timeout,
                           "the array's id")
 
     def job_log(self, task: int) -> Path:
         return self.dir / ".submitit" / f"{self.array_id()}_{task}" / f"{self.array_id()}_{task}_0_log.out"
 
-    def wait_for_step(self, task: int, step: int, timeout: float = 240) -> None:
+    def wait_for_step(self, task: int, step: int, timeout: float = 240, log: Path | None = None) -> None:
         def reached():
-            log = self.job_log(task)
-            return log.exists() and re.search(rf"^step {step}/", log.read_text(), re.M)
+            path = log or self.job_log(task)
+            return path.exists() and re.search(rf"^step {step}/", path.read_text(), re.M)
 
         self._wait(reached, timeout, f"job #{task} at step {step}")
 
@@ -270,6 +273,28 @@ def test_scancel_ends_children_and_parent_killed(slurm_conf, tmp_path, sweeps):
     assert all(c.info.status == "KILLED" for c in started), [(c.info.run_name, c.info.status) for c in started]
     # the job that was training checkpointed the step it was at (resume=auto continues it by hand)
     assert list(sweep.job_dir(0).glob("checkpoints/checkpoint-*")), list(sweep.job_dir(0).iterdir())
+
+
+@pytest.mark.slow
+def test_one_time_limit_too_many_fails_the_job_with_the_reason(slurm_conf, tmp_path, sweeps):
+    """max_num_timeout=0: the first time-limit signal (sent as submitit's own tests send it: USR2 to the job's
+    step, which a job of under 10 minutes takes for its time limit) ends the run FAILED, the reason on the parent."""
+    sweep = sweeps([*SLURM_JOB, "hydra.launcher.timeout_min=5", "hydra.launcher.max_num_timeout=0",
+                    "train.max_steps=2000"], tmp_path, slurm_conf)
+    job = sweep.array_id()  # one job: a plain job id
+    sweep.wait_for_step(0, 20, log=sweep.dir / ".submitit" / job / f"{job}_0_log.out")
+    sweep.slurm("scancel", "--signal=USR2", job)
+    rc = sweep.finish(timeout=180)
+    output = sweep.output()
+    assert rc == 1, output[-4000:]
+    assert "ended FAILED (1 jobs, 1 failed)" in output, output[-3000:]
+    _, parent, children = runs(tmp_path)
+    assert parent.info.status == "FAILED"
+    error = parent.data.tags["job.0.error"]
+    assert error.startswith(f"TimeLimitReached: SLURM job {job} reached its time limit") and "\n" not in error, error
+    assert "max_num_timeout=0 allows: not requeued again" in error
+    assert [c.info.status for c in children] == ["FAILED"]
+    assert list(sweep.job_dir(0).glob("checkpoints/checkpoint-*")), "no checkpoint of the step it stopped at"
 
 
 def test_local_slurm_script_refuses_without_packages(tmp_path):
