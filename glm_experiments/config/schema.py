@@ -263,6 +263,9 @@ class SlurmLauncherConf(SlurmQueueConf):
     cpus_per_task: Optional[int] = 8  # SLURM's default of 1 core starves tokenisation and data loading
     timeout_min: int = 24 * 60  # the plugin's 60 min would cut a real fine-tuning run
     name: str = "glm_experiments"  # the job name squeue shows (the plugin's is the module's: __main__)
+    # a job whose time limit comes (USR2 signal_delay_s before it) checkpoints and requeues itself this often at
+    # most (the plugin's 0 would end it); preemptions and `scontrol requeue` do not count (docs/scaling.md)
+    max_num_timeout: int = 3
 
 
 # -------------------------------------------------------------------------- root

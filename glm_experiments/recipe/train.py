@@ -38,7 +38,7 @@ from glm_experiments.recipe.evaluation import (
     load_eval_set,
     write_predictions,
 )
-from glm_experiments.recipe.interrupts import sigterm_as_interrupt
+from glm_experiments.recipe.interrupts import STOP, sigterm_as_interrupt, stop_at_step_callback
 from glm_experiments.recipe.run_dirs import resolve_resume
 from glm_experiments.recipe.run_result import RunResult, hydra_tags
 from glm_experiments.recipe.trainer import (  # noqa: F401  (GlmTrainer, TRAINABLE_FILE: imported from here by tests and bench)
@@ -241,13 +241,14 @@ def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracke
         args=training_arguments(cfg, checkpoint_dir),
         train_dataset=pieces.train_set,
         data_collator=make_collator(cfg.train, pieces.tokenizer.pad_token_id),
-        callbacks=[TrackingCallback(tracker, evaluator, cfg.train.eval_steps)],
+        callbacks=[TrackingCallback(tracker, evaluator, cfg.train.eval_steps), stop_at_step_callback()],
         method_cfg=cfg.method,
         loss_chunk_size=cfg.train.loss_chunk_size,
     )
     quiet_trainer(trainer)
     train_start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
+    STOP.raise_if_stopped()  # a signal stopped training at a step's end, checkpointed (hydra/launcher=slurm jobs)
     train_seconds = time.perf_counter() - train_start
     # every rank's tokens and peak memory, on rank 0 (one entry in-process)
     per_rank = gather_to_main((trainer.tokens_seen, peak_memory_mib())) or []

@@ -2,7 +2,8 @@
 
 ``hydra/launcher=parallel`` (conf/hydra/launcher/parallel.yaml): every job in its own process on this machine
 through submitit's local executor, at most ``max_parallel`` at a time, each pinned to its own GPU(s).
-``hydra/launcher=slurm`` (conf/hydra/launcher/slurm.yaml): every job a task of one sbatch job array.
+``hydra/launcher=slurm`` (conf/hydra/launcher/slurm.yaml): every job a task of one sbatch job array
+(``SlurmArray``, glm_experiments/scale/slurm_array.py).
 docs/scaling.md shows both.
 
 Everything about running a job is the plugin's and submitit's: pickling the launcher and the job's overrides,
@@ -28,12 +29,9 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, env_override, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from omegaconf import OmegaConf
 
 from glm_experiments.errors import EXIT_BAD_INPUT, UserError, debug_requested, one_line
 from glm_experiments.recipe.interrupts import sigterm_as_interrupt
@@ -283,55 +281,3 @@ def stop(jobs: list, wait_seconds: float = 60) -> None:
     deadline = time.monotonic() + wait_seconds
     while any(not job.done() for job in jobs) and time.monotonic() < deadline:
         time.sleep(POLL_SECONDS)
-
-
-class SlurmArray(SweepLauncher):
-    """``hydra/launcher=slurm``: one sbatch job array (``array_parallelism`` tasks at a time)."""
-
-    def _submit(self, jobs: list[tuple[int, list[str]]]) -> list:
-        import submitit
-
-        tracking = self.config.get("tracking")
-        if (
-            tracking is not None
-            and tracking.get("enabled")
-            and str(tracking.tracking_uri).startswith("sqlite:")
-        ):
-            log.warning(
-                "tracking.tracking_uri=%s: jobs on other nodes share one SQLite file over the network "
-                "file system, whose locks SQLite cannot trust; use tracking=server (docs/mlflow_server.md)",
-                tracking.tracking_uri,
-            )
-        executor = submitit.AutoExecutor(
-            cluster="slurm", **slurm_init_params(self.params)
-        )
-        executor.update_parameters(
-            **slurm_parameters(self.params, self.config.launcher.nproc_per_node)
-        )
-        args = [self._job_args(num, overrides) for num, overrides in jobs]
-        return executor.map_array(self, *zip(*args))
-
-
-def slurm_init_params(params: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "folder": params["submitit_folder"],
-        "slurm_max_num_timeout": params["max_num_timeout"],
-    }
-
-
-def slurm_parameters(params: dict[str, Any], nproc_per_node: int) -> dict[str, Any]:
-    """The launcher config as submitit's AutoExecutor parameters, mapped as the plugin maps them: the shared
-    keys as they are (timeout_min, gpus_per_node, ...), SLURM's own prefixed (slurm_partition, ...).
-    ``gpus_per_node: null`` is the job's ``launcher.nproc_per_node``."""
-    params = {
-        **params,
-        "gpus_per_node": nproc_per_node
-        if params["gpus_per_node"] is None
-        else params["gpus_per_node"],
-    }
-    shared = set(OmegaConf.structured(BaseQueueConf).keys())
-    return {
-        k if k in shared else f"slurm_{k}": v
-        for k, v in params.items()
-        if k not in ("submitit_folder", "max_num_timeout")
-    }

@@ -32,6 +32,10 @@ RUN_DIR_TAG = "glm_experiments.run_dir"
 ROLE_TAG = "glm_experiments.role"  # what a run that trains nothing is for: sweep_parent, comparison, human_eval
 PROCESS_TAG = "glm_experiments.process"  # host:pid:process start time (pids are reused)
 RESUMED_FROM_TAG = "resumed_from_run_id"
+# set by a hydra/launcher=slurm job that SLURM started again (requeued after a preemption, its time limit or
+# `scontrol requeue`) to its restart count: the job continues its directory's MLflow run instead of opening another
+CONTINUE_RUN_ENV = "GLM_EXPERIMENTS_CONTINUE_RUN"
+RESTARTS_TAG = "glm_experiments.restarts"
 
 
 
@@ -177,6 +181,26 @@ def close_dead_runs(client, experiment_id: str, run_dir: str, closed_by: str) ->
     return runs
 
 
+def continue_run(client, experiment_id: str, run_dir: str, tags: dict[str, str]):
+    """Reopens (status RUNNING again) the newest run of ``run_dir``, with ``tags`` set on it; None if it has none."""
+    import mlflow
+
+    quote = '"' if "'" in run_dir else "'"
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = {quote}{run_dir}{quote}",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    previous = runs[0].info
+    run = mlflow.start_run(run_id=previous.run_id, log_system_metrics=None)
+    error = runs[0].data.tags.get("error")
+    if error is not None:  # how the last process ended (KeyboardInterrupt: SIGTERM): history, not this run's error
+        tags = {**tags, "glm_experiments.last_interruption": error}
+        client.delete_tag(previous.run_id, "error")
+    mlflow.set_tags({k: str(v)[:5000] for k, v in tags.items()})
+    log.info("continuing MLflow run %s (was %s; restart %s)", previous.run_id, previous.status, tags.get(RESTARTS_TAG))
+    return run
+
+
 class Tracker:
     """Thin wrapper so the training code reads the same with tracking on or off (and on non-zero ranks)."""
 
@@ -185,6 +209,7 @@ class Tracker:
         self.active = bool(tracking_cfg.enabled and active)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self.continued = False  # an earlier process's run, reopened (a requeued SLURM job)
 
     def start(self, name: str, tags: dict[str, str], run_dir: Path | None = None, resumed_from: str | None = None) -> None:
         """``run_dir``: tags the run with it and closes the directory's runs a dead process left RUNNING;
@@ -206,11 +231,19 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent
         if run_dir is not None:
             tags[RUN_DIR_TAG] = str(Path(run_dir).resolve())
-        run = mlflow.start_run(experiment_id=self.experiment_id, run_name=name, tags=tags, log_system_metrics=None)
+        run = None
+        restarts = os.environ.get(CONTINUE_RUN_ENV)
+        if restarts and run_dir is not None:
+            run = continue_run(client, self.experiment_id, tags[RUN_DIR_TAG],
+                               {**tags, RESTARTS_TAG: restarts,
+                                **({"resumed_from_checkpoint": Path(resumed_from).name} if resumed_from else {})})
+            self.continued = run is not None
+        if run is None:
+            run = mlflow.start_run(experiment_id=self.experiment_id, run_name=name, tags=tags, log_system_metrics=None)
         self.run_id = run.info.run_id
         if run_dir is not None:
             earlier = close_dead_runs(client, self.experiment_id, tags[RUN_DIR_TAG], closed_by=self.run_id)
-            if resumed_from and earlier:
+            if resumed_from and earlier and not self.continued:
                 self.set_tags({RESUMED_FROM_TAG: earlier[0].info.run_id,
                                "resumed_from_checkpoint": Path(resumed_from).name})
 
@@ -218,7 +251,11 @@ class Tracker:
         if self.active:
             import mlflow
 
-            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+            params = {k: str(v)[:6000] for k, v in params.items()}
+            if self.continued:  # logged by the run's first process; MLflow refuses a changed value (resume=auto)
+                logged = mlflow.get_run(self.run_id).data.params
+                params = {k: v for k, v in params.items() if k not in logged}
+            mlflow.log_params(params)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.active:

@@ -248,15 +248,45 @@ class MlflowSweepCallback(Callback):
         loader.load_sweep_config = load_sweep_config
         self._unwatch = lambda: vars(loader).pop("load_sweep_config", None)
 
-    def abort(self, message: str) -> None:
-        """The sweep could not start its jobs (a launcher setting): the reason on the parent, which ends FAILED."""
+    def record_cancelled_job(self, num: int, overrides, reason: str) -> None:
+        """A job the scheduler cancelled (``scancel``): ``job.<num>.status`` KILLED, with the reason."""
+        if self.parent_run_id is None or self._closed:
+            return
+        try:
+            client = self._client()
+            client.set_tag(self.parent_run_id, f"job.{num}.status", "KILLED")
+            client.set_tag(self.parent_run_id, f"job.{num}.overrides", " ".join(overrides or []) or "(none)")
+            client.set_tag(self.parent_run_id, f"job.{num}.error", reason[:5000])
+        except Exception:  # noqa: BLE001 - tracking trouble must not stop the sweep
+            log.exception("could not record sweep job #%s on the MLflow parent run", num)
+
+    def close_running_children(self, reason: str) -> None:
+        """Every job has ended: a child run still RUNNING lost its process (killed before it could close it)."""
+        if self.parent_run_id is None or self._closed or os.getpid() != self.owner_pid:
+            return
+        try:
+            client = self._client()
+            parent = client.get_run(self.parent_run_id)
+            runs = client.search_runs([parent.info.experiment_id], max_results=1000,
+                                      filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' "
+                                                    "and attributes.status = 'RUNNING'")
+            for run in runs:
+                client.set_tag(run.info.run_id, "error", reason)
+                client.set_terminated(run.info.run_id, status="KILLED")
+                log.warning("MLflow run %s: %s; marked KILLED", run.info.run_id, reason)
+        except Exception:  # noqa: BLE001
+            log.exception("could not close the sweep's child runs")
+
+    def abort(self, message: str, status: str = "FAILED") -> None:
+        """The sweep could not start its jobs (a launcher setting), or was cancelled: the reason on the parent,
+        which ends ``status``."""
         if self.parent_run_id is None or self._closed or os.getpid() != self.owner_pid:
             return
         try:
             self.client.set_tag(self.parent_run_id, "error", message[:5000])
         except Exception:  # noqa: BLE001 - tracking trouble must not hide the reason
             log.exception("could not tag the MLflow sweep parent run %s", self.parent_run_id)
-        self._end("FAILED")
+        self._end(status)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._end("FINISHED")

@@ -6,7 +6,8 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
     SlurmLauncher,
 )
 
-from glm_experiments.scale.submitit_pool import ParallelPool, SlurmArray
+from glm_experiments.scale.slurm_array import SlurmArray
+from glm_experiments.scale.submitit_pool import ParallelPool
 
 
 class ParallelLauncher(ParallelPool, LocalLauncher):
