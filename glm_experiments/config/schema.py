@@ -182,6 +182,10 @@ class TrainConfig:
     dataloader_num_workers: int = ranged(0, min=0)
     # auto | float32 | bfloat16 | float16 (mixed precision of the Trainer)
     precision: str = one_of("auto", "auto", "float32", "bfloat16", "float16")
+    # a training loss or gradient norm that turns NaN/inf: stop (the run ends FAILED at that step, its checkpoint
+    # not saved, the last good one kept for resume=auto) | skip_step (that batch's update left out, counted as
+    # train/skipped_steps) | continue (train on, as transformers does)
+    on_nonfinite: str = one_of("stop", "stop", "skip_step", "continue")
 
 
 @dataclass

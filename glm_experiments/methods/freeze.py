@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from glm_experiments.config.schema import AT_LEAST_1, MethodConfig, ranged
+from glm_experiments.errors import UserError
 from glm_experiments.methods.artifacts import (
     cfg_get,
     check_settings,
@@ -48,15 +49,15 @@ def trainable_names(model: nn.Module, cfg: Any) -> list[str]:
     if patterns:
         chosen = [n for n in names if any(p in n for p in patterns)]
         if not chosen:
-            raise ValueError(
-                f"method=freeze: no parameter name contains any of trainable_patterns={patterns} "
+            raise UserError(
+                f"method.trainable_patterns={patterns}: no parameter name contains any of them "
                 f"(names look like {names[:3]} ... {names[-2:]})"
             )
         return chosen
     num_layers = model_dims(model)[0]
     n_last = int(cfg_get(cfg, "num_last_layers", DEFAULTS.num_last_layers))
     if not 1 <= n_last <= num_layers:
-        raise ValueError(f"method=freeze: num_last_layers must be in 1..{num_layers} (the model's layers), got {n_last}")
+        raise UserError(f"method.num_last_layers={n_last}: must be in [1, {num_layers}] (the model's layers)")
     indices = "|".join(str(i) for i in range(num_layers - n_last, num_layers))
     regex = re.compile(rf"(^|\.)layers\.({indices})\.")
     chosen = [n for n in names if regex.search(n)]

@@ -61,6 +61,21 @@ def max_positions(model_cfg) -> tuple[int, str]:
     raise UserError(f"{path / 'config.json'}: no max_position_embeddings, seq_length or max_sequence_length key")
 
 
+def num_layers(model_cfg) -> tuple[int, str] | None:
+    """The model's transformer layers and where that is set, from its config alone; None where config.json
+    does not say (a family loaded otherwise)."""
+    if model_cfg.family == "tiny":
+        return model_cfg.tiny.num_hidden_layers, "model.tiny.num_hidden_layers"
+    from glm_experiments.models.checkpoint_files import read_config
+
+    path = checkpoint_dir(model_cfg)
+    config = read_config(path)
+    for key in ("num_hidden_layers", "num_layers", "n_layer"):  # transformers, ChatGLM2/3 and GLM-4, GPT-2 style
+        if isinstance(config.get(key), int):
+            return config[key], f"{key} in {path / 'config.json'}"
+    return None
+
+
 def check_lengths(cfg) -> None:
     """Training rows (source + target) and generation (source + new tokens) must fit the model's positions;
     prompt tuning's virtual tokens take positions too. Read right after config.json, before any weight."""

@@ -26,7 +26,7 @@ from glm_experiments.errors import UserError
 from glm_experiments.methods import Method, get_method, trainable_summary
 from glm_experiments.metrics import DEFINITIONS
 from glm_experiments.migration import thudm_adapters
-from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, template_for
+from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, num_layers, template_for
 from glm_experiments.recipe.console import quiet_library_bars, quiet_trainer
 from glm_experiments.recipe.evaluation import (
     EvalSet,
@@ -64,9 +64,26 @@ def check_train_options(cfg: DictConfig) -> None:
         raise UserError(f"train.lr_scheduler_type={t.lr_scheduler_type}: expected one of "
                         f"{', '.join(s.value for s in SchedulerType)}") from None
     stage = ((cfg.deepspeed.config or {}).get("zero_optimization") or {}).get("stage")
+    if t.on_nonfinite == "skip_step" and cfg.deepspeed.config:
+        raise UserError(f"train.on_nonfinite=skip_step does not work with deepspeed={cfg.deepspeed.name} (the engine "
+                        "updates the weights inside backward, before the gradient norm is known): use stop or continue")
     if t.loss_chunk_size and stage == 3:
         raise UserError("train.loss_chunk_size does not work under ZeRO-3 (the output head's weight is partitioned "
                         "outside its forward); use deepspeed=zero2 or train.loss_chunk_size=0")
+
+
+def check_named_settings(cfg: DictConfig) -> None:
+    """Settings that name something (metrics, the model's layers) name what exists: refused here, not after
+    the training they would otherwise end (an unknown metric used to fail at the evaluation after it)."""
+    for key, names in (("data.metrics", cfg.data.metrics), ("eval.forgetting_metrics", cfg.eval.forgetting_metrics)):
+        unknown = [str(m) for m in names if m not in DEFINITIONS]
+        if unknown:
+            raise UserError(f"{key}=[{','.join(map(str, names))}]: unknown metric {', '.join(unknown)} "
+                            f"(known: {', '.join(sorted(DEFINITIONS))})")
+    n_last = cfg.method.get("num_last_layers") if not cfg.method.get("trainable_patterns") else None
+    layers = num_layers(cfg.model) if n_last is not None else None
+    if layers is not None and n_last > layers[0]:
+        raise UserError(f"method.num_last_layers={n_last}: must be in [1, {layers[0]}] (the model's layers, {layers[1]})")
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -77,6 +94,7 @@ def preflight(cfg: DictConfig) -> None:
     check_creatable("output_dir", cfg.output_dir)
     check_train_options(cfg)
     check_lengths(cfg)
+    check_named_settings(cfg)
     template_for(cfg.model)
     get_method(cfg.method.name).check_available()
     if cfg.deepspeed.config and importlib.util.find_spec("deepspeed") is None:
@@ -112,7 +130,7 @@ def run(cfg: DictConfig) -> RunResult:
             evaluate_after(cfg, pieces, trainer, evaluator, forgetting_before, tracker, result)
             save_and_log(cfg, method, pieces, trainer, evaluator.predictions_dir, tracker, result)
     except BaseException as exc:
-        tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
+        tracker.set_tags({"error": f"{type(exc).__name__}: {exc}", **getattr(exc, "tags", {})})
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.end("FINISHED")
@@ -234,6 +252,7 @@ def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracke
         callbacks=[TrackingCallback(tracker, evaluator, cfg.train.eval_steps)],
         method_cfg=cfg.method,
         loss_chunk_size=cfg.train.loss_chunk_size,
+        on_nonfinite=cfg.train.on_nonfinite,
     )
     quiet_trainer(trainer)
     train_start = time.perf_counter()
@@ -248,6 +267,8 @@ def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracke
         tokens_per_s=sum(n for n, _ in per_rank) / train_seconds,
         final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan")),
     )
+    if trainer.skipped_steps:  # train.on_nonfinite=skip_step
+        result.train_metrics["skipped_steps"] = trainer.skipped_steps
     tracker.log_metrics({"perf/train_seconds": train_seconds, "perf/tokens_per_s": result.train_metrics["tokens_per_s"],
                          "perf/startup_seconds": result.train_metrics["startup_seconds"], **peak_memory_mib(),
                          **rank_memory}, step=trainer.state.global_step)
