@@ -72,6 +72,16 @@ def check_train_options(cfg: DictConfig) -> None:
                         "outside its forward); use deepspeed=zero2 or train.loss_chunk_size=0")
 
 
+def check_device_precision(cfg: DictConfig) -> None:
+    """fp16 mixed precision cannot work on a CPU: refused here (float16 *weights* on a CPU work but crawl:
+    models/loading.py: resolve_dtype warns in one line)."""
+    import torch
+
+    if cfg.train.precision == "float16" and not torch.cuda.is_available():
+        raise UserError("train.precision=float16: fp16 mixed precision needs a CUDA GPU (its gradient scaler and "
+                        "half-precision kernels are GPU-only); on a CPU use train.precision=bfloat16 or float32 (auto)")
+
+
 def check_named_settings(cfg: DictConfig) -> None:
     """Settings that name something (metrics, the model's layers) name what exists: refused here, not after
     the training they would otherwise end (an unknown metric used to fail at the evaluation after it)."""
@@ -95,6 +105,7 @@ def preflight(cfg: DictConfig) -> None:
     check_train_options(cfg)
     check_lengths(cfg)
     check_named_settings(cfg)
+    check_device_precision(cfg)
     template_for(cfg.model)
     get_method(cfg.method.name).check_available()
     if cfg.deepspeed.config and importlib.util.find_spec("deepspeed") is None:
