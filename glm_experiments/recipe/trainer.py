@@ -117,6 +117,9 @@ class GlmTrainer(Trainer):
         if math.isfinite(loss) and not norm_bad:
             self._last_finite = (step, loss)
             return
+        if self._last_finite is None:  # a resumed run: the last loss its checkpoint logged
+            logged = [h for h in self.state.log_history if isinstance(h.get("loss"), float) and math.isfinite(h["loss"])]
+            self._last_finite = (logged[-1]["step"], logged[-1]["loss"]) if logged else None
         what = (f"gradient norm {norm} (loss {loss:.4g})" if math.isfinite(loss) else
                 f"loss {loss}" + (f" and gradient norm {norm}" if norm_bad else ""))
         last = (f"last finite step {self._last_finite[0]}: loss {self._last_finite[1]:.4f}" if self._last_finite
@@ -130,17 +133,32 @@ class GlmTrainer(Trainer):
             log.warning("step %d: training %s (%s): this batch's update skipped (train.on_nonfinite=skip_step; "
                         "%d skipped so far)", step, what, last, self.skipped_steps)
             return
+        aside = self._set_aside_checkpoint(step - 1)
         checkpoint = last_complete_checkpoint(Path(self.args.output_dir))
-        then = (f"continue from {checkpoint.name} with resume=auto and a lower train.learning_rate (now "
-                f"{self.args.learning_rate:g})" if checkpoint else
-                f"no checkpoint was saved before it: start again with a lower train.learning_rate (now "
-                f"{self.args.learning_rate:g})")
+        lr = f"a lower train.learning_rate (now {self.args.learning_rate:g})"
+        then = (f"continue from {checkpoint.name} with resume=auto and {lr}" if checkpoint else
+                f"no earlier checkpoint: start again with {lr}")
         raise NonFiniteTraining(
-            f"step {step}: training {what} ({last}); stopped before this step's update and checkpoint: {then}, "
-            "or skip such batches with train.on_nonfinite=skip_step",
+            f"step {step}: training {what} ({last}); stopped before this step's update and checkpoint"
+            f"{f' ({aside} set aside: its weights give this step the same)' if aside else ''}: {then}, or skip such "
+            "batches with train.on_nonfinite=skip_step",
             tags={"failure": "nonfinite_training", "nonfinite.step": str(step), "nonfinite.what": what,
                   "nonfinite.last_finite_loss": f"{self._last_finite[1]:.6g}" if self._last_finite else "none",
                   "nonfinite.last_checkpoint": checkpoint.name if checkpoint else "none"})
+
+    def _set_aside_checkpoint(self, step: int) -> str | None:
+        """The checkpoint of the step just before the non-finite one holds the very weights (and RNG and data
+        position) that produced it: resuming from it would repeat the same step, whatever the learning rate. It is
+        renamed ``checkpoint-<step>.nonfinite`` (kept for inspection; resume=auto skips it)."""
+        path = Path(self.args.output_dir) / f"checkpoint-{step}"
+        if not self.args.should_save or not path.is_dir():
+            return None
+        aside, n = path.with_name(f"{path.name}.nonfinite"), 1
+        while aside.exists():  # set aside before, by an earlier try
+            n += 1
+            aside = path.with_name(f"{path.name}.nonfinite{n}")
+        path.rename(aside)
+        return path.name
 
     def _warn_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -205,6 +223,28 @@ class GlmTrainer(Trainer):
         with torch.no_grad():
             for name, tensor in saved.items():
                 params[name].copy_(tensor)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Trainer restores the scheduler's base learning rate from the checkpoint, so ``resume=auto
+        train.learning_rate=<lower>`` (what a stopped, diverging run is told to do) would silently go on at the
+        old one: the restored schedule is rescaled to train.learning_rate, at the same point of the schedule."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = self.lr_scheduler
+        if checkpoint is None or not getattr(scheduler, "base_lrs", None) or self.is_deepspeed_enabled:
+            return
+        saved = scheduler.base_lrs[0]
+        if not saved or math.isclose(saved, self.args.learning_rate, rel_tol=1e-12):
+            return
+        ratio = self.args.learning_rate / saved
+        scheduler.base_lrs = [lr * ratio for lr in scheduler.base_lrs]
+        for group in self.optimizer.param_groups:
+            group["lr"] *= ratio
+            if "initial_lr" in group:
+                group["initial_lr"] *= ratio
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        log.warning("resume: train.learning_rate=%g replaces the checkpoint's %g (the schedule goes on from step %d)",
+                    self.args.learning_rate, saved, self.state.global_step)
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
