@@ -30,10 +30,9 @@ from glm_experiments.errors import UserError
 # ------------------------------------------------------------------------- ranges
 @dataclass(frozen=True)
 class Range:
-    """The values a numeric setting allows: checked by :func:`check_settings` before anything loads
-    (OmegaConf checks only types). ``off`` is one extra value outside the range and what it means. NaN and
-    +-inf are outside every range (a comparison with NaN is always false: ``nan > 0`` would pass unnoticed).
-    Every float field of the schema is checked, one without a declared range against ``Range()``: finite."""
+    """The values a numeric setting allows: checked by :func:`check_settings` before anything loads (OmegaConf
+    checks only types). ``off`` is one extra value outside the range and what it means. NaN and +-inf are outside
+    every range (``nan > 0`` is false, not an error); a float field without a declared range gets ``Range()``."""
 
     min: float | None = None
     max: float | None = None
@@ -65,8 +64,7 @@ class Range:
             text = f"a finite number {text}".strip()
         return f"{_number(self.off[0])} ({self.off[1]}) or {text}" if self.off else text
 
-    def error(self, key: str, value, kind: type = int) -> UserError | None:
-        """The one-line error for ``key=value``, or None when the value is allowed."""
+    def error(self, key: str, value, kind: type = int) -> UserError | None:  # one line, None if allowed
         return None if self.allows(value) else UserError(f"{key}={value}: must be {self.describe(kind)}")
 
 
