@@ -181,6 +181,11 @@ def composition_error(exc: BaseException, overrides: list[str]) -> UserError | N
         merging = re.match(r"Error merging override (.+)", text)
         if merging and cause is not None:
             return CompositionError(f"{merging.group(1)}: {_first_line(cause)}")
+        present = re.search(r"An item is already at '(.+)'", text)
+        if present:  # +key=value for a key the config has: Hydra's hint, as one line
+            override = _override_for(present.group(1), overrides)
+            return CompositionError(f"{override}: {present.group(1)} is already set (override it without +: "
+                                    f"{override.lstrip('+')})")
         ambiguous = re.match(r"Ambiguous value for argument '(.+)'", text)
         if ambiguous:
             return CompositionError(f"{ambiguous.group(1)}: a list is written [a,b], a string with commas quoted "

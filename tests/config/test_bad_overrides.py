@@ -105,6 +105,12 @@ NOT_COMPOSING = [
     (["method=lorra"], "method=lorra: no such option (conf/method/ has dora, freeze, full, lora, prompt_tuning, "
                        "ptuning, qlora)"),
     (["~train.max_steps"], "~train.max_steps: TrainConfig (DictConfig) does not support deletion"),
+    (["+train.max_steps=3"], "+train.max_steps=3: train.max_steps is already set (override it without +: "
+                             "train.max_steps=3)"),
+    (["deepspeed=zero2", "deepspeed.config.newkey=1"],  # a free dict, not a schema node: Hydra's hint
+     "deepspeed.config.newkey=1: no such key (to add one: +deepspeed.config.newkey=1)"),
+    (["hydra/launcher=joblib"], "hydra/launcher=joblib: needs hydra/launcher/joblib, a Hydra plugin that is not "
+                                "installed (install the Hydra plugin that provides hydra/launcher/joblib)"),
 ]
 if not HAS_OPTUNA_SWEEPER:
     NOT_COMPOSING.append((["hparams_search=optuna"], 'hparams_search=optuna: needs hydra/sweeper/optuna, a Hydra '
