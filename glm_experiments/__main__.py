@@ -80,4 +80,8 @@ if __name__ == "__main__":
     if DEBUG_FLAG in sys.argv:  # not a Hydra override: tracebacks for our errors and Hydra's own
         sys.argv.remove(DEBUG_FLAG)
         os.environ["HYDRA_FULL_ERROR"] = "1"
+    if not debug_requested():  # Hydra's composition errors, and a sweep's failed job, as one error: line, exit 2
+        from glm_experiments.config.hydra_checks import report_hydra_errors_in_one_line
+
+        report_hydra_errors_in_one_line(sys.argv[1:])
     main()

@@ -1,8 +1,9 @@
 """The run config composed outside a Hydra run, for predict, the tests and the benchmarks.
 
 ``compose(["method=lora", "train.max_steps=3"])`` gives what ``python -m glm_experiments method=lora
-train.max_steps=3`` composes: conf/train.yaml, the schema, the overrides. A mistyped key or a wrong type raises
-here, as it does on the command line.
+train.max_steps=3`` composes: conf/train.yaml, the schema, the overrides. A mistyped key, a wrong type or
+malformed override syntax raises here the ``CompositionError`` (a UserError) whose one line the command line
+prints.
 """
 
 from __future__ import annotations
@@ -22,10 +23,15 @@ def compose(overrides: list[str] | None = None, *, return_hydra_config: bool = F
     method_names()  # each method module stores its schema (method/base_<name>) as it registers
     from glm_experiments.config.resolvers import CONF_DIR
 
+    from glm_experiments.config.hydra_checks import composition_error
+
+    overrides = list(overrides or [])
     GlobalHydra.instance().clear()  # a Hydra left initialised in this process would refuse a second init
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(
-            "train",
-            overrides=list(overrides or []),
-            return_hydra_config=return_hydra_config,
-        )
+        try:
+            return hydra_compose("train", overrides=overrides, return_hydra_config=return_hydra_config)
+        except Exception as exc:
+            error = composition_error(exc, overrides)
+            if error is None:
+                raise
+            raise error from exc

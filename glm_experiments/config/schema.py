@@ -13,6 +13,8 @@ config, before anything is built.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -28,8 +30,9 @@ from glm_experiments.errors import UserError
 # ------------------------------------------------------------------------- ranges
 @dataclass(frozen=True)
 class Range:
-    """The values a numeric setting allows: checked by :func:`check_settings` before anything loads
-    (OmegaConf checks only types). ``off`` is one extra value outside the range and what it means."""
+    """The values a numeric setting allows: checked by :func:`check_settings` before anything loads (OmegaConf
+    checks only types). ``off`` is one extra value outside the range and what it means. NaN and +-inf are outside
+    every range (``nan > 0`` is false, not an error); a float field without a declared range gets ``Range()``."""
 
     min: float | None = None
     max: float | None = None
@@ -38,21 +41,31 @@ class Range:
     off: tuple[float, str] | None = None
 
     def allows(self, value) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
         if self.off is not None and value == self.off[0]:
             return True
         if self.min is not None and (value <= self.min if self.min_open else value < self.min):
             return False
         return self.max is None or (value < self.max if self.max_open else value <= self.max)
 
-    def describe(self) -> str:
+    def describe(self, kind: type = int) -> str:
+        """What ``allows`` accepts, for a field of type ``kind`` ("a finite number > 0" for a float)."""
         lo, hi = _number(self.min), _number(self.max)
         if self.min is not None and self.max is not None:
             text = f"in {'(' if self.min_open else '['}{lo}, {hi}{')' if self.max_open else ']'}"
         elif self.min is not None:
             text = f"{'>' if self.min_open else '>='} {lo}"
-        else:
+        elif self.max is not None:
             text = f"{'<' if self.max_open else '<='} {hi}"
+        else:
+            text = ""
+        if kind is float:
+            text = f"a finite number {text}".strip()
         return f"{_number(self.off[0])} ({self.off[1]}) or {text}" if self.off else text
+
+    def error(self, key: str, value, kind: type = int) -> UserError | None:  # one line, None if allowed
+        return None if self.allows(value) else UserError(f"{key}={value}: must be {self.describe(kind)}")
 
 
 def _number(x) -> str:
@@ -178,6 +191,10 @@ class TrainConfig:
     dataloader_num_workers: int = ranged(0, min=0)
     # auto | float32 | bfloat16 | float16 (mixed precision of the Trainer)
     precision: str = one_of("auto", "auto", "float32", "bfloat16", "float16")
+    # a training loss or gradient norm that turns NaN/inf: stop (the run ends FAILED at that step, its checkpoint
+    # not saved, the last good one kept for resume=auto) | skip_step (that batch's update left out, counted as
+    # train/skipped_steps) | continue (train on, as transformers does)
+    on_nonfinite: str = one_of("stop", "stop", "skip_step", "continue")
 
 
 @dataclass
@@ -311,8 +328,21 @@ def _schema_of(hint) -> type | None:
     return None
 
 
+def _scalar_type(hint) -> type | None:
+    """int, float, str or bool behind a field's type (``Optional[float]`` -> float), else None."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if candidate in (int, float, str, bool):
+            return candidate
+    return None
+
+
 def _check_node(node, schema: type, prefix: str) -> None:
     hints = typing.get_type_hints(schema)
+    names = [f.name for f in dataclasses.fields(schema)]
+    for extra in (k for k in node.keys() if k not in names):  # added with +key=value: Hydra lets it in
+        close = difflib.get_close_matches(str(extra), names, n=1)
+        hint = f"did you mean {prefix}{close[0]}?" if close else f"{prefix.rstrip('.') or 'the config'} has {', '.join(names)}"
+        raise UserError(f"+{prefix}{extra}={_raw(node, extra)}: no such setting ({hint})")
     for f in dataclasses.fields(schema):
         key = f"{prefix}{f.name}"
         rule, choices = f.metadata.get("range"), f.metadata.get("choices")
@@ -320,6 +350,9 @@ def _check_node(node, schema: type, prefix: str) -> None:
             sub = _schema_of(OmegaConf.get_type(node.method))  # the method's own dataclass, typed at composition
         else:
             sub = _schema_of(hints[f.name])
+        kind = _scalar_type(hints[f.name])
+        if rule is None and kind is float:
+            rule = Range()  # a float without a declared range: any finite number
         if sub is None and rule is None and choices is None:
             continue  # e.g. output_dir: not resolved here (${hydra:...} outside Hydra)
         value = node.get(f.name)
@@ -328,9 +361,37 @@ def _check_node(node, schema: type, prefix: str) -> None:
         if sub is not None:
             _check_node(value, sub, f"{key}.")
         elif rule is not None and not rule.allows(value):
-            raise UserError(f"{key}={value}: expected {rule.describe()}")
+            raise rule.error(key, value, kind)
         elif choices is not None and value not in choices:
             raise UserError(f"{key}={value}: expected one of {', '.join(map(str, choices))}")
+
+
+def _raw(node, key) -> str:
+    """The value of ``node.key`` as written (``${oops}``), unresolved."""
+    try:
+        return str(node._get_node(key)._value())
+    except Exception:  # noqa: BLE001 - only for a message
+        return "..."
+
+
+def _check_resolvable(cfg) -> None:
+    """Every interpolation resolves (``train.learning_rate=${oops}`` would otherwise fail where it is first read).
+    ``output_dir`` (``${hydra:...}``) resolves only inside a Hydra run: left to the run."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    for key in cfg.keys():
+        if key == "output_dir":
+            continue
+        try:
+            value = OmegaConf.select(cfg, str(key), throw_on_missing=False)  # a root scalar resolves here
+            if OmegaConf.is_config(value):
+                OmegaConf.to_container(value, resolve=True)
+        except InterpolationResolutionError as exc:
+            full_key = exc.full_key or str(key)
+            parent, _, leaf = full_key.rpartition(".")
+            raw = _raw(OmegaConf.select(cfg, parent) if parent else cfg, leaf)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"{full_key}={raw}: {reason[:1].lower()}{reason[1:]}") from None
 
 
 def check_tracking_uri(tracking_cfg) -> None:
@@ -344,6 +405,7 @@ def check_tracking_uri(tracking_cfg) -> None:
 def check_settings(cfg) -> None:
     """Every setting against the range its schema field declares, plus the rules that tie settings together.
     Cheap (no file is read): called before torchrun starts and before anything loads."""
+    _check_resolvable(cfg)
     _check_node(cfg, Config, "")
     check_tracking_uri(cfg.tracking)
     tiny = cfg.model.get("tiny")

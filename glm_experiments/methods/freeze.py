@@ -50,14 +50,14 @@ def trainable_names(model: nn.Module, cfg: Any) -> list[str]:
         chosen = [n for n in names if any(p in n for p in patterns)]
         if not chosen:
             raise SettingError(
-                f"method=freeze: no parameter name contains any of trainable_patterns={patterns} "
+                f"method.trainable_patterns={patterns}: no parameter name contains any of them "
                 f"(names look like {names[:3]} ... {names[-2:]})"
             )
         return chosen
     num_layers = model_dims(model)[0]
     n_last = int(cfg_get(cfg, "num_last_layers", DEFAULTS.num_last_layers))
     if not 1 <= n_last <= num_layers:
-        raise SettingError(f"method=freeze: num_last_layers must be in 1..{num_layers} (the model's layers), got {n_last}")
+        raise SettingError(f"method.num_last_layers={n_last}: must be in [1, {num_layers}] (the model's layers)")
     indices = "|".join(str(i) for i in range(num_layers - n_last, num_layers))
     regex = re.compile(rf"(^|\.)layers\.({indices})\.")
     chosen = [n for n in names if regex.search(n)]

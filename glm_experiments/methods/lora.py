@@ -55,19 +55,34 @@ def resolve_target_modules(model: nn.Module, cfg: Any) -> list[str] | str:
     if targets == ["all-linear"]:
         return "all-linear"
     if "all-linear" in targets:
-        raise SettingError(f"method=lora: 'all-linear' must be the only target_modules entry, got {targets}")
+        raise SettingError(f"method.target_modules={targets}: 'all-linear' must be the only entry")
     return targets
+
+
+def check_targets_exist(model: nn.Module, targets: list[str] | str) -> None:
+    """Every ``method.target_modules`` entry names modules of this model (PEFT refuses only when none does,
+    and silently skips the others): one line naming the entry and the model's linear layers."""
+    if isinstance(targets, str):
+        return
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise SettingError(f"method.target_modules={list(targets)}: the model has no module named {', '.join(missing)} "
+                        f"(its linear layers: {', '.join(linear)}; or all-linear)")
 
 
 def lora_config(model: nn.Module, cfg: Any):
     from peft import LoraConfig, TaskType
 
+    targets = resolve_target_modules(model, cfg)
+    check_targets_exist(model, targets)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=int(cfg_get(cfg, "r", DEFAULTS.r)),
         lora_alpha=int(cfg_get(cfg, "alpha", DEFAULTS.alpha)),
         lora_dropout=float(cfg_get(cfg, "dropout", DEFAULTS.dropout)),
-        target_modules=resolve_target_modules(model, cfg),
+        target_modules=targets,
         bias=str(cfg_get(cfg, "bias", DEFAULTS.bias)),
     )
 

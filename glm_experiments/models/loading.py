@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,11 +22,12 @@ def resolve_dtype(name: str) -> torch.dtype:
         return torch.float32
     if name not in TORCH_DTYPES:
         raise UserError(f"model.dtype={name!r}: expected one of auto, {', '.join(TORCH_DTYPES)}")
-    if name == "float16":
-        warnings.warn(
-            "model.dtype=float16: GLM-4 and P-Tuning v2 are known to produce NaN losses in fp16; prefer bfloat16",
-            stacklevel=2,
-        )
+    if name == "float16" and not torch.cuda.is_available():
+        log.warning("model.dtype=float16 on a CPU: half-precision matmuls have no fast CPU kernels (measured: one LoRA "
+                    "step of a 6B-shape model took over 35 min in float16 against about 10 s in bfloat16 on a 2-core "
+                    "CPU); use model.dtype=bfloat16, or float32")
+    elif name == "float16":
+        log.warning("model.dtype=float16: GLM-4 and P-Tuning v2 are known to produce NaN losses in fp16; prefer bfloat16")
     return TORCH_DTYPES[name]
 
 
@@ -59,6 +59,21 @@ def max_positions(model_cfg) -> tuple[int, str]:
         if isinstance(config.get(key), int):
             return config[key], f"{key} in {path / 'config.json'}"
     raise UserError(f"{path / 'config.json'}: no max_position_embeddings, seq_length or max_sequence_length key")
+
+
+def num_layers(model_cfg) -> tuple[int, str] | None:
+    """The model's transformer layers and where that is set, from its config alone; None where config.json
+    does not say (a family loaded otherwise)."""
+    if model_cfg.family == "tiny":
+        return model_cfg.tiny.num_hidden_layers, "model.tiny.num_hidden_layers"
+    from glm_experiments.models.checkpoint_files import read_config
+
+    path = checkpoint_dir(model_cfg)
+    config = read_config(path)
+    for key in ("num_hidden_layers", "num_layers", "n_layer"):  # transformers, ChatGLM2/3 and GLM-4, GPT-2 style
+        if isinstance(config.get(key), int):
+            return config[key], f"{key} in {path / 'config.json'}"
+    return None
 
 
 def check_lengths(cfg) -> None:

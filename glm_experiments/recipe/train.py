@@ -29,7 +29,7 @@ from glm_experiments.methods.quantized_base import quantization_config
 from glm_experiments.metrics import CONVENTION_SOURCES
 from glm_experiments.metrics import definitions as metric_definitions
 from glm_experiments.migration import thudm_adapters
-from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, template_for
+from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, num_layers, template_for
 from glm_experiments.recipe.console import quiet_library_bars, quiet_trainer
 from glm_experiments.recipe.evaluation import (
     EvalSet,
@@ -67,9 +67,36 @@ def check_train_options(cfg: DictConfig) -> None:
         raise UserError(f"train.lr_scheduler_type={t.lr_scheduler_type}: expected one of "
                         f"{', '.join(s.value for s in SchedulerType)}") from None
     stage = ((cfg.deepspeed.config or {}).get("zero_optimization") or {}).get("stage")
+    if t.on_nonfinite == "skip_step" and cfg.deepspeed.config:
+        raise UserError(f"train.on_nonfinite=skip_step does not work with deepspeed={cfg.deepspeed.name} (the engine "
+                        "updates the weights inside backward, before the gradient norm is known): use stop or continue")
     if t.loss_chunk_size and stage == 3:
         raise UserError("train.loss_chunk_size does not work under ZeRO-3 (the output head's weight is partitioned "
                         "outside its forward); use deepspeed=zero2 or train.loss_chunk_size=0")
+
+
+def check_device_precision(cfg: DictConfig) -> None:
+    """fp16 mixed precision cannot work on a CPU: refused here (float16 *weights* on a CPU work but crawl:
+    models/loading.py: resolve_dtype warns in one line)."""
+    import torch
+
+    if cfg.train.precision == "float16" and not torch.cuda.is_available():
+        raise UserError("train.precision=float16: fp16 mixed precision needs a CUDA GPU (its gradient scaler and "
+                        "half-precision kernels are GPU-only); on a CPU use train.precision=bfloat16 or float32 (auto)")
+
+
+def check_named_settings(cfg: DictConfig) -> None:
+    """Settings that name something (metrics, the model's layers) name what exists: refused here, not after
+    the training they would otherwise end (an unknown metric used to fail at the evaluation after it)."""
+    for key, names in (("data.metrics", cfg.data.metrics), ("eval.forgetting_metrics", cfg.eval.forgetting_metrics)):
+        unknown = [str(m) for m in names if m not in DEFINITIONS]
+        if unknown:
+            raise UserError(f"{key}=[{','.join(map(str, names))}]: unknown metric {', '.join(unknown)} "
+                            f"(known: {', '.join(sorted(DEFINITIONS))})")
+    n_last = cfg.method.get("num_last_layers") if not cfg.method.get("trainable_patterns") else None
+    layers = num_layers(cfg.model) if n_last is not None else None
+    if layers is not None and n_last > layers[0]:
+        raise UserError(f"method.num_last_layers={n_last}: must be in [1, {layers[0]}] (the model's layers, {layers[1]})")
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -80,6 +107,8 @@ def preflight(cfg: DictConfig) -> None:
     check_creatable("output_dir", cfg.output_dir)
     check_train_options(cfg)
     check_lengths(cfg)
+    check_named_settings(cfg)
+    check_device_precision(cfg)
     template_for(cfg.model)
     check_quantization(cfg)  # a quantized base: the method allows it, bitsandbytes runs here
     if cfg.deepspeed.config and importlib.util.find_spec("deepspeed") is None:
@@ -115,7 +144,7 @@ def run(cfg: DictConfig) -> RunResult:
             evaluate_after(cfg, pieces, trainer, evaluator, forgetting_before, tracker, result)
             save_and_log(cfg, method, pieces, trainer, evaluator.predictions_dir, tracker, result)
     except BaseException as exc:
-        tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"})
+        tracker.set_tags({"error": f"{type(exc).__name__}: {exc}", **getattr(exc, "tags", {})})
         tracker.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     tracker.end("FINISHED")
@@ -244,6 +273,7 @@ def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracke
         callbacks=[TrackingCallback(tracker, evaluator, cfg.train.eval_steps), stop_at_step_callback()],
         method_cfg=cfg.method,
         loss_chunk_size=cfg.train.loss_chunk_size,
+        on_nonfinite=cfg.train.on_nonfinite,
     )
     quiet_trainer(trainer)
     train_start = time.perf_counter()
@@ -259,6 +289,8 @@ def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracke
         tokens_per_s=sum(n for n, _ in per_rank) / train_seconds,
         final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan")),
     )
+    if trainer.skipped_steps:  # train.on_nonfinite=skip_step
+        result.train_metrics["skipped_steps"] = trainer.skipped_steps
     tracker.log_metrics({"perf/train_seconds": train_seconds, "perf/tokens_per_s": result.train_metrics["tokens_per_s"],
                          "perf/startup_seconds": result.train_metrics["startup_seconds"], **peak_memory_mib(),
                          **rank_memory}, step=trainer.state.global_step)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import GlmConfig, GlmForCausalLM
 
+from glm_experiments.errors import UserError
 from glm_experiments.methods import get_method, load_saved, lora, ptuning, qlora, trainable_summary
 from glm_experiments.methods.freeze import FreezeMethodConfig
 from glm_experiments.methods.full import FullMethodConfig
@@ -172,9 +173,9 @@ def test_get_method_unknown():
 
 
 def test_freeze_rejects_bad_settings(tmp_path):
-    with pytest.raises(ValueError, match="num_last_layers must be in 1..2"):
+    with pytest.raises(UserError, match=r"^method.num_last_layers=3: must be in \[1, 2\] \(the model's layers\)$"):
         get_method("freeze").apply(make_model(), FreezeMethodConfig(name="freeze", num_last_layers=3))
-    with pytest.raises(ValueError, match="no parameter name contains"):
+    with pytest.raises(UserError, match=r"^method.trainable_patterns=\['nope'\]: no parameter name contains"):
         get_method("freeze").apply(make_model(), FreezeMethodConfig(name="freeze", trainable_patterns=["nope"]))
     freeze = get_method("freeze")
     model = freeze.apply(make_model(), FreezeMethodConfig(name="freeze", num_last_layers=1))
@@ -508,3 +509,10 @@ def test_reload_with_the_composed_method_config(tmp_path):
     get_method("freeze").save(model, tmp_path, cfg)
     reloaded = get_method("freeze").load(make_model(), tmp_path, cfg)
     assert torch.equal(eval_logits(reloaded), eval_logits(model))
+
+
+def test_lora_targets_must_name_modules_of_the_model():
+    """PEFT refuses only when no target matches and silently skips the others: every entry is checked."""
+    with pytest.raises(UserError, match=r"^method.target_modules=\['q_proj', 'qkv'\]: the model has no module named "
+                                        r"qkv \(its linear layers: .*q_proj.*; or all-linear\)$"):
+        get_method("lora").apply(make_model(), LoraMethodConfig(name="lora", target_modules=["q_proj", "qkv"]))

@@ -130,7 +130,7 @@ def test_refused_combinations_name_the_setting():
         check_train_options(compose(["deepspeed=zero3", "train.loss_chunk_size=256"]))
     from glm_experiments.config.schema import check_settings
 
-    with pytest.raises(UserError, match=r"train.loss_chunk_size=-1: expected 0 \(off\) or >= 1"):
+    with pytest.raises(UserError, match=r"train.loss_chunk_size=-1: must be 0 \(off\) or >= 1"):
         check_settings(compose(["train.loss_chunk_size=-1"]))
     check_train_options(compose(["method=freeze", "train.packing=true", "train.loss_chunk_size=256"]))
 
