@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from glm_experiments.errors import UserError
+from glm_experiments.output_dirs import atomic_write_text
 
 log = logging.getLogger("glm_experiments.predict")
 
@@ -29,6 +30,8 @@ def predict(args: argparse.Namespace) -> dict:
     samples, report = load_samples(input_path, cfg.data)
     if args.max_samples:
         samples = samples[: args.max_samples]
+    output = Path(args.output) if args.output else run_dir / "predictions" / f"predict-{input_path.stem}.jsonl"
+    output = check_prediction_output(output, "--output" if args.output else "the predictions file")
 
     from glm_experiments.data.dataset import eval_prompts
     from glm_experiments.recipe.evaluation import EvalSet, evaluate_generation, write_predictions
@@ -53,7 +56,6 @@ def predict(args: argparse.Namespace) -> dict:
     for row, sample in zip(rows, (s for s in samples if s.messages[-1]["role"] == "assistant")):
         row["source"] = sample.source
 
-    output = Path(args.output) if args.output else run_dir / "predictions" / f"predict-{input_path.stem}.jsonl"
     if not args.run:
         run_dir = None
     write_predictions(rows, output)
@@ -69,10 +71,33 @@ def predict(args: argparse.Namespace) -> dict:
         "metrics": {k: means[k] for k in metrics if k in means},
         "gen_seconds": means.get("gen_seconds"),
     }
-    metrics_path = output.with_name(output.stem + ".metrics.json")
-    metrics_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    metrics_path = metrics_file(output)
+    atomic_write_text(metrics_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     summary["metrics_file"] = str(metrics_path)
     return summary
+
+
+def metrics_file(output: Path) -> Path:
+    return output.with_name(output.stem + ".metrics.json")
+
+
+def _written_by_predict(output: Path) -> bool:
+    """``output`` is a predictions file that predict wrote: its metrics file names it."""
+    try:
+        summary = json.loads(metrics_file(output).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and Path(str(summary.get("predictions", ""))).resolve() == output.resolve()
+
+
+def check_prediction_output(output: Path, flag: str) -> Path:
+    """The predictions file and its metrics file may replace only what an earlier predict wrote, never a run's
+    own files (output_dirs.check_out_file)."""
+    from glm_experiments.output_dirs import check_out_file
+
+    earlier = _written_by_predict(output)
+    check_out_file(metrics_file(output), lambda _: earlier, flag=flag)
+    return check_out_file(output, lambda _: earlier, flag=flag)
 
 
 def _default_config(args: argparse.Namespace):
