@@ -37,7 +37,7 @@ from glm_experiments.recipe.evaluation import (
 )
 from glm_experiments.recipe.interrupts import sigterm_as_interrupt
 from glm_experiments.recipe.run_dirs import resolve_resume
-from glm_experiments.recipe.run_result import RunResult, hydra_tags
+from glm_experiments.recipe.run_result import RESULT_FILE, RunResult, hydra_tags
 from glm_experiments.recipe.trainer import (  # noqa: F401  (GlmTrainer, TRAINABLE_FILE: imported from here by tests and bench)
     TRAINABLE_FILE,
     GlmTrainer,
@@ -98,8 +98,10 @@ def run(cfg: DictConfig) -> RunResult:
     tags, overrides = hydra_tags()
     tracker = Tracker(cfg.tracking, active=is_main())  # one MLflow run, created by rank 0
     commit = git_commit()
+    # a finished run trained on to a larger train.max_steps (run_dirs.check_resume allowed it) stays one MLflow run
+    continue_run = RunResult.read(run_dir).run_id if resume_from and (run_dir / RESULT_FILE).is_file() else None
     tracker.start(run_name(cfg, overrides), {**tags, **({"git.commit": commit} if commit else {})}, run_dir=run_dir,
-                  resumed_from=resume_from)
+                  resumed_from=resume_from, continue_run=continue_run)
     result = RunResult(run_dir=run_dir, run_id=tracker.run_id)
     try:
         with sigterm_as_interrupt():  # ends KILLED below, not RUNNING forever
@@ -247,6 +249,7 @@ def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracke
         train_seconds=train_seconds,
         tokens_per_s=sum(n for n, _ in per_rank) / train_seconds,
         final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan")),
+        global_step=trainer.state.global_step,  # where a finished run ended (resume=auto of it: run_dirs.check_resume)
     )
     tracker.log_metrics({"perf/train_seconds": train_seconds, "perf/tokens_per_s": result.train_metrics["tokens_per_s"],
                          "perf/startup_seconds": result.train_metrics["startup_seconds"], **peak_memory_mib(),

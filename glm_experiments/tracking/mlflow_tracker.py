@@ -186,9 +186,11 @@ class Tracker:
         self.run_id: str | None = None
         self.experiment_id: str | None = None
 
-    def start(self, name: str, tags: dict[str, str], run_dir: Path | None = None, resumed_from: str | None = None) -> None:
+    def start(self, name: str, tags: dict[str, str], run_dir: Path | None = None, resumed_from: str | None = None,
+              continue_run: str | None = None) -> None:
         """``run_dir``: tags the run with it and closes the directory's runs a dead process left RUNNING;
-        ``resumed_from`` (the checkpoint a resumed run starts from): links the run to the directory's last one."""
+        ``resumed_from`` (the checkpoint a resumed run starts from): links the run to the directory's last one;
+        ``continue_run``: the MLflow run id of a finished run trained on (to a larger train.max_steps): reopened."""
         if not self.active:
             return
         import mlflow
@@ -206,6 +208,8 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent
         if run_dir is not None:
             tags[RUN_DIR_TAG] = str(Path(run_dir).resolve())
+        if continue_run and self._reopen(client, continue_run, tags):
+            return
         run = mlflow.start_run(experiment_id=self.experiment_id, run_name=name, tags=tags, log_system_metrics=None)
         self.run_id = run.info.run_id
         if run_dir is not None:
@@ -214,11 +218,36 @@ class Tracker:
                 self.set_tags({RESUMED_FROM_TAG: earlier[0].info.run_id,
                                "resumed_from_checkpoint": Path(resumed_from).name})
 
+    def _reopen(self, client, run_id: str, tags: dict[str, str]) -> bool:
+        """Reopen the finished run ``run_id`` (False where the store no longer has it: a new run is started)."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            previous = client.get_run(run_id)
+        except MlflowException:
+            log.warning("MLflow run %s of the finished run is not in %s: continuing in a new run", run_id,
+                        self.cfg.tracking_uri)
+            return False
+        self.logged_params = dict(previous.data.params)
+        mlflow.start_run(run_id=run_id, log_system_metrics=None)
+        self.run_id = run_id
+        self.set_tags({k: v for k, v in tags.items() if k != "mlflow.parentRunId"})
+        return True
+
+    logged_params: dict[str, str] = {}
+
     def log_params(self, params: dict[str, Any]) -> None:
         if self.active:
             import mlflow
 
-            mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+            params = {k: str(v)[:6000] for k, v in params.items()}
+            # a continued run: MLflow keeps a param's first value; a changed one (train.max_steps) becomes a tag
+            changed = {f"continued.{k}": v for k, v in params.items() if k in self.logged_params
+                       and self.logged_params[k] != v}
+            mlflow.log_params({k: v for k, v in params.items() if k not in self.logged_params})
+            if changed:
+                mlflow.set_tags(changed)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.active:
