@@ -55,15 +55,12 @@ def merge_run(run: str, out: Path, tracking_uri: str | None = None, overwrite: b
 
 
 def _merged_model(run_dir: Path, cfg, method: str):
-    from glm_experiments.inference.run_loading import ADAPTER_DIR, load_base, method_settings
+    from glm_experiments.inference.run_loading import load_base, load_checked_adapter
 
     # never quantised: qlora's adapter is folded into full-precision weights
     model, tokenizer, _ = load_base(cfg, None)
     record = get_method(method)
-    try:
-        model = record.load(model, run_dir / ADAPTER_DIR, method_settings(cfg, method))
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(f"cannot load the adapter of {run_dir}: {exc}") from None
+    model = load_checked_adapter(record.load, model, run_dir, cfg, method)
     model = record.merge(model)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -96,8 +96,9 @@ def check_prediction_output(output: Path, flag: str) -> Path:
     from glm_experiments.output_dirs import check_out_file
 
     earlier = _written_by_predict(output)
+    checked = check_out_file(output, lambda _: earlier, flag=flag)
     check_out_file(metrics_file(output), lambda _: earlier, flag=flag)
-    return check_out_file(output, lambda _: earlier, flag=flag)
+    return checked
 
 
 def _default_config(args: argparse.Namespace):

@@ -207,15 +207,32 @@ def load_run(run: str | os.PathLike, tracking_uri: str | None = None, device: st
     method = saved_method(run_dir) if with_adapter else cfg.method.name
     model, tokenizer, template = load_base(cfg, method if with_adapter else None)
     if with_adapter:
-        try:
-            model = load_saved(model, run_dir / ADAPTER_DIR, method_settings(cfg, method))
-        except (ValueError, FileNotFoundError) as exc:
-            raise UserError(f"cannot load the adapter of {run_dir}: {exc}") from None
+        model = load_checked_adapter(load_saved, model, run_dir, cfg, method)
     device = device or default_device()
     if not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
         model.to(device)
     model.eval()
     return LoadedRun(run_dir=run_dir, cfg=cfg, model=model, tokenizer=tokenizer, template=template, method=method)
+
+
+def load_checked_adapter(load, model, run_dir: Path, cfg: DictConfig, method: str):
+    """``load(model, adapter_dir, settings)`` after the adapter's files were checked against the base
+    (checked_files.check_adapter_dir); what still fails to load is one line naming the run."""
+    from glm_experiments.checked_files import CorruptFileError, check_adapter_dir
+
+    adapter = Path(run_dir) / ADAPTER_DIR
+    check_adapter_dir(adapter, model)
+    try:
+        return load(model, adapter, method_settings(cfg, method))
+    except CorruptFileError:
+        raise
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise UserError(f"cannot load the adapter of {run_dir}: {exc}") from None
+    except RuntimeError as exc:  # torch's load_state_dict: "size mismatch for ..." lines
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else "")
+        raise UserError(f"cannot load the adapter of {run_dir}: its tensors do not fit the base model ({detail}"
+                        f"{f'; {len(lines) - 2} more' if len(lines) > 2 else ''})") from None
 
 
 def add_run_arguments(parser, required: bool = True) -> None:

@@ -34,21 +34,43 @@ def resume_requested(resume: Any) -> bool:
     return resume is not None and str(resume).lower() not in ("", "null", "none", "false")  # resume=false: a str
 
 
-def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
+def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """``checkpoint-<step>`` directories holding trainer_state.json (written last), oldest first."""
+    return sorted((p for p in Path(checkpoint_dir).glob("checkpoint-*") if p.name[11:].isdigit()
+                   and (p / "trainer_state.json").is_file()), key=lambda p: int(p.name[11:]))
+
+
+def resolve_resume(resume: str | None, checkpoint_dir: Path, deep: bool = True, quiet: bool = False) -> str | None:
+    """The checkpoint ``resume`` continues from. ``auto``: the newest intact one (each is checked through
+    checked_files.checkpoint_damage; a damaged one is said and passed over); ``<step>``: that one, which must
+    be complete and intact. ``deep=False`` checks the torch files' structure only (no torch import)."""
+    from glm_experiments.checked_files import checkpoint_damage
+
     if not resume_requested(resume):
         return None
-    # trainer_state.json is written last: a run killed while saving leaves a checkpoint dir without it
-    complete = sorted((p for p in checkpoint_dir.glob("checkpoint-*") if p.name[11:].isdigit()
-                       and (p / "trainer_state.json").is_file()), key=lambda p: int(p.name[11:]))
+    complete = complete_checkpoints(checkpoint_dir)
     if str(resume) == "auto":
         if not complete:
             log.warning("resume=auto: no complete checkpoint in %s, starting from scratch", checkpoint_dir)
             return None
-        return str(complete[-1])
+        damaged = []
+        for checkpoint in reversed(complete):
+            damage = checkpoint_damage(checkpoint, quick=not deep)
+            if damage is None:
+                if damaged and not quiet:
+                    log.warning("resume=auto: %s is damaged (%s); resuming from %s, the newest intact checkpoint",
+                                damaged[0][0].name, damaged[0][1], checkpoint.name)
+                return str(checkpoint)
+            damaged.append((checkpoint, damage))
+        raise UserError(f"resume=auto: no intact checkpoint in {checkpoint_dir} (newest: {damaged[0][1]})")
     path = checkpoint_dir / f"checkpoint-{resume}"
     if path not in complete:
         state = "is incomplete (no trainer_state.json)" if path.is_dir() else "does not exist"
         raise UserError(f"resume={resume}: {path} {state} (complete checkpoints: {[p.name for p in complete] or 'none'})")
+    damage = checkpoint_damage(path, quick=not deep)
+    if damage is not None:
+        intact = [p.name for p in complete if checkpoint_damage(p, quick=not deep) is None]
+        raise UserError(f"resume={resume}: {damage} (intact checkpoints: {intact or 'none'})")
     return str(path)
 
 
@@ -136,7 +158,7 @@ def check_resume(run_dir: Path, resume: Any, cfg: DictConfig) -> None:
                             f"{'; '.join(changes[:4])}{more}; resume with its settings (only train.max_steps, "
                             "train.save_*/logging_steps/eval_steps, eval.*, tracking.* and launcher.* may change)")
     max_steps = int(cfg.train.max_steps)
-    checkpoint = resolve_resume(resume, Path(run_dir) / "checkpoints")
+    checkpoint = resolve_resume(resume, Path(run_dir) / "checkpoints", deep=False, quiet=True)
     finished = finished_step(run_dir, saved)
     # a finished run trained on and interrupted has checkpoints beyond the step its result.json records
     if finished is not None and (checkpoint is None or _step(checkpoint) <= finished):
@@ -169,7 +191,7 @@ def check_run_dir(run_dir: Path, resume: Any, setting: str = "hydra.run.dir", cf
     """UserError unless ``run_dir`` is new (or holds no run) or ``resume`` names a checkpoint it has (and, with
     the composed ``cfg``, continues the run it holds: check_resume)."""
     if resume_requested(resume):
-        resolve_resume(resume, run_dir / "checkpoints")  # a missing checkpoint-<step> fails here, not after
+        resolve_resume(resume, run_dir / "checkpoints", deep=False, quiet=True)  # a missing checkpoint-<step> fails here
         if cfg is not None and previous_run(run_dir):
             check_resume(run_dir, resume, cfg)
         return
