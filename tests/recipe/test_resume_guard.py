@@ -78,3 +78,28 @@ def test_max_steps_below_an_interrupted_runs_checkpoint(finished, tmp_path):
     assert line == (f"error: train.max_steps=1 is below the step of {interrupted}/checkpoints/checkpoint-{step} "
                     f"({step}); resume with train.max_steps of at least that")
     assert tree_hashes(interrupted) == before
+
+
+@pytest.mark.slow
+def test_resume_falls_back_from_a_truncated_checkpoint_to_the_same_final_loss(tmp_path):
+    """The newest checkpoint is truncated (a disk that filled up): resume=auto says so, continues from the one
+    before and ends where an uninterrupted run ends."""
+    quick = ["method=lora", "train.max_steps=4", "train.save_steps=1", "train.save_total_limit=5",
+             "train.logging_steps=1", "train.per_device_train_batch_size=2", "data.max_train_samples=8",
+             "data.dev_file=null", "eval.before_training=false", "tracking=none"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    result = run_cli([*quick, f"hydra.run.dir={whole}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the same run as if killed after checkpoint-3 was written, whose trainable tensors were then cut short
+    shutil.copytree(whole, broken, ignore=shutil.ignore_patterns("result.json", "adapter", "checkpoint-4"))
+    damaged = broken / "checkpoints" / "checkpoint-3" / "trainable.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+
+    result = run_cli([*quick, f"hydra.run.dir={broken}", "resume=auto"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stdout + result.stderr  # Hydra's log handler writes to stdout
+    assert f"resume=auto: checkpoint-3 is damaged ({damaged}: " in said
+    assert "resuming from checkpoint-2, the newest intact checkpoint" in said
+    final = [json.loads((d / "result.json").read_text())["train"]["final_loss"] for d in (whole, broken)]
+    assert final[1] == pytest.approx(final[0], abs=1e-5)
+    assert tree_hashes(broken / "checkpoints").keys() == tree_hashes(whole / "checkpoints").keys()  # no staging left
