@@ -26,6 +26,10 @@ def predict(args: argparse.Namespace) -> dict:
         check_adapter(run_dir)
     else:
         run_dir, cfg = Path.cwd(), _default_config(args)
+    if args.max_new_tokens:  # the prompt (up to data.max_source_length) and the reply within the positions
+        from glm_experiments.inference.flags import check_generation_length
+
+        check_generation_length(cfg.model, args.max_new_tokens, int(cfg.data.max_source_length))
     input_path = resolve_data_path(args.input, "--input")
     samples, report = load_samples(input_path, cfg.data)
     if args.max_samples:
