@@ -9,6 +9,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
+from glm_experiments.errors import MissingFileError, SettingError
+
 METHOD_FILE = "method.json"
 FORMAT_VERSION = 1
 
@@ -73,14 +75,14 @@ def read_method_json(in_dir: Path, expect: Optional[str | Iterable[str]] = None)
     """Read ``in_dir/method.json``; with ``expect``, the saved method must be (one of) it."""
     path = Path(in_dir) / METHOD_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {in_dir} is not a directory written by a method's save()")
+        raise MissingFileError(f"{path} not found: {in_dir} is not a directory written by a method's save()")
     from glm_experiments.checked_files import read_json_object
 
     payload = read_json_object(path, required=("method",))
     if expect is not None:
         allowed = {expect} if isinstance(expect, str) else set(expect)
         if payload.get("method") not in allowed:
-            raise ValueError(
+            raise SettingError(
                 f"{in_dir} holds a method={payload.get('method')} checkpoint, "
                 f"but it is being loaded as method={'/'.join(sorted(allowed))}"
             )
@@ -100,7 +102,7 @@ def check_settings(method: str, saved: Mapping[str, Any], cfg: Any, keys: Iterab
         if _norm(want) != _norm(have):
             diffs.append(f"{key}: configured {want!r}, saved {have!r}")
     if diffs:
-        raise ValueError(
+        raise SettingError(
             f"method={method}: the checkpoint {where} was saved with different settings ("
             + "; ".join(diffs)
             + "). Load it with the saved settings (or without a method config) or retrain."
@@ -120,7 +122,7 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from glm_experiments.checked_files import load_safetensors as checked
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found")
+        raise MissingFileError(f"{path} not found")
     return checked(path)
 
 
