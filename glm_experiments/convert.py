@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from pathlib import Path
 
-    from glm_experiments.output_dirs import atomic_output_dir, check_out, parse_size
+    from glm_experiments.recipe.outputs import atomic_output_dir, check_out, parse_size
 
     # every check that creates nothing, first: the shard size, and --dst against what is read
     shard_size = parse_size(args.shard_size, "--shard-size")

@@ -20,11 +20,11 @@ def merge_run(run: str, out: Path, tracking_uri: str | None = None, overwrite: b
               max_shard_size: str = "5GB") -> dict:
     """Write the standalone checkpoint of ``run`` into ``out``; returns what was done.
 
-    ``out`` is checked before anything is read or created (output_dirs.check_out: never the run, inside it or
+    ``out`` is checked before anything is read or created (outputs.check_out: never the run, inside it or
     above it; ``overwrite`` replaces only an earlier merge output) and written atomically: a failure leaves
     the old ``out``, or none."""
     from glm_experiments.inference.run_loading import check_adapter, find_run_dir, load_run_config, saved_method
-    from glm_experiments.output_dirs import atomic_output_dir, check_out, parse_size
+    from glm_experiments.recipe.outputs import atomic_output_dir, check_out, parse_size
 
     max_shard_size = parse_size(max_shard_size, "--max-shard-size")
     run_dir = find_run_dir(run, tracking_uri)

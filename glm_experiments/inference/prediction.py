@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from glm_experiments.errors import UserError
-from glm_experiments.output_dirs import atomic_write_text
+from glm_experiments.recipe.outputs import atomic_write_text
 
 log = logging.getLogger("glm_experiments.predict")
 
@@ -96,8 +96,8 @@ def _written_by_predict(output: Path) -> bool:
 
 def check_prediction_output(output: Path, flag: str) -> Path:
     """The predictions file and its metrics file may replace only what an earlier predict wrote, never a run's
-    own files (output_dirs.check_out_file)."""
-    from glm_experiments.output_dirs import check_out_file
+    own files (outputs.check_out_file)."""
+    from glm_experiments.recipe.outputs import check_out_file
 
     earlier = _written_by_predict(output)
     checked = check_out_file(output, lambda _: earlier, flag=flag)

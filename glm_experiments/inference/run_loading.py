@@ -218,7 +218,7 @@ def load_run(run: str | os.PathLike, tracking_uri: str | None = None, device: st
 def load_checked_adapter(load, model, run_dir: Path, cfg: DictConfig, method: str):
     """``load(model, adapter_dir, settings)`` after the adapter's files were checked against the base
     (checked_files.check_adapter_dir); what still fails to load is one line naming the run."""
-    from glm_experiments.checked_files import CorruptFileError, check_adapter_dir
+    from glm_experiments.models.checked_files import CorruptFileError, check_adapter_dir
 
     adapter = Path(run_dir) / ADAPTER_DIR
     check_adapter_dir(adapter, model)

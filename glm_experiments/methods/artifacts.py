@@ -76,7 +76,7 @@ def read_method_json(in_dir: Path, expect: Optional[str | Iterable[str]] = None)
     path = Path(in_dir) / METHOD_FILE
     if not path.is_file():
         raise MissingFileError(f"{path} not found: {in_dir} is not a directory written by a method's save()")
-    from glm_experiments.checked_files import read_json_object
+    from glm_experiments.models.checked_files import read_json_object
 
     payload = read_json_object(path, required=("method",))
     if expect is not None:
@@ -119,7 +119,7 @@ def _norm(v: Any) -> Any:
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of ``path``, read through the checked reader (a damaged file: one line naming it)."""
-    from glm_experiments.checked_files import load_safetensors as checked
+    from glm_experiments.models.checked_files import load_safetensors as checked
 
     if not Path(path).is_file():
         raise MissingFileError(f"{path} not found")

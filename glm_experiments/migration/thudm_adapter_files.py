@@ -91,7 +91,7 @@ def base_dims(config: Any) -> BaseDims:
 
 
 def read_json(path: Path) -> dict:
-    from glm_experiments.checked_files import CorruptFileError, read_json_object
+    from glm_experiments.models.checked_files import CorruptFileError, read_json_object
 
     try:
         return read_json_object(path)
@@ -108,7 +108,7 @@ def adapter_weights_file(directory: Path) -> Path:
 
 def read_weights(file: Path) -> dict[str, torch.Tensor]:
     """A safetensors or (weights-only) torch pickle file as a state dict."""
-    from glm_experiments.checked_files import CorruptFileError, check_torch_file, load_safetensors
+    from glm_experiments.models.checked_files import CorruptFileError, check_torch_file, load_safetensors
 
     try:
         state = load_safetensors(file) if file.suffix == ".safetensors" else check_torch_file(file)

@@ -82,7 +82,7 @@ def evaluate_generation(model, tokenizer, template, eval_set: EvalSet, eval_cfg,
 
 
 def write_predictions(rows: list[dict], path: Path) -> None:
-    from glm_experiments.output_dirs import atomic_write_text
+    from glm_experiments.recipe.outputs import atomic_write_text
 
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 

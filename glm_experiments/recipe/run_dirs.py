@@ -44,7 +44,7 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path, deep: bool = True, 
     """The checkpoint ``resume`` continues from. ``auto``: the newest intact one (each is checked through
     checked_files.checkpoint_damage; a damaged one is said and passed over); ``<step>``: that one, which must
     be complete and intact. ``deep=False`` checks the torch files' structure only (no torch import)."""
-    from glm_experiments.checked_files import checkpoint_damage
+    from glm_experiments.models.checked_files import checkpoint_damage
 
     if not resume_requested(resume):
         return None

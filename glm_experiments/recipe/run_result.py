@@ -26,7 +26,7 @@ class RunResult:
     trainable: dict = field(default_factory=dict)
 
     def write(self) -> Path:
-        from glm_experiments.output_dirs import atomic_write_text
+        from glm_experiments.recipe.outputs import atomic_write_text
 
         path = Path(self.run_dir) / RESULT_FILE
         return atomic_write_text(path, json.dumps({"run_id": self.run_id, "metrics_before": self.metrics_before,

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from glm_experiments.checked_files import load_safetensors
+from glm_experiments.models.checked_files import load_safetensors
 from glm_experiments.errors import UserError
 from glm_experiments.recipe.losses import chunked_loss
 from glm_experiments.tracking.mlflow_tracker import Tracker

@@ -133,7 +133,7 @@ def test_predict_output_never_replaces_a_run_file(small_run, tmp_path, capsys):
 
 def test_parse_size():
     from glm_experiments.errors import UserError
-    from glm_experiments.output_dirs import parse_size
+    from glm_experiments.recipe.outputs import parse_size
 
     assert parse_size("2GB", "--s") == 2 * 10**9 and parse_size("500MiB", "--s") == 500 * 2**20
     assert parse_size("1024", "--s") == 1024
