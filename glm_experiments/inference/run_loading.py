@@ -54,7 +54,16 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def find_run_dir(run: str | os.PathLike, tracking_uri: str | None = None) -> Path:
-    """The run directory that ``run`` (a path or an MLflow run id) names."""
+    """The run directory that ``run`` (a path or an MLflow run id) names. Its MLflow run, if a killed process left
+    it RUNNING, is marked FAILED on the way (tracking/mlflow_tracker.close_if_dead)."""
+    from glm_experiments.tracking.mlflow_tracker import close_if_dead
+
+    run_dir = _find_run_dir(run, tracking_uri)
+    close_if_dead(run_dir, "a command that opened its run directory")
+    return run_dir
+
+
+def _find_run_dir(run: str | os.PathLike, tracking_uri: str | None = None) -> Path:
     text = str(run).strip()
     if not text:
         raise UserError("--run is empty: give a run directory or an MLflow run id")
@@ -86,6 +95,9 @@ def _run_dir_from_mlflow(run_id: str, tracking_uri: str | None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from glm_experiments.tracking.mlflow_tracker import check_store
+
+    check_store(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     try:
         info = client.get_run(run_id)

@@ -46,7 +46,7 @@ from glm_experiments.recipe.trainer import (  # noqa: F401  (GlmTrainer, TRAINAB
     reset_peak_memory,
     training_arguments,
 )
-from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
+from glm_experiments.tracking.mlflow_tracker import Tracker, check_store, flatten_config, git_commit, run_name
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ def preflight(cfg: DictConfig) -> None:
     ranges (config.py), option combinations, lengths vs the model's positions (its config.json only), the
     method's hardware, DeepSpeed installed. The Hydra process runs it before torchrun starts; run() again."""
     check_settings(cfg)
+    if cfg.tracking.enabled:  # an unusable store said in seconds, not after MLflow's retries
+        check_store(cfg.tracking.tracking_uri)
     check_creatable("output_dir", cfg.output_dir)
     check_train_options(cfg)
     check_lengths(cfg)
