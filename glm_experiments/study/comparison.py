@@ -71,6 +71,7 @@ class Comparison:
     identical: list[str] = field(default_factory=list)         # result columns equal in every run
     before_after: dict[str, dict[str, tuple[float | None, float | None]]] = field(default_factory=dict)
     loss_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    paired: Any = None  # study.paired.PairedComparison: settings (seeds pooled) against the baseline, the verdicts
 
 
 # ------------------------------------------------------------------------- selecting
@@ -180,8 +181,15 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+def param_aliases(key: str) -> set[str]:
+    """The names ``--baseline KEY=VALUE`` accepts for a param: the key, its column label, its short name."""
+    leaf = key.rpartition(".")[2]
+    return {key, param_label(key), SHORT_NAMES.get(leaf, leaf)}
+
+
 def collect(tracking_uri: str | None = None, experiment: str | None = None, parent: str | None = None,
-            filter_string: str | None = None) -> Comparison:
+            filter_string: str | None = None, baseline: list[str] | None = None) -> Comparison:
+    """The runs, their tables and curves, and the paired verdicts (``baseline``: ``--baseline KEY=VALUE`` specs)."""
     tracking_uri = tracking_uri or default_tracking_uri()
     client = _client(tracking_uri)
     runs, name, selection, experiment_id = select_runs(client, experiment, parent, filter_string)
@@ -236,6 +244,11 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
             before = history[0][1] if len(history) > 1 and history[0][0] == 0 else None
             pairs[key] = (before, history[-1][1])
         comparison.before_after[row["label"]] = pairs
+    from glm_experiments.study.paired import paired_comparison
+
+    comparison.paired = paired_comparison(client, runs, varied, short_label, param_aliases,
+                                          metric_labels={key.split("/", 1)[1]: label for key, label in QUALITY},
+                                          baseline=baseline)
     return comparison
 
 
@@ -292,6 +305,39 @@ def headlines(comparison: Comparison) -> list[str]:
     return lines
 
 
+def print_verdicts(comparison: Comparison, console) -> None:
+    """The paired verdicts, one sentence per setting, and the per-seed spread where settings have several seeds."""
+    from rich import box
+    from rich.table import Table
+
+    from glm_experiments.study.paired import seed_table
+    from glm_experiments.study.verdicts import row_phrase
+
+    paired = comparison.paired
+    if paired is None:
+        return
+    if paired.table is not None:
+        console.print(f"[bold]verdicts[/] against {paired.table.baseline} (95 % paired bootstrap intervals; "
+                      "report.md has p-values):", highlight=False)
+        for setting in paired.table.settings():  # the sentence, a metric a line
+            rows = [r for r in paired.table.rows if r.setting == setting]
+            console.print(f"  {setting} vs {paired.table.baseline}:", highlight=False)
+            for row in rows:
+                console.print(f"    {row_phrase(row)}", highlight=False)
+    for note in paired.notes:
+        console.print(f"  {note}", style="dim", highlight=False)
+    header, cells = seed_table(comparison)
+    if cells:
+        table = Table(title="over seeds (mean ± sd)", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1),
+                      pad_edge=False)
+        for i, col in enumerate(header):
+            table.add_column(col, justify="left" if i == 0 else "right", no_wrap=True,
+                             max_width=LABEL_WIDTH if i == 0 else None)
+        for row in cells:
+            table.add_row(short_run_label(row[0]), *row[1:])
+        console.print(table)
+
+
 def print_table(comparison: Comparison, console=None) -> None:
     """Three narrow tables (results, cost, which run is which) that fit a 100-column terminal."""
     from rich import box
@@ -307,8 +353,8 @@ def print_table(comparison: Comparison, console=None) -> None:
     def metric_table(title: str, columns: list[str], mark_best: bool) -> Table:
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
         table.add_column("run", no_wrap=True, max_width=LABEL_WIDTH)
-        for col in columns:
-            table.add_column(col, justify="right", no_wrap=True)
+        for col in columns:  # the other run of a human eval: named in full in the report, cut here to fit 100 columns
+            table.add_column(col, justify="right", no_wrap=True, max_width=14 if col == "vs" else None)
         for label, row, cells in zip(labels, comparison.rows, table_cells(comparison, columns)):
             styled = [f"[bold green]{cell}[/]" if mark_best and row.get(col) is not None and row.get(col) == best_value(comparison, col)
                       else cell for col, cell in zip(columns, cells)]
@@ -318,6 +364,7 @@ def print_table(comparison: Comparison, console=None) -> None:
     console.print(f"[bold]{comparison.name}[/]: {len(comparison.rows)} runs (best in green)")
     for line in headlines(comparison):
         console.print(f"  {line}", highlight=False)
+    print_verdicts(comparison, console)
     for title, columns in comparison.tables.items():
         if columns:
             console.print(metric_table(title, columns, title != "cost"))
