@@ -44,11 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from rich.console import Console
 
-    from glm_experiments.inference.run_loading import load_run
+    from glm_experiments.inference.flags import check_device, check_generation_length, check_positive, check_sampling
+    from glm_experiments.inference.run_loading import find_run_dir, load_run, load_run_config
 
+    check_positive(args, "max_new_tokens", "max_length")
+    check_sampling(args.temperature, args.top_p)
+    check_device(args.device)
+    run_dir = find_run_dir(args.run, args.tracking_uri)
+    check_generation_length(load_run_config(run_dir).model, args.max_new_tokens, max_length=args.max_length)
     console = Console()
     with console.status("loading the run ...") if console.is_terminal else _nullcontext():
-        loaded = load_run(args.run, args.tracking_uri, device=args.device)
+        loaded = load_run(run_dir, device=args.device)
     session = ChatSession(loaded, args, console)
     cfg = loaded.cfg
     console.print(f"[bold]{loaded.method}[/bold] on {cfg.model.name} ({loaded.template.name} template) from {loaded.run_dir}")

@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from glm_experiments.constants import TORCH_DTYPES
-from glm_experiments.errors import UserError, cli_main
+from glm_experiments.errors import cli_main
 
 DTYPES = {"auto": None, **TORCH_DTYPES}
 
@@ -32,6 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--family", required=True, choices=thudm_families)
     parser.add_argument("--src", required=True, help="THUDM checkpoint directory (config.json model_type chatglm)")
     parser.add_argument("--dst", required=True, help="output directory (created; must be empty if it exists)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier convert output in --dst")
     parser.add_argument("--shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB, 500MB (default 2GB)")
     parser.add_argument("--dtype", default="auto", choices=list(DTYPES), help="default: the checkpoint's torch_dtype")
     parser.add_argument("--adapter", default=None,
@@ -42,9 +43,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 @cli_main
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import shutil
-    import tempfile
     from pathlib import Path
+
+    from glm_experiments.recipe.outputs import atomic_output_dir, check_out, parse_size
+
+    # every check that creates nothing, first: the shard size, and --dst against what is read
+    shard_size = parse_size(args.shard_size, "--shard-size")
+    src = Path(args.src).expanduser()
+    reads = [("the source checkpoint", src)] + ([("the adapter", Path(args.adapter).expanduser())] if args.adapter else [])
+    dst = check_out(Path(args.dst), "convert", reads, args.overwrite, flag="--dst")
 
     from glm_experiments.models.thudm import (
         CheckpointError,
@@ -54,27 +61,18 @@ def main(argv=None) -> int:
         read_config,
     )
 
-    dst = Path(args.dst).expanduser()
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise UserError(f"--dst {dst} exists and is not an empty directory")
-    tmp = None
-    try:
+    if checkpoint_kind(src) == "native":
+        raise CheckpointError(f"{src / 'config.json'}: already in transformers' format; nothing to convert")
+    # the whole output (base and adapter) is written into a sibling temporary directory and renamed into place
+    with atomic_output_dir(dst, "convert", {"source": str(src.resolve()), "family": args.family}) as tmp:
         if args.adapter:  # first, so that an adapter that cannot be mapped fails before the base is written
             from glm_experiments.migration.thudm_adapters import convert_adapter
 
-            src = Path(args.src).expanduser()
-            if checkpoint_kind(src) == "native":
-                raise CheckpointError(f"{src / 'config.json'}: already in transformers' format; nothing to convert")
             cfg = read_config(src)
             check_family(src, cfg, args.family)
-            tmp = Path(tempfile.mkdtemp(prefix="adapter-"))
-            _, method = convert_adapter(args.adapter, tmp / "adapter", cfg, args.family, base_model_name_or_path=str(dst.resolve()))
-        convert_checkpoint(args.src, dst, args.family, max_shard_size=args.shard_size, dtype=DTYPES[args.dtype])
-        if tmp is not None:
-            shutil.move(str(tmp / "adapter"), str(dst / "adapter"))
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _, method = convert_adapter(args.adapter, tmp / "adapter", cfg, args.family,
+                                        base_model_name_or_path=str(dst))
+        convert_checkpoint(src, tmp, args.family, max_shard_size=shard_size, dtype=DTYPES[args.dtype])
     print(f"converted {args.src} ({args.family}) -> {dst}")
     if args.adapter:
         print(f"converted adapter {args.adapter} ({method}) -> {dst / 'adapter'}")

@@ -51,16 +51,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give either --run or --adapter (with --model-path and --family), not both")
     if not args.run and (not args.adapter or not args.family or (args.family != "tiny" and not args.model_path)):
         p.error("give --run, or --adapter with --family and --model-path")
-    for name in ("batch_size", "max_new_tokens", "max_samples"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {value}")
     return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    from glm_experiments.inference.flags import check_device, check_positive
+
+    check_positive(args, "batch_size", "max_new_tokens", "max_samples")
+    check_device(args.device)
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_args(args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     summary = predict(args)
     line = " | ".join(f"{k} {v:.2f}" for k, v in summary["metrics"].items())

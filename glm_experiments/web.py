@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from glm_experiments.inference.flags import check_device
+
+    check_device(args.device)
     engines = find_engines(args)
     comparison = Comparison.prepare(engines[0], engines[1], args) if len(engines) > 1 else None
     _gradio()  # a missing extra, a taken port: one line before anything loads

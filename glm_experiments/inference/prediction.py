@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from glm_experiments.errors import UserError
+from glm_experiments.recipe.outputs import atomic_write_text
 
 log = logging.getLogger("glm_experiments.predict")
 
@@ -25,10 +26,16 @@ def predict(args: argparse.Namespace) -> dict:
         check_adapter(run_dir)
     else:
         run_dir, cfg = Path.cwd(), _default_config(args)
+    if args.max_new_tokens:  # the prompt (up to data.max_source_length) and the reply within the positions
+        from glm_experiments.inference.flags import check_generation_length
+
+        check_generation_length(cfg.model, args.max_new_tokens, int(cfg.data.max_source_length))
     input_path = resolve_data_path(args.input, "--input")
     samples, report = load_samples(input_path, cfg.data)
     if args.max_samples:
         samples = samples[: args.max_samples]
+    output = Path(args.output) if args.output else run_dir / "predictions" / f"predict-{input_path.stem}.jsonl"
+    output = check_prediction_output(output, "--output" if args.output else "the predictions file")
 
     from glm_experiments.data.dataset import eval_prompts
     from glm_experiments.recipe.evaluation import EvalSet, evaluate_generation, write_predictions
@@ -53,7 +60,6 @@ def predict(args: argparse.Namespace) -> dict:
     for row, sample in zip(rows, (s for s in samples if s.messages[-1]["role"] == "assistant")):
         row["source"] = sample.source
 
-    output = Path(args.output) if args.output else run_dir / "predictions" / f"predict-{input_path.stem}.jsonl"
     if not args.run:
         run_dir = None
     write_predictions(rows, output)
@@ -69,10 +75,34 @@ def predict(args: argparse.Namespace) -> dict:
         "metrics": {k: means[k] for k in metrics if k in means},
         "gen_seconds": means.get("gen_seconds"),
     }
-    metrics_path = output.with_name(output.stem + ".metrics.json")
-    metrics_path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    metrics_path = metrics_file(output)
+    atomic_write_text(metrics_path, json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     summary["metrics_file"] = str(metrics_path)
     return summary
+
+
+def metrics_file(output: Path) -> Path:
+    return output.with_name(output.stem + ".metrics.json")
+
+
+def _written_by_predict(output: Path) -> bool:
+    """``output`` is a predictions file that predict wrote: its metrics file names it."""
+    try:
+        summary = json.loads(metrics_file(output).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and Path(str(summary.get("predictions", ""))).resolve() == output.resolve()
+
+
+def check_prediction_output(output: Path, flag: str) -> Path:
+    """The predictions file and its metrics file may replace only what an earlier predict wrote, never a run's
+    own files (outputs.check_out_file)."""
+    from glm_experiments.recipe.outputs import check_out_file
+
+    earlier = _written_by_predict(output)
+    checked = check_out_file(output, lambda _: earlier, flag=flag)
+    check_out_file(metrics_file(output), lambda _: earlier, flag=flag)
+    return checked
 
 
 def _default_config(args: argparse.Namespace):

@@ -54,7 +54,16 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def find_run_dir(run: str | os.PathLike, tracking_uri: str | None = None) -> Path:
-    """The run directory that ``run`` (a path or an MLflow run id) names."""
+    """The run directory that ``run`` (a path or an MLflow run id) names. Its MLflow run, if a killed process left
+    it RUNNING, is marked FAILED on the way (tracking/mlflow_tracker.close_if_dead)."""
+    from glm_experiments.tracking.mlflow_tracker import close_if_dead
+
+    run_dir = _find_run_dir(run, tracking_uri)
+    close_if_dead(run_dir, "a command that opened its run directory")
+    return run_dir
+
+
+def _find_run_dir(run: str | os.PathLike, tracking_uri: str | None = None) -> Path:
     text = str(run).strip()
     if not text:
         raise UserError("--run is empty: give a run directory or an MLflow run id")
@@ -86,6 +95,9 @@ def _run_dir_from_mlflow(run_id: str, tracking_uri: str | None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from glm_experiments.tracking.mlflow_tracker import check_store
+
+    check_store(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     try:
         info = client.get_run(run_id)
@@ -204,15 +216,32 @@ def load_run(run: str | os.PathLike, tracking_uri: str | None = None, device: st
     method = saved_method(run_dir) if with_adapter else cfg.method.name
     model, tokenizer, template = load_base(cfg, method if with_adapter else None)
     if with_adapter:
-        try:
-            model = load_saved(model, run_dir / ADAPTER_DIR, method_settings(cfg, method))
-        except (ValueError, FileNotFoundError) as exc:
-            raise UserError(f"cannot load the adapter of {run_dir}: {exc}") from None
+        model = load_checked_adapter(load_saved, model, run_dir, cfg, method)
     device = device or default_device()
     if not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
         model.to(device)
     model.eval()
     return LoadedRun(run_dir=run_dir, cfg=cfg, model=model, tokenizer=tokenizer, template=template, method=method)
+
+
+def load_checked_adapter(load, model, run_dir: Path, cfg: DictConfig, method: str):
+    """``load(model, adapter_dir, settings)`` after the adapter's files were checked against the base
+    (checked_files.check_adapter_dir); what still fails to load is one line naming the run."""
+    from glm_experiments.models.checked_files import CorruptFileError, check_adapter_dir
+
+    adapter = Path(run_dir) / ADAPTER_DIR
+    check_adapter_dir(adapter, model)
+    try:
+        return load(model, adapter, method_settings(cfg, method))
+    except CorruptFileError:
+        raise
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        raise UserError(f"cannot load the adapter of {run_dir}: {exc}") from None
+    except RuntimeError as exc:  # torch's load_state_dict: "size mismatch for ..." lines
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else "")
+        raise UserError(f"cannot load the adapter of {run_dir}: its tensors do not fit the base model ({detail}"
+                        f"{f'; {len(lines) - 2} more' if len(lines) > 2 else ''})") from None
 
 
 def add_run_arguments(parser, required: bool = True) -> None:

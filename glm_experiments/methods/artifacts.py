@@ -76,7 +76,9 @@ def read_method_json(in_dir: Path, expect: Optional[str | Iterable[str]] = None)
     path = Path(in_dir) / METHOD_FILE
     if not path.is_file():
         raise MissingFileError(f"{path} not found: {in_dir} is not a directory written by a method's save()")
-    payload = json.loads(path.read_text(encoding="utf-8"))
+    from glm_experiments.models.checked_files import read_json_object
+
+    payload = read_json_object(path, required=("method",))
     if expect is not None:
         allowed = {expect} if isinstance(expect, str) else set(expect)
         if payload.get("method") not in allowed:
@@ -116,11 +118,12 @@ def _norm(v: Any) -> Any:
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """The tensors of ``path``, read through the checked reader (a damaged file: one line naming it)."""
+    from glm_experiments.models.checked_files import load_safetensors as checked
 
     if not Path(path).is_file():
         raise MissingFileError(f"{path} not found")
-    return load_file(str(path))
+    return checked(path)
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Optional[dict] = None) -> None:

@@ -91,13 +91,12 @@ def base_dims(config: Any) -> BaseDims:
 
 
 def read_json(path: Path) -> dict:
+    from glm_experiments.models.checked_files import CorruptFileError, read_json_object
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: cannot read ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: not a JSON object")
-    return data
+        return read_json_object(path)
+    except CorruptFileError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def adapter_weights_file(directory: Path) -> Path:
@@ -109,13 +108,12 @@ def adapter_weights_file(directory: Path) -> Path:
 
 def read_weights(file: Path) -> dict[str, torch.Tensor]:
     """A safetensors or (weights-only) torch pickle file as a state dict."""
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    from glm_experiments.models.checked_files import CorruptFileError, check_torch_file, load_safetensors
 
-            state = load_file(str(file))
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        state = load_safetensors(file) if file.suffix == ".safetensors" else check_torch_file(file)
+    except CorruptFileError as err:
+        raise CheckpointError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise CheckpointError(f"{file}: cannot read weight file ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

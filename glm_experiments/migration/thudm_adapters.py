@@ -114,7 +114,10 @@ def load_adapter(model, adapter_dir: str | os.PathLike, family: str | None = Non
     agree with the adapter; LoRA target modules come from the adapter."""
     from glm_experiments.methods.artifacts import check_settings, read_method_json
 
+    from glm_experiments.models.checked_files import check_adapter_dir
+
     prepared = prepared_adapter(adapter_dir, model.config, family)
+    check_adapter_dir(prepared, model)
     method = read_method_json(prepared)["method"]
     if method in ("lora", "qlora"):
         from peft import PeftModel

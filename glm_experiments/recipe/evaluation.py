@@ -83,10 +83,9 @@ def evaluate_generation(model, tokenizer, template, eval_set: EvalSet, eval_cfg,
 
 
 def write_predictions(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    from glm_experiments.recipe.outputs import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def load_eval_set(path: str, data_format: str, tokenizer, template, max_source_length: int, max_samples: int | None) -> EvalSet:

@@ -26,15 +26,24 @@ class RunResult:
     trainable: dict = field(default_factory=dict)
 
     def write(self) -> Path:
+        from glm_experiments.recipe.outputs import atomic_write_text
+
         path = Path(self.run_dir) / RESULT_FILE
-        path.write_text(json.dumps({"run_id": self.run_id, "metrics_before": self.metrics_before,
-                                    "metrics_after": self.metrics_after, "train": self.train_metrics,
-                                    "trainable": self.trainable}, indent=2, default=float))
-        return path
+        return atomic_write_text(path, json.dumps({"run_id": self.run_id, "metrics_before": self.metrics_before,
+                                                   "metrics_after": self.metrics_after, "train": self.train_metrics,
+                                                   "trainable": self.trainable}, indent=2, default=float))
 
     @classmethod
     def read(cls, run_dir: Path) -> RunResult:
-        saved = json.loads((Path(run_dir) / RESULT_FILE).read_text())
+        from glm_experiments.errors import UserError
+
+        path = Path(run_dir) / RESULT_FILE
+        try:
+            saved = json.loads(path.read_text())
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:
+            raise UserError(f"{path}: not a valid result file ({exc})") from None
         return cls(run_dir=Path(run_dir), run_id=saved.get("run_id"), metrics_before=saved.get("metrics_before", {}),
                    metrics_after=saved.get("metrics_after", {}), train_metrics=saved.get("train", {}),
                    trainable=saved.get("trainable", {}))

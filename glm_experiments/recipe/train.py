@@ -26,7 +26,7 @@ from glm_experiments.errors import UserError
 from glm_experiments.methods import Method, get_method, trainable_summary
 from glm_experiments.methods.quantized_base import check as check_quantization
 from glm_experiments.methods.quantized_base import quantization_config
-from glm_experiments.metrics import CONVENTION_SOURCES
+from glm_experiments.metrics import CONVENTION_SOURCES, DEFINITIONS
 from glm_experiments.metrics import definitions as metric_definitions
 from glm_experiments.migration import thudm_adapters
 from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, num_layers, template_for
@@ -40,7 +40,7 @@ from glm_experiments.recipe.evaluation import (
 )
 from glm_experiments.recipe.interrupts import STOP, sigterm_as_interrupt, stop_at_step_callback
 from glm_experiments.recipe.run_dirs import resolve_resume
-from glm_experiments.recipe.run_result import RunResult, hydra_tags
+from glm_experiments.recipe.run_result import RESULT_FILE, RunResult, hydra_tags
 from glm_experiments.recipe.trainer import (  # noqa: F401  (GlmTrainer, TRAINABLE_FILE: imported from here by tests and bench)
     TRAINABLE_FILE,
     GlmTrainer,
@@ -49,7 +49,7 @@ from glm_experiments.recipe.trainer import (  # noqa: F401  (GlmTrainer, TRAINAB
     reset_peak_memory,
     training_arguments,
 )
-from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
+from glm_experiments.tracking.mlflow_tracker import Tracker, check_store, flatten_config, git_commit, run_name
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,8 @@ def preflight(cfg: DictConfig) -> None:
     ranges (config.py), option combinations, lengths vs the model's positions (its config.json only), the
     method's hardware, DeepSpeed installed. The Hydra process runs it before torchrun starts; run() again."""
     check_settings(cfg)
+    if cfg.tracking.enabled:  # an unusable store said in seconds, not after MLflow's retries
+        check_store(cfg.tracking.tracking_uri)
     check_creatable("output_dir", cfg.output_dir)
     check_train_options(cfg)
     check_lengths(cfg)
@@ -130,8 +132,10 @@ def run(cfg: DictConfig) -> RunResult:
     tags, overrides = hydra_tags()
     tracker = Tracker(cfg.tracking, active=is_main())  # one MLflow run, created by rank 0
     commit = git_commit()
+    # a finished run trained on to a larger train.max_steps (run_dirs.check_resume allowed it) stays one MLflow run
+    continue_run = RunResult.read(run_dir).run_id if resume_from and (run_dir / RESULT_FILE).is_file() else None
     tracker.start(run_name(cfg, overrides), {**tags, **({"git.commit": commit} if commit else {})}, run_dir=run_dir,
-                  resumed_from=resume_from)
+                  resumed_from=resume_from, continue_run=continue_run)
     result = RunResult(run_dir=run_dir, run_id=tracker.run_id)
     try:
         with sigterm_as_interrupt():  # ends KILLED below, not RUNNING forever
@@ -288,6 +292,7 @@ def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracke
         train_seconds=train_seconds,
         tokens_per_s=sum(n for n, _ in per_rank) / train_seconds,
         final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan")),
+        global_step=trainer.state.global_step,  # where a finished run ended (resume=auto of it: run_dirs.check_resume)
     )
     if trainer.skipped_steps:  # train.on_nonfinite=skip_step
         result.train_metrics["skipped_steps"] = trainer.skipped_steps

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from glm_experiments.constants import IGNORE_INDEX
+from glm_experiments.models.checked_files import load_safetensors
 from glm_experiments.errors import UserError
 from glm_experiments.recipe.losses import chunked_loss
 from glm_experiments.tracking.mlflow_tracker import Tracker
@@ -199,6 +200,42 @@ class GlmTrainer(Trainer):
             self._window_tokens, self._window_supervised, self._window_start = 0, 0, now
         super().log(logs, *args, **kwargs)
 
+    _staging: Path | None = None
+
+    def _get_output_dir(self, trial) -> str:
+        return str(self._staging) if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """transformers' checkpoint, written into ``.staging-checkpoint-<step>/`` and renamed into place when
+        complete (an interrupted save never leaves a damaged newest checkpoint); a checkpoint of that step
+        already there (a damaged one resume=auto fell back from) is replaced only then."""
+        import os
+        import shutil
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging = run_dir / f".staging-{name}"
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged, final = run_dir / f".staging-{name}" / name, run_dir / name
+            replaced = run_dir / f".replaced-{name}"
+            if final.exists():
+                os.rename(final, replaced)
+            os.rename(staged, final)
+            shutil.rmtree(replaced, ignore_errors=True)
+            shutil.rmtree(run_dir / f".staging-{name}", ignore_errors=True)
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if not self.args.should_save:  # Trainer calls this on every rank
             return
@@ -225,13 +262,19 @@ class GlmTrainer(Trainer):
         path = Path(resume_from_checkpoint) / TRAINABLE_FILE
         if not path.exists():
             raise UserError(f"cannot resume: {path} not found")
-        saved = load_file(str(path))
+        saved = load_safetensors(path)  # checked: a damaged file is one line naming it
         expected = {n for n, p in model.named_parameters() if p.requires_grad}
         if set(saved) != expected:
             missing, extra = sorted(expected - set(saved))[:5], sorted(set(saved) - expected)[:5]
             raise UserError(f"cannot resume from {path}: trainable tensors differ (missing {missing}, unexpected {extra}); "
                             "was it written with another method or model?")
         params = dict(model.named_parameters())
+        wrong = [f"{n} {list(t.shape)} (the model's: {list(params[n].shape)})" for n, t in saved.items()
+                 if tuple(t.shape) != tuple(params[n].shape)]
+        if wrong:
+            raise UserError(f"cannot resume from {path}: tensor shapes differ ({'; '.join(wrong[:2])}"
+                            f"{f'; {len(wrong) - 2} more' if len(wrong) > 2 else ''}); was it written with other "
+                            "method settings (method.r, pre_seq_len, ...)?")
         with torch.no_grad():
             for name, tensor in saved.items():
                 params[name].copy_(tensor)

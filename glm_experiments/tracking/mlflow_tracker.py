@@ -111,6 +111,37 @@ def store_lock(tracking_uri: str):
         yield
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_store(tracking_uri: str, timeout: float = 5.0) -> None:
+    """An unusable store, said in seconds (MLflow itself retries for minutes): a SQLite path that is a directory
+    or a file that is not a SQLite database, a server that does not answer."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        db = Path(tracking_uri[len("sqlite:///"):]).expanduser()
+        if db.is_dir():
+            raise UserError(f"tracking.tracking_uri={tracking_uri}: {db} is a directory, not an MLflow database; "
+                            "pass another path, or use tracking=none")
+        if db.is_file() and db.stat().st_size:
+            with db.open("rb") as handle:
+                if handle.read(len(SQLITE_MAGIC)) != SQLITE_MAGIC:
+                    raise UserError(f"tracking.tracking_uri={tracking_uri}: {db} is not an SQLite database "
+                                    "(damaged, or another file); move it, pass another path, or use tracking=none")
+    elif parsed.scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # it answers (a proxy or an older server without /health): MLflow's own calls say the rest
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserError(f"tracking.tracking_uri={tracking_uri}: the MLflow server does not answer ({reason}); "
+                            "start it, fix MLFLOW_TRACKING_URI / tracking.tracking_uri, or use tracking=none") from None
+
+
 # MLflow 3's UI opens an experiment by its kind: without this tag it guesses "GenAI" (a traces overview, the
 # runs table one click away); these experiments hold training runs
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -123,6 +154,7 @@ def open_experiment(tracking_cfg):
     from mlflow import MlflowClient
 
     check_tracking_uri(tracking_cfg)
+    check_store(tracking_cfg.tracking_uri)
     description = tracking_cfg.get("description")
     note = "mlflow.note.content"
     wanted = {**EXPERIMENT_KIND, **({note: description} if description else {})}
@@ -181,7 +213,7 @@ def close_dead_runs(client, experiment_id: str, run_dir: str, closed_by: str) ->
     return runs
 
 
-def continue_run(client, experiment_id: str, run_dir: str, tags: dict[str, str]):
+def reopen_dir_run(client, experiment_id: str, run_dir: str, tags: dict[str, str]):
     """Reopens (status RUNNING again) the newest run of ``run_dir``, with ``tags`` set on it; None if it has none."""
     import mlflow
 
@@ -201,6 +233,55 @@ def continue_run(client, experiment_id: str, run_dir: str, tags: dict[str, str])
     return run
 
 
+# <run dir>/mlflow_run.json: the MLflow run (and store) a run directory is tracked in, so that the next command
+# opening the directory (predict, merge, chat, web, a resume, even of a copy) can close a run a dead process left
+RUN_FILE = "mlflow_run.json"
+
+
+def absolute_uri(tracking_uri: str) -> str:
+    if urlparse(tracking_uri).scheme == "sqlite":
+        return "sqlite:///" + str(Path(tracking_uri[len("sqlite:///"):]).expanduser().resolve())
+    return tracking_uri
+
+
+def close_if_dead(run_dir: Path, closed_by: str) -> str | None:
+    """Mark FAILED the MLflow run ``run_dir/mlflow_run.json`` names when it is RUNNING and its process is gone;
+    its id, or None (nothing to close, or the store cannot be opened: never an error of the command)."""
+    import json
+
+    run_dir = Path(run_dir)
+    try:
+        saved = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+        run_id, uri = saved["run_id"], saved["tracking_uri"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:  # a finished run recorded after its MLflow run was opened: nothing left RUNNING
+        result = run_dir / "result.json"
+        if json.loads(result.read_text())["run_id"] == run_id and result.stat().st_mtime >= (run_dir / RUN_FILE).stat().st_mtime:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if urlparse(uri).scheme == "sqlite" and not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    try:
+        check_store(uri)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        run = client.get_run(run_id)
+        process = run.data.tags.get(PROCESS_TAG, "")
+        if run.info.status != "RUNNING" or not process_is_gone(process):
+            return None
+        client.set_tag(run_id, "error", f"process {process} ended without closing this run (killed, crashed or out "
+                                        f"of memory); marked FAILED by {closed_by}")
+        client.set_terminated(run_id, status="FAILED")
+    except Exception as exc:  # noqa: BLE001 - a store that cannot be reached is reported by whoever needs it
+        log.debug("cannot check the MLflow run of %s: %s", run_dir, exc)
+        return None
+    log.warning("MLflow run %s of %s was left RUNNING by a process that is gone: marked FAILED", run_id, run_dir)
+    return run_id
+
+
 class Tracker:
     """Thin wrapper so the training code reads the same with tracking on or off (and on non-zero ranks)."""
 
@@ -211,9 +292,11 @@ class Tracker:
         self.experiment_id: str | None = None
         self.continued = False  # an earlier process's run, reopened (a requeued SLURM job)
 
-    def start(self, name: str, tags: dict[str, str], run_dir: Path | None = None, resumed_from: str | None = None) -> None:
+    def start(self, name: str, tags: dict[str, str], run_dir: Path | None = None, resumed_from: str | None = None,
+              continue_run: str | None = None) -> None:
         """``run_dir``: tags the run with it and closes the directory's runs a dead process left RUNNING;
-        ``resumed_from`` (the checkpoint a resumed run starts from): links the run to the directory's last one."""
+        ``resumed_from`` (the checkpoint a resumed run starts from): links the run to the directory's last one;
+        ``continue_run``: the MLflow run id of a finished run trained on (to a larger train.max_steps): reopened."""
         if not self.active:
             return
         import mlflow
@@ -221,6 +304,8 @@ class Tracker:
         mlflow.set_tracking_uri(self.cfg.tracking_uri)
         try:
             client, self.experiment_id = open_experiment(self.cfg)
+        except UserError:
+            raise
         except Exception as exc:  # noqa: BLE001 - not a database, a newer schema, unreachable server: one line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise UserError(f"tracking.tracking_uri={self.cfg.tracking_uri}: cannot open the MLflow store ({first}); "
@@ -231,31 +316,72 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent
         if run_dir is not None:
             tags[RUN_DIR_TAG] = str(Path(run_dir).resolve())
+        if continue_run and self._reopen(client, continue_run, tags):
+            self._record(run_dir)
+            return
         run = None
         restarts = os.environ.get(CONTINUE_RUN_ENV)
-        if restarts and run_dir is not None:
-            run = continue_run(client, self.experiment_id, tags[RUN_DIR_TAG],
-                               {**tags, RESTARTS_TAG: restarts,
-                                **({"resumed_from_checkpoint": Path(resumed_from).name} if resumed_from else {})})
+        if restarts and run_dir is not None:  # a requeued SLURM job: the run of its first start, reopened
+            run = reopen_dir_run(client, self.experiment_id, tags[RUN_DIR_TAG],
+                                 {**tags, RESTARTS_TAG: restarts,
+                                  **({"resumed_from_checkpoint": Path(resumed_from).name} if resumed_from else {})})
             self.continued = run is not None
+            if run is not None:
+                self.logged_params = dict(client.get_run(run.info.run_id).data.params)
         if run is None:
             run = mlflow.start_run(experiment_id=self.experiment_id, run_name=name, tags=tags, log_system_metrics=None)
         self.run_id = run.info.run_id
+        if run_dir is not None:  # the run its mlflow_run.json names (of this directory, or of the one it was copied from)
+            close_if_dead(run_dir, f"run {self.run_id}")
+        self._record(run_dir)
         if run_dir is not None:
             earlier = close_dead_runs(client, self.experiment_id, tags[RUN_DIR_TAG], closed_by=self.run_id)
             if resumed_from and earlier and not self.continued:
                 self.set_tags({RESUMED_FROM_TAG: earlier[0].info.run_id,
                                "resumed_from_checkpoint": Path(resumed_from).name})
 
+    def _record(self, run_dir: Path | None) -> None:
+        if run_dir is None:
+            return
+        import json
+
+        path = Path(run_dir) / RUN_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{RUN_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": absolute_uri(self.cfg.tracking_uri)},
+                                  indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def _reopen(self, client, run_id: str, tags: dict[str, str]) -> bool:
+        """Reopen the finished run ``run_id`` (False where the store no longer has it: a new run is started)."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            previous = client.get_run(run_id)
+        except MlflowException:
+            log.warning("MLflow run %s of the finished run is not in %s: continuing in a new run", run_id,
+                        self.cfg.tracking_uri)
+            return False
+        self.logged_params = dict(previous.data.params)
+        mlflow.start_run(run_id=run_id, log_system_metrics=None)
+        self.run_id = run_id
+        self.set_tags({k: v for k, v in tags.items() if k != "mlflow.parentRunId"})
+        return True
+
+    logged_params: dict[str, str] = {}
+
     def log_params(self, params: dict[str, Any]) -> None:
         if self.active:
             import mlflow
 
             params = {k: str(v)[:6000] for k, v in params.items()}
-            if self.continued:  # logged by the run's first process; MLflow refuses a changed value (resume=auto)
-                logged = mlflow.get_run(self.run_id).data.params
-                params = {k: v for k, v in params.items() if k not in logged}
-            mlflow.log_params(params)
+            # a continued run: MLflow keeps a param's first value; a changed one (train.max_steps) becomes a tag
+            changed = {f"continued.{k}": v for k, v in params.items() if k in self.logged_params
+                       and self.logged_params[k] != v}
+            mlflow.log_params({k: v for k, v in params.items() if k not in self.logged_params})
+            if changed:
+                mlflow.set_tags(changed)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         if self.active:

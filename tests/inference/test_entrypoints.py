@@ -160,7 +160,7 @@ def test_merge_lora_gives_a_standalone_checkpoint(lora_run, tmp_path):
     assert (logits(base.eval(), tokenizer) - logits(merged, AutoTokenizer.from_pretrained(out))).abs().max() > 1e-4
     # a second merge into the same directory is refused unless asked
     again = run_cli(["--run", str(run_dir), "--out", str(out)], tmp_path, module="glm_experiments.merge")
-    assert "not empty" in one_line_error(again)
+    assert "holds an earlier merge output (pass --overwrite to replace it)" in one_line_error(again)
 
 
 def fake_run(lora_run, tmp_path: Path, method: str, **settings) -> Path:

@@ -9,13 +9,12 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 
 from glm_experiments.errors import UserError
-from glm_experiments.methods import get_method, load_saved, lora, ptuning, qlora, trainable_summary
+from glm_experiments.methods import get_method, load_saved, lora, ptuning, trainable_summary
 from glm_experiments.methods.freeze import FreezeMethodConfig
 from glm_experiments.methods.full import FullMethodConfig
 from glm_experiments.methods.lora import LoraMethodConfig
 from glm_experiments.methods.prompt_tuning import PromptTuningMethodConfig
 from glm_experiments.methods.ptuning import PtuningMethodConfig
-from glm_experiments.methods.qlora import QloraMethodConfig
 from glm_experiments.migration.thudm_adapters import load_adapter
 from tests.helpers.common import assert_close
 

@@ -76,9 +76,13 @@ def test_resume_auto_skips_an_incomplete_checkpoint(tmp_path):
     """A run killed while writing checkpoint-N leaves the directory without trainer_state.json."""
     from glm_experiments.recipe.train import resolve_resume
 
+    import torch
+    from safetensors.torch import save_file
+
     ckpts = tmp_path / "checkpoints"
     (ckpts / "checkpoint-4").mkdir(parents=True)
-    (ckpts / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(ckpts / "checkpoint-4" / "trainable.safetensors"))
+    (ckpts / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')
     (ckpts / "checkpoint-8").mkdir()
     (ckpts / "checkpoint-8" / "trainable.safetensors").write_bytes(b"")
     assert resolve_resume("auto", ckpts) == str(ckpts / "checkpoint-4")
