@@ -46,7 +46,14 @@ from glm_experiments.recipe.trainer import (  # noqa: F401  (GlmTrainer, TRAINAB
     reset_peak_memory,
     training_arguments,
 )
-from glm_experiments.tracking.mlflow_tracker import Tracker, flatten_config, git_commit, run_name
+from glm_experiments.tracking.mlflow_tracker import (
+    DISPLAY_NAME_TAG,
+    SMOKE_TAG,
+    Tracker,
+    flatten_config,
+    git_commit,
+    run_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +105,13 @@ def run(cfg: DictConfig) -> RunResult:
     tags, overrides = hydra_tags()
     tracker = Tracker(cfg.tracking, active=is_main())  # one MLflow run, created by rank 0
     commit = git_commit()
-    tracker.start(run_name(cfg, overrides), {**tags, **({"git.commit": commit} if commit else {})}, run_dir=run_dir,
+    smoke = tags.get("hydra.choices.debug") == "smoke"
+    name = run_name(cfg, overrides, smoke=smoke)
+    tags = {**tags, DISPLAY_NAME_TAG: name, **({SMOKE_TAG: f"debug=smoke: {cfg.train.max_steps} steps, a wiring check, "
+                                                           "not a result"} if smoke else {})}
+    tracker.start(name, {**tags, **({"git.commit": commit} if commit else {})}, run_dir=run_dir,
                   resumed_from=resume_from)
-    result = RunResult(run_dir=run_dir, run_id=tracker.run_id)
+    result = RunResult(run_dir=run_dir, run_id=tracker.run_id, name=name)
     try:
         with sigterm_as_interrupt():  # ends KILLED below, not RUNNING forever
             pieces = setup(cfg, method, tracker, result, resume_from)
