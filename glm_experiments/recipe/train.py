@@ -19,7 +19,7 @@ from transformers import SchedulerType, Trainer, set_seed
 
 from glm_experiments.config.hydra_checks import check_creatable
 from glm_experiments.config.schema import check_settings
-from glm_experiments.data.dataset import eval_prompts, load_split, make_collator, tokenized_cache_dir
+from glm_experiments.data.dataset import load_split, make_collator, tokenized_cache_dir
 from glm_experiments.data.formats import load_samples, resolve_data_path
 from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
@@ -191,7 +191,7 @@ def setup(cfg: DictConfig, method: Method, tracker: Tracker, result: RunResult, 
         data_metrics.update({"data/dev_records": dev_stats.records, "data/dev_skipped": dev_stats.skipped,
                              "data/dev_truncated": dev_stats.truncated})
         limit = cfg.eval.max_samples or len(dev_samples)
-        eval_set = EvalSet(*eval_prompts(dev_samples[:limit], tokenizer, template, cfg.data))
+        eval_set = EvalSet.of(dev_samples[:limit], tokenizer, template, cfg.data)
     tracker.log_metrics(data_metrics, step=0)
     if thudm_adapters.init_from_dir(cfg.method) and not resume_from:  # the loss the run starts from (the adapter's, not a fresh one's)
         thudm_adapters.log_starting_loss(model, train_set, make_collator(cfg.train, tokenizer.pad_token_id), tracker)
@@ -253,11 +253,11 @@ def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracke
     # every rank's tokens and peak memory, on rank 0 (one entry in-process)
     per_rank = gather_to_main((trainer.tokens_seen, peak_memory_mib())) or []
     rank_memory = {f"{k}_rank{r}": v for r, (_, mem) in enumerate(per_rank) for k, v in mem.items()} if len(per_rank) > 1 else {}
-    result.train_metrics.update(
-        train_loss=output.training_loss,
+    result.train_metrics.update(  # the loss names as in MLflow (trainer.py: LOSS_NAMES)
+        loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan")),
+        loss_run_mean=output.training_loss,
         train_seconds=train_seconds,
         tokens_per_s=sum(n for n, _ in per_rank) / train_seconds,
-        final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan")),
     )
     tracker.log_metrics({"perf/train_seconds": train_seconds, "perf/tokens_per_s": result.train_metrics["tokens_per_s"],
                          "perf/startup_seconds": result.train_metrics["startup_seconds"], **peak_memory_mib(),

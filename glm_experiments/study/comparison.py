@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glm_experiments.config.naming import SHORT_NAMES
+from glm_experiments.config.naming import SHORT_NAMES, display_name
 from glm_experiments.errors import UserError
-from glm_experiments.tracking.mlflow_tracker import ROLE_TAG
+from glm_experiments.tracking.mlflow_tracker import DISPLAY_NAME_TAG, ROLE_TAG, SMOKE_TAG
 
 NOT_TRAINING_RUNS = {"sweep_parent", "comparison", "human_eval"}
 
@@ -47,7 +47,7 @@ COST_COLUMNS = [
 COLUMNS = RESULT_COLUMNS + COST_COLUMNS
 TIMING_NOTE = ("* one timing per run, taken on whatever else the machine was doing: not a repeated measurement "
                "(bench/ measures speed properly)")
-LABEL_WIDTH = 28
+LABEL_WIDTH = 40  # a display name: src=1024 tgt=256 · smoke · full · tiny
 BEFORE_AFTER = [key for key, _ in QUALITY]
 
 
@@ -71,6 +71,7 @@ class Comparison:
     identical: list[str] = field(default_factory=list)         # result columns equal in every run
     before_after: dict[str, dict[str, tuple[float | None, float | None]]] = field(default_factory=dict)
     loss_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    smoke_note: str | None = None  # said above the tables when runs were debug=smoke runs
 
 
 # ------------------------------------------------------------------------- selecting
@@ -173,6 +174,34 @@ def short_label(key: str, value: str | None) -> str:
     return f"{SHORT_NAMES.get(leaf, leaf)}={value}"
 
 
+def is_smoke(run) -> bool:
+    return bool(run.data.tags.get(SMOKE_TAG)) or run.data.tags.get("hydra.choices.debug") == "smoke"
+
+
+def computed_label(run, varied: list[str]) -> str:
+    """What differs between the compared runs, then smoke, the method and the model where they do not differ."""
+    params = run.data.params
+    values = " ".join(short_label(k, params.get(k)) for k in varied)
+    if not values:
+        return run.info.run_name or run.info.run_id[:8]
+    method = None if "method.name" in varied else params.get("method.name")
+    model = None if "model.name" in varied else params.get("model.name")
+    return display_name([values], method, model, smoke=is_smoke(run))
+
+
+def smoke_runs_note(runs: list, rows: list[dict]) -> str | None:
+    """"smoke runs (10 steps): wiring check, not a result" when debug=smoke runs are compared (which ones, when
+    not all are)."""
+    smoke = [(run, row) for run, row in zip(runs, rows) if is_smoke(run)]
+    if not smoke:
+        return None
+    steps = sorted({run.data.params.get("train.max_steps", "?") for run, _ in smoke}, key=str)
+    note = f"smoke runs ({'/'.join(steps)} steps): wiring check, not a result"
+    if len(smoke) < len(runs):
+        note += f" ({len(smoke)} of {len(runs)}: {', '.join(row['label'] for _, row in smoke)})"
+    return note
+
+
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
@@ -190,10 +219,14 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
     columns = [param_label(k) for k in shown] + ([] if varied else ["run name"])
     columns += [label for _, label, _ in metric_columns] + (["status"] if show_status else []) + ["run"]
 
+    # each run by its display name (its MLflow run name: what varies · smoke · method · model) when every run has
+    # one and they tell the runs apart; else one made the same way from the params that differ here
+    display_names = [run.data.tags.get(DISPLAY_NAME_TAG) for run in runs]
+    use_names = all(display_names) and len(set(display_names)) == len(display_names)
     rows, labels = [], []
-    for run in runs:
+    for run, display in zip(runs, display_names):
         params = run.data.params
-        label = " ".join(short_label(k, params.get(k)) for k in varied) or (run.info.run_name or run.info.run_id[:8])
+        label = display if use_names else computed_label(run, varied)
         row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name,
                                "status": run.info.status, "label": label}
         row.update({param_label(k): params.get(k) for k in shown})
@@ -210,11 +243,13 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
             row["label"] = f"{row['label']} ({row['run']})"
 
     shown_labels = {label for _, label, _ in metric_columns}
+    smoke_note = smoke_runs_note(runs, rows)
     comparison = Comparison(name=name, selection=selection, tracking_uri=tracking_uri, experiment_id=experiment_id,
                             parent_run_id=parent, runs=runs, varied=varied, fixed=fixed, columns=columns, rows=rows,
                             tables={title: [label for _, label, _ in spec if label in shown_labels]
                                     for title, spec in (("scores", SCORE_COLUMNS), ("training", TRAINING_COLUMNS),
-                                                        ("cost", COST_COLUMNS))})
+                                                        ("cost", COST_COLUMNS))},
+                            smoke_note=smoke_note)
     from glm_experiments.study.human_eval_tracking import human_eval_columns
 
     comparison.tables["human eval"] = human_eval_columns(client, rows)  # blind A/B verdicts (glm_experiments.web)
@@ -313,6 +348,8 @@ def print_table(comparison: Comparison, console=None) -> None:
         return table
 
     console.print(f"[bold]{comparison.name}[/]: {len(comparison.rows)} runs (best in green)")
+    if comparison.smoke_note:
+        console.print(f"[bold yellow]{comparison.smoke_note}[/]", highlight=False)
     for line in headlines(comparison):
         console.print(f"  {line}", highlight=False)
     for title, columns in comparison.tables.items():

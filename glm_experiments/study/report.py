@@ -112,6 +112,8 @@ def _md_escape(text: str) -> str:
 def markdown_report(comparison: Comparison, images: dict[str, str]) -> str:
     lines = [f"# Comparison: {comparison.name}", "",
              f"{len(comparison.rows)} {comparison.selection}; tracking URI `{comparison.tracking_uri}`.", ""]
+    if comparison.smoke_note:
+        lines += [f"**{comparison.smoke_note}**", ""]
     if comparison.varied:
         lines += [f"Varied params: {', '.join(f'`{k}`' for k in comparison.varied)}. "
                   f"Every other param is identical in all runs (listed below).", ""]
@@ -171,6 +173,8 @@ def html_report(comparison: Comparison, out_dir: Path, images: dict[str, str]) -
 
     parts = [f"<h1>Comparison: {html.escape(comparison.name)}</h1>",
              f"<p>{len(comparison.rows)} {html.escape(comparison.selection.replace('`', ''))}</p>"]
+    if comparison.smoke_note:
+        parts.append(f"<p><strong>{html.escape(comparison.smoke_note)}</strong></p>")
     lines = headlines(comparison)
     if lines:
         parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
