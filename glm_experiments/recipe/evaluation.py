@@ -87,10 +87,9 @@ def evaluate_generation(model, tokenizer, template, eval_set: EvalSet, eval_cfg,
     rows = []
     for ids, inp, ref, pred, scores, cut in zip(eval_set.prompts, eval_set.inputs, eval_set.references, predictions,
                                                 per_sample, cuts):
-        row = {"input": inp, "reference": ref, "prediction": pred,
+        row = {"input": inp, **({} if cut is None else {"source_tokens_cut": cut}), "reference": ref,
+               "prediction": pred,
                **{k: round(v, SCORE_DECIMALS) if isinstance(v, float) else v for k, v in scores.items()}}
-        if cut is not None:
-            row["source_tokens_cut"] = cut
         # the prompt as the model saw it: after the cut to max_source_length, in its template
         row["prompt_seen"] = tokenizer.decode(ids, skip_special_tokens=False)
         rows.append(row)

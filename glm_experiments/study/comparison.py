@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glm_experiments.config.naming import SHORT_NAMES, display_name
+from glm_experiments.config.naming import SEPARATOR, SHORT_NAMES, display_name
 from glm_experiments.errors import UserError
 from glm_experiments.tracking.mlflow_tracker import DISPLAY_NAME_TAG, ROLE_TAG, SMOKE_TAG
 
@@ -306,10 +306,21 @@ def best_value(comparison: Comparison, col: str) -> Any:
     return min(values) if ("loss" in col or col.startswith("cut")) else max(values)
 
 
+def distinct_labels(labels: list[str]) -> list[str]:
+    """The labels without the parts every one of them shares (``src=512 tgt=128 · smoke · full · tiny`` ->
+    ``src=512 tgt=128`` when all runs are smoke full tiny runs): what tells them apart, for prose."""
+    split = [label.split(SEPARATOR) for label in labels]
+    if len(split) < 2:
+        return labels
+    common = set.intersection(*(set(parts) for parts in split))
+    short = [SEPARATOR.join(p for p in parts if p not in common) or label for parts, label in zip(split, labels)]
+    return short if len(set(short)) == len(short) else labels
+
+
 def headlines(comparison: Comparison) -> list[str]:
     """The study in a few lines: per score that differs, the leading run and its margin over the next; then the
     truncation counts that differ (often the why)."""
-    labels = [short_run_label(row["label"]) for row in comparison.rows]
+    labels = [short_run_label(label) for label in distinct_labels([row["label"] for row in comparison.rows])]
     lines = []
     for col in comparison.tables.get("scores", []):
         ranked = sorted(((row[col], label) for row, label in zip(comparison.rows, labels)
@@ -363,9 +374,11 @@ def print_table(comparison: Comparison, console=None) -> None:
     runs.add_column("run", no_wrap=True, max_width=LABEL_WIDTH)
     runs.add_column("run id", no_wrap=True)
     runs.add_column("status", no_wrap=True)
-    runs.add_column("MLflow run name", overflow="fold")
+    named = any((row["run_name"] or "") != row["label"] for row in comparison.rows)  # else the name is the label
+    if named:
+        runs.add_column("MLflow run name", overflow="fold")
     for label, row in zip(labels, comparison.rows):
-        runs.add_row(label, row["run_id"][:8], row["status"], row["run_name"] or "")
+        runs.add_row(label, row["run_id"][:8], row["status"], *([row["run_name"] or ""] if named else []))
     console.print(runs)
     if comparison.varied:
         console.print(f"varied: {', '.join(comparison.varied)}; {len(comparison.fixed)} params identical in every run")

@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import glm_experiments.config.resolvers  # noqa: F401  (configs may use ${mul:...}; registered before any job resolves)
 from glm_experiments.config.naming import SWEPT_KEYS_ENV, override_key
-from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, ROLE_TAG, git_commit, open_experiment
+from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, ROLE_TAG, SMOKE_TAG, git_commit, open_experiment
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ def parent_name(config: DictConfig, swept: list[str]) -> str:
     study = choices.get("experiment") or choices.get("hparams_search")
     body = " ".join(swept) or "(no swept params)"
     name = f"{study}: {body}" if study else f"sweep: {body}"
+    if choices.get("debug") == "smoke":  # first: MLflow's runs table shows only the start of a name
+        name = f"smoke · {name}"
     return name if len(name) <= MAX_NAME else name[: MAX_NAME - 3] + "..."
 
 
@@ -117,7 +119,9 @@ class MlflowSweepCallback(Callback):
 
         swept, fixed = sweep_overrides(config)
         choices = config.hydra.runtime.get("choices") or {}
+        smoke = (config.hydra.runtime.get("choices") or {}).get("debug") == "smoke"
         tags = {
+            **({SMOKE_TAG: "debug=smoke sweep: a wiring check, not a result"} if smoke else {}),
             ROLE_TAG: SWEEP_PARENT,
             "sweep.dir": str(Path(config.hydra.sweep.dir).resolve()),
             "sweep.params": " ".join(swept) or "(none)",
