@@ -323,7 +323,8 @@ def test_sweep_2x2_parent_children_and_compare(tmp_path):
     assert all(c.data.params["train.max_steps"] == "2" for c in children)
     # names say what was swept: distinct run names and job folders
     names = {c.info.run_name for c in children}
-    assert len(names) == 4 and all("lr0.001" in n or "lr0.002" in n or "lr1e-3" in n or "lr2e-3" in n for n in names), names
+    assert len(names) == 4 and all(n.startswith(("lr=0.001 · ", "lr=0.002 · ", "lr=1e-3 · ", "lr=2e-3 · "))
+                                   and n.endswith((" · lora · tiny", " · freeze · tiny")) for n in names), names
     assert sorted(p.name.split("_", 1)[1].split("-")[0] for p in (tmp_path / "multirun").glob("[0-3]_*")) == [
         "freeze", "freeze", "lora", "lora"]
     assert f"--parent {parent.info.run_id}" in proc.stdout + proc.stderr  # the sweep prints the compare command
