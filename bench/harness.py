@@ -240,7 +240,7 @@ def tiny_tokenizer():
     from transformers import AutoTokenizer
 
     from glm_experiments.config.schema import TinyModelConfig
-    from glm_experiments.models.tiny import ensure_tiny_checkpoint
+    from glm_experiments.models.tiny.build import ensure_tiny_checkpoint
 
     path = ensure_tiny_checkpoint(TinyModelConfig())
     return path, AutoTokenizer.from_pretrained(path)

@@ -61,7 +61,7 @@ def pad_to_max_collate(features, pad_id: int, max_len: int) -> dict:
 
 def random_tiny_model(tokenizer, seed: int = 0):
     from glm_experiments.config.schema import TinyModelConfig
-    from glm_experiments.models.tiny import build_model
+    from glm_experiments.models.tiny.build import build_model
 
     torch.manual_seed(seed)
     model = build_model(TinyModelConfig(), tokenizer)

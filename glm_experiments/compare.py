@@ -13,11 +13,16 @@ and the one-off timings, marked as such); metrics identical in every run are nam
 
 * ``loss_curves.png``   train/loss per run, overlaid
 * ``final_metrics.png`` grouped bars of the final quality metrics per run (+ trainable %, memory, speed)
-* ``report.md``         the tables, before/after training, the params all runs share, links to the PNGs
+* ``verdicts.json``     each setting against the baseline (``--baseline KEY=VALUE``; default the first setting)
+  per metric, on the dev samples both evaluated: delta, 95 % paired-bootstrap interval, sign-flip permutation
+  p-value (and Holm-adjusted), better / worse / within noise, and the dev samples that would detect the
+  difference; runs differing only in ``seed`` are one setting (glm_experiments/study/verdicts.py)
+* ``report.md``         the verdicts first, the tables, before/after training, the params all runs share, the PNGs
 * ``report.html``       the same with the plots embedded (MLflow's artifact view renders it)
 
 and logs them as artifacts (``comparison/``) to the parent run (``--parent``, or with ``--experiment`` the
-experiment's latest sweep parent), else to the experiment's one ``comparison`` run, made on first use.
+experiment's latest sweep parent), else to the experiment's one ``comparison`` run, made on first use, with
+the verdicts as metrics ``verdict/<setting>/<metric>/delta|ci_low|ci_high|p`` and as sentences in its description.
 ``compare_runs(...)`` returns the table rows for programmatic use.
 """
 
@@ -43,12 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--parent", help="compare the child runs of this (sweep parent) run id")
     parser.add_argument("--filter", default=None, help="extra MLflow filter, e.g. \"params.method.name = 'lora'\" "
                         "or \"attributes.status = 'FINISHED'\"")
+    parser.add_argument("--baseline", action="append", metavar="KEY=VALUE",
+                        help="the setting the others are compared with, by a varied param (src=512, "
+                        "data.max_source_length=512, method=lora; repeat or give several to name one setting); "
+                        "default: the first setting in sweep order")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default ./comparisons/<name>/)")
     parser.add_argument("--no-log", action="store_true", help="do not log the outputs to MLflow")
     args = parser.parse_args(argv)
     from glm_experiments.study.report import log_outputs, slug, write_outputs
 
-    comparison = collect(args.tracking_uri, args.experiment, args.parent, args.filter)
+    comparison = collect(args.tracking_uri, args.experiment, args.parent, args.filter, baseline=args.baseline)
     print_table(comparison)
     out_dir = args.out or Path("comparisons") / slug(comparison.name)
     files = write_outputs(comparison, out_dir)

@@ -5,7 +5,7 @@
 The output (sharded safetensors, config, generation config, tokenizer.json) loads with
 ``AutoModelForCausalLM.from_pretrained(dst)`` / ``AutoTokenizer.from_pretrained(dst)`` and no remote code.
 ChatGLM-6B (family chatglm) converts into ``model_type="chatglm_v1"``, which the Auto classes know once
-``glm_experiments.models.chatglm_v1`` is imported.
+``glm_experiments.models.chatglm.modeling`` is imported.
 
 With ``--adapter DIR`` (a LoRA or P-Tuning v2 trained with THUDM's scripts: PEFT ``adapter_config.json`` +
 ``adapter_model.safetensors|bin``, or ptuning/main.py's ``config.json`` + ``pytorch_model.bin``), ``DST/adapter/``
@@ -26,7 +26,7 @@ DTYPES = {"auto": None, **TORCH_DTYPES}
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m glm_experiments.convert", description=__doc__.split("\n\n")[0])
-    from glm_experiments.models.families import family_names, get_family
+    from glm_experiments.models.family import family_names, get_family
 
     thudm_families = [name for name in family_names() if get_family(name).layout is not None]
     parser.add_argument("--family", required=True, choices=thudm_families)

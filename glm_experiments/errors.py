@@ -20,6 +20,16 @@ class UserError(Exception):
     pass
 
 
+# What a user can cause raises a UserError (subclass); plain ValueError / RuntimeError are left for internal
+# invariants (an adapter applied twice, a forward called without inputs): those are bugs and keep their traceback.
+class SettingError(UserError, ValueError):
+    """A setting, an adapter or a saved file that does not fit what it is used with."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file the user pointed at (directly or through a run) is not there."""
+
+
 def debug_requested(argv: list[str] | None = None) -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1" or DEBUG_FLAG in (sys.argv[1:] if argv is None else argv)
 

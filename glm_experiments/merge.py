@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"method={info['method']}: {info['how']} -> {info['out']}")
     note = ""
     if info["base_model"]["family"] == "chatglm":
-        note = " (ChatGLM-6B v1: `import glm_experiments.models.chatglm_v1` first, it registers the model class)"
+        note = " (ChatGLM-6B v1: `import glm_experiments.models.chatglm.modeling` first, it registers the model class)"
     print(f"load it with AutoModelForCausalLM.from_pretrained({info['out']!r}) and AutoTokenizer.from_pretrained(...){note}")
     return 0
 

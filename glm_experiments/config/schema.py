@@ -97,7 +97,7 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    # a module of models/families/: tiny | chatglm | chatglm2 | chatglm3 | glm4 | hf (a directory in transformers' format)
+    # a folder of models/ (models/<family>/family.py): tiny | chatglm | chatglm2 | chatglm3 | glm4 | hf (a directory in transformers' format)
     family: str = MISSING
     path: Optional[str] = None
     # auto = bf16 where the hardware supports it, fp32 on CPU

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from glm_experiments.constants import IGNORE_INDEX
+from glm_experiments.errors import SettingError
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Encoded:
 def _special(tokenizer, token: str) -> int:
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"tokenizer has no special token {token!r}; wrong template for this model?")
+        raise SettingError(f"tokenizer has no special token {token!r}; wrong template for this model?")
     return token_id
 
 
@@ -195,7 +196,7 @@ def get_template(name: str):
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise ValueError(f"unknown template {name!r}; known: {sorted(TEMPLATES)}") from None
+        raise SettingError(f"unknown template {name!r}; known: {sorted(TEMPLATES)}") from None
 
 
 def truncate(encoded: Encoded, max_source_length: int, max_target_length: int) -> tuple[list[int], list[int], bool]:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from glm_experiments.discovery import import_modules
+from glm_experiments.errors import SettingError
 from glm_experiments.methods.artifacts import read_method_json
 from glm_experiments.methods.parameters import trainable_summary
 from glm_experiments.methods.record import REGISTRY, Method
@@ -31,7 +32,7 @@ def get_method(name: str) -> Method:
     """The registered method ``name``."""
     methods = _discover()
     if name not in methods:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(methods))}")
+        raise SettingError(f"unknown method {name!r}; choose one of: {', '.join(sorted(methods))}")
     return methods[name]
 
 

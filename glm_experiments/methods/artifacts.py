@@ -9,6 +9,8 @@ from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
+from glm_experiments.errors import MissingFileError, SettingError
+
 METHOD_FILE = "method.json"
 FORMAT_VERSION = 1
 
@@ -73,12 +75,12 @@ def read_method_json(in_dir: Path, expect: Optional[str | Iterable[str]] = None)
     """Read ``in_dir/method.json``; with ``expect``, the saved method must be (one of) it."""
     path = Path(in_dir) / METHOD_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {in_dir} is not a directory written by a method's save()")
+        raise MissingFileError(f"{path} not found: {in_dir} is not a directory written by a method's save()")
     payload = json.loads(path.read_text(encoding="utf-8"))
     if expect is not None:
         allowed = {expect} if isinstance(expect, str) else set(expect)
         if payload.get("method") not in allowed:
-            raise ValueError(
+            raise SettingError(
                 f"{in_dir} holds a method={payload.get('method')} checkpoint, "
                 f"but it is being loaded as method={'/'.join(sorted(allowed))}"
             )
@@ -98,7 +100,7 @@ def check_settings(method: str, saved: Mapping[str, Any], cfg: Any, keys: Iterab
         if _norm(want) != _norm(have):
             diffs.append(f"{key}: configured {want!r}, saved {have!r}")
     if diffs:
-        raise ValueError(
+        raise SettingError(
             f"method={method}: the checkpoint {where} was saved with different settings ("
             + "; ".join(diffs)
             + "). Load it with the saved settings (or without a method config) or retrain."
@@ -117,7 +119,7 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} not found")
+        raise MissingFileError(f"{path} not found")
     return load_file(str(path))
 
 

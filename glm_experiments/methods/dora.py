@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from glm_experiments.methods.lora import LoraMethodConfig
 from glm_experiments.methods import lora
+from glm_experiments.methods.lora import LoraMethodConfig
 from glm_experiments.methods.record import Method, register
 
 NAME = "dora"

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from glm_experiments.config.schema import AT_LEAST_1, MethodConfig, ranged
+from glm_experiments.errors import SettingError
 from glm_experiments.methods.artifacts import (
     cfg_get,
     check_settings,
@@ -48,7 +49,7 @@ def trainable_names(model: nn.Module, cfg: Any) -> list[str]:
     if patterns:
         chosen = [n for n in names if any(p in n for p in patterns)]
         if not chosen:
-            raise ValueError(
+            raise SettingError(
                 f"method=freeze: no parameter name contains any of trainable_patterns={patterns} "
                 f"(names look like {names[:3]} ... {names[-2:]})"
             )
@@ -56,12 +57,12 @@ def trainable_names(model: nn.Module, cfg: Any) -> list[str]:
     num_layers = model_dims(model)[0]
     n_last = int(cfg_get(cfg, "num_last_layers", DEFAULTS.num_last_layers))
     if not 1 <= n_last <= num_layers:
-        raise ValueError(f"method=freeze: num_last_layers must be in 1..{num_layers} (the model's layers), got {n_last}")
+        raise SettingError(f"method=freeze: num_last_layers must be in 1..{num_layers} (the model's layers), got {n_last}")
     indices = "|".join(str(i) for i in range(num_layers - n_last, num_layers))
     regex = re.compile(rf"(^|\.)layers\.({indices})\.")
     chosen = [n for n in names if regex.search(n)]
     if not chosen:
-        raise ValueError(f"method=freeze: no parameter matches layers.{{{indices}}}. (names look like {names[:3]})")
+        raise SettingError(f"method=freeze: no parameter matches layers.{{{indices}}}. (names look like {names[:3]})")
     return chosen
 
 
@@ -97,12 +98,12 @@ def load(model: nn.Module, in_dir: Path, cfg: Any = None) -> nn.Module:
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != expected:
         extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
-        raise ValueError(f"method=freeze: {in_dir} does not fit this model (unexpected {extra[:5]}, missing {missing[:5]})")
+        raise SettingError(f"method=freeze: {in_dir} does not fit this model (unexpected {extra[:5]}, missing {missing[:5]})")
     params = dict(model.named_parameters())
     for name, value in tensors.items():
         p = params[name]
         if p.shape != value.shape:
-            raise ValueError(f"method=freeze: {name} has shape {tuple(p.shape)} in the model, {tuple(value.shape)} in {in_dir}")
+            raise SettingError(f"method=freeze: {name} has shape {tuple(p.shape)} in the model, {tuple(value.shape)} in {in_dir}")
         p.data.copy_(value.to(device=p.device, dtype=p.dtype))
     return model
 

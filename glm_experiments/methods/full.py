@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from glm_experiments.config.schema import MethodConfig
+from glm_experiments.errors import MissingFileError, SettingError
 from glm_experiments.methods.artifacts import load_safetensors, read_method_json, write_method_json
 from glm_experiments.methods.record import Method, register
-from dataclasses import dataclass
-
-from glm_experiments.config.schema import MethodConfig
 
 
 @dataclass
@@ -46,7 +46,7 @@ def _read_weights(in_dir: Path) -> dict:
         for shard in shards:
             state.update(load_safetensors(in_dir / shard))
         return state
-    raise FileNotFoundError(f"method=full: no model.safetensors(.index.json) in {in_dir}")
+    raise MissingFileError(f"method=full: no model.safetensors(.index.json) in {in_dir}")
 
 
 def load(model: nn.Module, in_dir: Path, cfg: Any = None) -> nn.Module:
@@ -60,7 +60,7 @@ def load(model: nn.Module, in_dir: Path, cfg: Any = None) -> nn.Module:
         tied |= set(names if not isinstance(names, dict) else names.keys())
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise SettingError(
             f"method=full: {in_dir} does not fit {type(model).__name__} "
             f"(missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]})"
         )

@@ -10,19 +10,18 @@ loaded with ``PeftModel.from_pretrained``; ``merge`` = ``merge_and_unload``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
 from glm_experiments.compat import silence_known_renames
+from glm_experiments.config.schema import AT_LEAST_1, POSITIVE, PROBABILITY, MethodConfig, one_of, ranged
+from glm_experiments.errors import SettingError
 from glm_experiments.methods.artifacts import cfg_get, check_settings, read_method_json, write_method_json
 from glm_experiments.methods.record import Method, is_peft_model, register, unwrap_peft
-from glm_experiments.models.families import architecture_of
-from dataclasses import dataclass, field
-from typing import Optional
-
-from glm_experiments.config.schema import AT_LEAST_1, POSITIVE, PROBABILITY, MethodConfig, one_of, ranged
+from glm_experiments.models.family import architecture_of
 
 
 @dataclass
@@ -56,7 +55,7 @@ def resolve_target_modules(model: nn.Module, cfg: Any) -> list[str] | str:
     if targets == ["all-linear"]:
         return "all-linear"
     if "all-linear" in targets:
-        raise ValueError(f"method=lora: 'all-linear' must be the only target_modules entry, got {targets}")
+        raise SettingError(f"method=lora: 'all-linear' must be the only target_modules entry, got {targets}")
     return targets
 
 

@@ -32,6 +32,7 @@ from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
 from glm_experiments.config.schema import AT_LEAST_1, MethodConfig, ranged
+from glm_experiments.errors import SettingError
 from glm_experiments.methods.artifacts import (
     cfg_get,
     check_settings,
@@ -43,7 +44,7 @@ from glm_experiments.methods.artifacts import (
 from glm_experiments.methods.parameters import freeze_all, input_embeddings
 from glm_experiments.methods.record import Method, register
 from glm_experiments.methods.virtual_tokens import override_method, query_shape, real_position_ids, split_virtual_mask
-from glm_experiments.models.families import architecture_of
+from glm_experiments.models.family import architecture_of
 
 
 @dataclass
@@ -63,7 +64,7 @@ class SoftPrompt(nn.Module):
     def __init__(self, num_virtual_tokens: int, hidden_size: int, init: torch.Tensor | None = None):
         super().__init__()
         if num_virtual_tokens <= 0:
-            raise ValueError(f"method=prompt_tuning: num_virtual_tokens must be > 0, got {num_virtual_tokens}")
+            raise SettingError(f"method=prompt_tuning: num_virtual_tokens must be > 0, got {num_virtual_tokens}")
         self.num_virtual_tokens = int(num_virtual_tokens)
         self.embedding = nn.Embedding(self.num_virtual_tokens, hidden_size)
         if init is not None:
@@ -89,7 +90,7 @@ def _init_vectors(model: nn.Module, n: int, init_text: str, tokenizer: Any) -> t
             raise ValueError("method=prompt_tuning: init_text needs the tokenizer: apply(model, cfg, tokenizer=tok)")
         ids = tokenizer(init_text, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise ValueError(f"method=prompt_tuning: init_text {init_text!r} tokenises to nothing")
+            raise SettingError(f"method=prompt_tuning: init_text {init_text!r} tokenises to nothing")
         ids = (ids * (n // len(ids) + 1))[:n]
         index = torch.tensor(ids, device=weight.device)
     else:
@@ -139,10 +140,10 @@ def apply(model: nn.Module, cfg: Any, tokenizer: Any = None, *, init: torch.Tens
         raise ValueError(f"method=prompt_tuning is already applied to this {type(model).__name__}")
     refusal = architecture_of(model).no_soft_prompt_because
     if refusal:
-        raise ValueError(f"method=prompt_tuning does not support {model.config.model_type}: {refusal}")
+        raise SettingError(f"method=prompt_tuning does not support {model.config.model_type}: {refusal}")
     n = int(cfg_get(cfg, "num_virtual_tokens", DEFAULTS.num_virtual_tokens))
     if n <= 0:
-        raise ValueError(f"method=prompt_tuning: num_virtual_tokens must be > 0, got {n}")
+        raise SettingError(f"method=prompt_tuning: num_virtual_tokens must be > 0, got {n}")
     if init is None:
         init = _init_vectors(model, n, str(cfg_get(cfg, "init_text", DEFAULTS.init_text) or DEFAULTS.init_text), tokenizer)
     sp = SoftPrompt(n, init.shape[1], init=init).to(input_embeddings(model).weight.device)
@@ -173,7 +174,7 @@ def load(model: nn.Module, in_dir: Path, cfg: Any = None) -> nn.Module:
     check_settings(NAME, saved, cfg, ["num_virtual_tokens"], where=str(in_dir))
     hidden = input_embeddings(model).weight.shape[1]
     if saved.get("hidden_size") not in (None, hidden):
-        raise ValueError(f"method=prompt_tuning: {in_dir} holds a prompt of width {saved['hidden_size']}, the model's is {hidden}")
+        raise SettingError(f"method=prompt_tuning: {in_dir} holds a prompt of width {saved['hidden_size']}, the model's is {hidden}")
     n = int(saved["num_virtual_tokens"])
     apply(model, {"num_virtual_tokens": n}, init=torch.zeros(n, hidden))
     _prompt(model).load_state_dict(load_safetensors(in_dir / WEIGHTS_FILE), strict=True)

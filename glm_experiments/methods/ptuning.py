@@ -47,6 +47,7 @@ from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
 from glm_experiments.config.schema import AT_LEAST_1, PROBABILITY, MethodConfig, ranged
+from glm_experiments.errors import SettingError
 from glm_experiments.methods.artifacts import (
     cfg_get,
     check_settings,
@@ -58,7 +59,7 @@ from glm_experiments.methods.artifacts import (
 from glm_experiments.methods.parameters import freeze_all, input_embeddings, model_dims
 from glm_experiments.methods.record import Method, register
 from glm_experiments.methods.virtual_tokens import override_method, query_shape, real_position_ids, split_virtual_mask
-from glm_experiments.models.families import architecture_of
+from glm_experiments.models.family import architecture_of
 
 
 @dataclass
@@ -97,7 +98,7 @@ class PrefixEncoder(nn.Module):
     ):
         super().__init__()
         if pre_seq_len <= 0:
-            raise ValueError(f"method=ptuning: pre_seq_len must be > 0, got {pre_seq_len}")
+            raise SettingError(f"method=ptuning: pre_seq_len must be > 0, got {pre_seq_len}")
         self.pre_seq_len = int(pre_seq_len)
         self.num_layers = int(num_layers)
         self.kv_heads = int(kv_heads)
@@ -117,7 +118,7 @@ class PrefixEncoder(nn.Module):
             )
         else:
             if embedding_dim not in (None, out_dim):
-                raise ValueError(
+                raise SettingError(
                     f"method=ptuning: without prefix_projection the embedding width must be "
                     f"num_layers*2*kv_heads*head_dim = {out_dim}, got {embedding_dim}"
                 )
@@ -230,7 +231,7 @@ def _check_reentrant(model: nn.Module) -> None:
                 func = module._gradient_checkpointing_func
                 break
     if func is not None and getattr(func, "keywords", {}).get("use_reentrant", False) and model.training:
-        raise ValueError(
+        raise SettingError(
             "method=ptuning: reentrant gradient checkpointing (use_reentrant=True) cannot pass gradients to "
             "the prefix (it travels as a keyword argument); enable it with the default "
             "gradient_checkpointing_kwargs={'use_reentrant': False}"
@@ -386,7 +387,7 @@ def _check_model_dims(model: nn.Module, saved: dict, where: str) -> None:
     have = {"num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim}
     diffs = [f"{k}: model {v}, checkpoint {saved[k]}" for k, v in have.items() if k in saved and saved[k] != v]
     if diffs:
-        raise ValueError(f"method=ptuning: the prefix in {where} was trained for another model shape (" + "; ".join(diffs) + ")")
+        raise SettingError(f"method=ptuning: the prefix in {where} was trained for another model shape (" + "; ".join(diffs) + ")")
 
 
 METHOD = register(

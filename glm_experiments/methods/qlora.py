@@ -12,20 +12,19 @@ adapter and ``merge`` (merging into 4-bit weights would round them).
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from glm_experiments.errors import UserError
-from glm_experiments.methods import lora
+from glm_experiments.config.schema import one_of
 from glm_experiments.constants import TORCH_DTYPES
+from glm_experiments.errors import SettingError, UserError
+from glm_experiments.methods import lora
 from glm_experiments.methods.artifacts import cfg_get
 from glm_experiments.methods.record import Method, register, unwrap_peft
-from dataclasses import dataclass
-
-from glm_experiments.config.schema import one_of
 
 
 @dataclass
@@ -72,13 +71,13 @@ def check_available() -> None:
 def validate(cfg: Any) -> None:
     bits = int(cfg_get(cfg, "bits", DEFAULTS.bits))
     if bits not in (4, 8):
-        raise ValueError(f"method=qlora: bits must be 4 or 8, got {bits}")
+        raise SettingError(f"method=qlora: bits must be 4 or 8, got {bits}")
     quant_type = str(cfg_get(cfg, "quant_type", DEFAULTS.quant_type))
     if bits == 4 and quant_type not in QUANT_TYPES:
-        raise ValueError(f"method=qlora: quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+        raise SettingError(f"method=qlora: quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     compute_dtype = str(cfg_get(cfg, "compute_dtype", DEFAULTS.compute_dtype))
     if compute_dtype not in COMPUTE_DTYPES:
-        raise ValueError(f"method=qlora: compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+        raise SettingError(f"method=qlora: compute_dtype must be one of {sorted(COMPUTE_DTYPES)}, got {compute_dtype!r}")
 
 
 def quantization_config(cfg: Any):
@@ -149,7 +148,7 @@ def load(model: nn.Module, in_dir: Path, cfg: Any = None, *, is_trainable: bool 
 def merge(model: nn.Module) -> nn.Module:
     base = unwrap_peft(model)
     if is_quantized(base):
-        raise ValueError(
+        raise SettingError(
             "method=qlora: refusing to merge into a quantised base (the merged weights would be re-rounded). "
             "Load the base without quantization_config, qlora.load(base, adapter_dir) and merge that."
         )

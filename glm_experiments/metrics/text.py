@@ -11,6 +11,8 @@ import logging
 from collections.abc import Sequence
 from functools import cache
 
+from glm_experiments.errors import SettingError
+
 DEFINITIONS = {
     "bleu-4": "nltk sentence_bleu on characters, 4-gram uniform weights, SmoothingFunction().method3, x100, mean over samples",
     "rouge-1": "rouge_chinese F-score on jieba words joined by spaces, x100, mean over samples; empty prediction scores 0",
@@ -92,7 +94,7 @@ def compute_metrics(
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     unknown = set(metrics) - set(DEFINITIONS)
     if unknown:
-        raise ValueError(f"unknown metric(s) {sorted(unknown)}; known: {sorted(DEFINITIONS)}")
+        raise SettingError(f"unknown metric(s) {sorted(unknown)}; known: {sorted(DEFINITIONS)}")
     per_sample = [score_sample(p, r, metrics) for p, r in zip(predictions, references)]
     means = {}
     if per_sample:

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from glm_experiments.models.checkpoint_files import CheckpointError
-from glm_experiments.models.families import family_names, get_family
-from glm_experiments.models.thudm_layouts import glm_config_from_thudm, is_v1_config
+from glm_experiments.models.family import family_names, get_family
+from glm_experiments.models.glm.layout import glm_config_from_thudm
+from glm_experiments.models.layouts import is_v1_config
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Adapters trained with THUDM's scripts, made to compute the same on the models this project loads.
 
-What users bring (see DESIGN.md, "Users' existing fine-tuning artifacts"):
+What users bring (the PEFT and THUDM adapter files tests/helpers/thudm_fixtures.py writes):
 
 * **LoRA** written by PEFT 0.6-0.10 (ChatGLM3 ``finetune_demo/finetune_hf.py``, liucongg-style scripts):
   ``adapter_config.json`` + ``adapter_model.safetensors`` or ``adapter_model.bin``, keys like
@@ -9,7 +9,7 @@ What users bring (see DESIGN.md, "Users' existing fine-tuning artifacts"):
 
   - ``query_key_value`` -> ``q_proj`` / ``k_proj`` / ``v_proj``: the same ``lora_A`` for each, ``lora_B`` split
     by the rows the base weight is split by ([Q heads*head_dim | K kv_heads*head_dim | V kv_heads*head_dim],
-    as :func:`glm_experiments.models.thudm_layouts.map_v2_key` does); DoRA magnitudes and trained biases split the
+    as :func:`glm_experiments.models.glm.layout.map_v2_key` does); DoRA magnitudes and trained biases split the
     same way (DoRA's norm is per output row, so the split is exact);
   - ``dense`` -> ``o_proj``, ``dense_h_to_4h`` -> ``gate_up_proj`` (same [gate | up] rows),
     ``dense_4h_to_h`` -> ``down_proj``;
@@ -49,12 +49,7 @@ from glm_experiments.models.checkpoint_files import CheckpointError
 
 log = logging.getLogger(__name__)
 
-from glm_experiments.migration.thudm_adapter_files import (
-    ADAPTER_CONVERTER_VERSION,
-    BaseDims,
-    adapter_kind,
-    base_dims,
-)
+from glm_experiments.migration.thudm_adapter_files import ADAPTER_CONVERTER_VERSION, BaseDims, adapter_kind, base_dims
 from glm_experiments.migration.thudm_lora import convert_lora
 from glm_experiments.migration.thudm_prefix import convert_peft_prefix, convert_thudm_prefix
 

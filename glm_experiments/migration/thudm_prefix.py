@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from glm_experiments.models.checkpoint_files import CheckpointError, find_weight_files, iter_tensors
-from glm_experiments.models.thudm_layouts import is_v1_config
+from glm_experiments.models.layouts import is_v1_config
 
 log = logging.getLogger(__name__)
 

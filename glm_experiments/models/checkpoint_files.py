@@ -137,7 +137,7 @@ def from_pretrained_strict(path: Path, **kwargs) -> PreTrainedModel:
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    import glm_experiments.models.chatglm_v1  # noqa: F401  (registers model_type chatglm_v1)
+    import glm_experiments.models.chatglm.modeling  # noqa: F401  (registers model_type chatglm_v1)
 
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)

@@ -11,7 +11,7 @@ import torch
 
 from glm_experiments.constants import TORCH_DTYPES
 from glm_experiments.errors import UserError
-from glm_experiments.models.families import get_family
+from glm_experiments.models.family import get_family
 
 log = logging.getLogger(__name__)
 

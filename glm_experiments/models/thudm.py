@@ -1,7 +1,7 @@
 """Load THUDM-layout ChatGLM checkpoints into transformers classes, without ``trust_remote_code``.
 
-The family (models/families/) names the layout (models/thudm_layouts.py: ChatGLM2/3 and GLM-4 onto the native
-``GlmForCausalLM``, ChatGLM-6B onto ``chatglm_v1.py``) and the tokenizer; directories already in transformers'
+The family (models/<family>/family.py) names the layout (models/layouts.py: ChatGLM2/3 and GLM-4 onto the native
+``GlmForCausalLM``, ChatGLM-6B onto ``models/chatglm/modeling.py``) and the tokenizer; directories already in transformers'
 format (model_type "glm", "chatglm_v1", ...) load with the Auto classes.
 
 Weights are streamed shard by shard onto a model built on the meta device (one copy in memory at any time).
@@ -30,8 +30,8 @@ from glm_experiments.models.checkpoint_files import (
     iter_tensors,
     read_config,
 )
-from glm_experiments.models.families import Family, get_family
-from glm_experiments.models.thudm_layouts import LAYOUTS, Layout, ShapeError, is_v1_config
+from glm_experiments.models.family import Family, get_family, thudm_layouts
+from glm_experiments.models.layouts import Layout, ShapeError, is_v1_config
 from glm_experiments.models.tokenizers import TokenizerError
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def check_family(path: Path, cfg: dict, family: str) -> Layout:
     layout = get_family(family).layout
     if layout is None:
         raise CheckpointError(f"{path / 'config.json'}: model_type 'chatglm' is THUDM's layout: use family chatglm, chatglm2, chatglm3 or glm4")
-    layout.check_config(path / "config.json", cfg, family, LAYOUTS)
+    layout.check_config(path / "config.json", cfg, family, thudm_layouts())
     return layout
 
 

@@ -26,19 +26,16 @@ Padding side is "left", as in all the originals.
 from __future__ import annotations
 
 import base64
-import json
 import os
 from pathlib import Path
 
 from tokenizers import (
-    AddedToken,
     Regex,
     Tokenizer,
     decoders,
     models,
     normalizers,
     pre_tokenizers,
-    processors,
 )
 from transformers import PreTrainedTokenizerFast
 
@@ -46,13 +43,6 @@ from glm_experiments.errors import UserError
 
 # SentencePiece ModelProto.SentencePiece.Type
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
-
-CHATGLM2_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
-# tokens that would be matched inside ordinary text if they were added tokens: keep them vocabulary-only
-_BARE_WORD_SPECIALS = {"sop", "eop"}
-
-CHATGLM_V1_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
-CHATGLM_V1_MAX_BLANK = 80
 
 # the score given to vocabulary entries a Unigram lattice must never choose (control, byte, appended specials)
 _NEVER = -1e6
@@ -78,13 +68,13 @@ def tokenizer_file_kind(path: str | os.PathLike) -> str:
             return "tiktoken"
         except ValueError:
             pass
-    proto = _load_sp_proto(path, strict=False)
+    proto = load_sp_proto(path, strict=False)
     if proto is not None and len(proto.pieces) > 0:
         return "sentencepiece"
     raise TokenizerError(f"{path}: neither a SentencePiece model nor a tiktoken rank file")
 
 
-def _load_sp_proto(path: Path, strict: bool = True):
+def load_sp_proto(path: Path, strict: bool = True):
     from sentencepiece import sentencepiece_model_pb2 as pb2
 
     proto = pb2.ModelProto()
@@ -114,7 +104,7 @@ def _bpe_merges(pieces) -> list[tuple[str, str]]:
     return [(m[4], m[5]) for m in merges]
 
 
-def _sp_backend(
+def sp_backend(
     proto,
     appended: list[str] = (),
     replacements: list[tuple[str, str]] = (),
@@ -206,117 +196,7 @@ def wrap_fast(tok: Tokenizer, **kwargs) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
 
 
-def chatglm2_tokenizer(model_file: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """ChatGLM2-6B / ChatGLM3-6B tokenizer from the SentencePiece ``tokenizer.model``."""
-    proto = _load_sp_proto(Path(model_file))
-    sp_size = len(proto.pieces)
-    tok = _sp_backend(proto, appended=CHATGLM2_SPECIALS)
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in CHATGLM2_SPECIALS if t not in _BARE_WORD_SPECIALS]
-    )
-    ids = {t: sp_size + k for k, t in enumerate(CHATGLM2_SPECIALS)}
-    for t, i in ids.items():
-        if tok.token_to_id(t) != i:
-            raise TokenizerError(f"{model_file}: special token {t!r} would get id {tok.token_to_id(t)}, expected {i}")
-    gmask, sop = ("[gMASK]", ids["[gMASK]"]), ("sop", ids["sop"])
-    tok.post_processor = processors.TemplateProcessing(
-        single="[gMASK] sop $A", pair="[gMASK] sop $A $B", special_tokens=[gmask, sop]
-    )
-    piece = {i: p.piece for i, p in enumerate(proto.pieces)}
-    t = proto.trainer_spec
-    return wrap_fast(
-        tok,
-        unk_token=piece.get(t.unk_id, "<unk>"),
-        bos_token=piece.get(t.bos_id, "<s>") if t.bos_id >= 0 else None,
-        eos_token=piece.get(t.eos_id, "</s>") if t.eos_id >= 0 else None,
-        pad_token=piece.get(t.unk_id, "<unk>"),  # ChatGLM2/3 pad with id 0
-        mask_token="[MASK]",
-    )
-
-
-def chatglm_v1_tokenizer(
-    model_file: str | os.PathLike, num_image_tokens: int = 0, remove_space: bool = False, do_lower_case: bool = False
-) -> PreTrainedTokenizerFast:
-    """ChatGLM-6B tokenizer from ``ice_text.model`` (specials are pieces of the model itself).
-
-    The keyword arguments are the original's ``tokenizer_config.json`` keys: ``num_image_tokens`` ids come before
-    the pieces (20000 in the spring-2023 release, 0 today), ``remove_space`` squeezes whitespace runs and strips
-    the text, ``do_lower_case`` lower-cases it, both before the whitespace pieces are substituted.
-    """
-    proto = _load_sp_proto(Path(model_file))
-    if num_image_tokens < 0:
-        raise TokenizerError(f"{model_file}: num_image_tokens must be >= 0, got {num_image_tokens}")
-    pieces = {p.piece: i for i, p in enumerate(proto.pieces)}
-    missing = [t for t in ["[MASK]", "[gMASK]", "<sop>", "<eop>", "<n>"] if t not in pieces]
-    if missing:
-        raise TokenizerError(f"{model_file}: not a ChatGLM-6B ice_text.model: pieces {missing} are missing")
-    index = {t: num_image_tokens + i for t, i in pieces.items()}
-    replacements = [("\n", "<n>"), ("\t", "<|tab|>")]
-    replacements += [(" " * n, f"<|blank_{n}|>") for n in range(CHATGLM_V1_MAX_BLANK, 1, -1)]
-    atomic = [dst for _, dst in replacements if dst in index] + [t for t in CHATGLM_V1_SPECIALS if t in index]
-    preprocess = []
-    if remove_space:  # the original: " ".join(text.strip().split())
-        preprocess += [normalizers.Strip(), normalizers.Replace(Regex(r"\s+"), " ")]
-    if do_lower_case:
-        preprocess.append(normalizers.Lowercase())
-    tok = _sp_backend(
-        proto,
-        replacements=replacements,
-        atomic=atomic,
-        prepended=[f"<image_{k}>" for k in range(num_image_tokens)],  # the original's names for these ids
-        preprocess=preprocess,
-    )
-    specials = [t for t in CHATGLM_V1_SPECIALS if t in index]
-    pad = "<pad>" if "<pad>" in index else proto.pieces[proto.trainer_spec.unk_id].piece
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials + [pad]])
-    tok.post_processor = processors.TemplateProcessing(
-        single="$A [gMASK] <sop>",
-        pair="$A [gMASK] <sop> $B <eop>",
-        special_tokens=[(t, index[t]) for t in ("[gMASK]", "<sop>", "<eop>")],
-    )
-    return wrap_fast(
-        tok,
-        unk_token=proto.pieces[proto.trainer_spec.unk_id].piece,
-        bos_token="<sop>",
-        eos_token="<eop>",
-        pad_token=pad,
-        mask_token="[MASK]",
-    )
-
-
-# ----------------------------------------------------------------------------------------------- tiktoken
-
-
-def _v1_options(directory: Path) -> dict:
-    """ChatGLM-6B's tokenizer options from its ``tokenizer_config.json`` (the original's defaults when absent)."""
-    path = directory / "tokenizer_config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (ValueError, UnicodeDecodeError) as err:
-        raise TokenizerError(f"{path}: not valid JSON ({err})") from None
-    options = {"num_image_tokens": cfg.get("num_image_tokens", 0)}
-    options["remove_space"] = cfg.get("remove_space", False)
-    options["do_lower_case"] = cfg.get("do_lower_case", False)
-    if not isinstance(options["num_image_tokens"], int) or isinstance(options["num_image_tokens"], bool):
-        raise TokenizerError(f"{path}: num_image_tokens must be an integer, got {options['num_image_tokens']!r}")
-    return options
-
-
-def chatglm_v1_tokenizer_from_dir(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """ChatGLM-6B's tokenizer from a checkpoint directory (ice_text.model + tokenizer_config.json)."""
-    directory = Path(directory)
-    path = directory / "ice_text.model"
-    if not path.is_file():
-        if (directory / "tokenizer.model").is_file():
-            raise TokenizerError(
-                f"{directory}: has tokenizer.model but no ice_text.model: not a ChatGLM-6B (v1) checkpoint;"
-                " use family chatglm2/chatglm3/glm4"
-            )
-        raise TokenizerError(f"{directory}: ice_text.model not found (ChatGLM-6B tokenizer)")
-    return chatglm_v1_tokenizer(path, **_v1_options(directory))
-
-
-def _tokenizer_model(directory: str | os.PathLike, family: str, kind: str) -> Path:
+def tokenizer_model_file(directory: str | os.PathLike, family: str, kind: str) -> Path:
     """``tokenizer.model`` of ``directory``, checked to be a ``kind`` ("sentencepiece"/"tiktoken") file."""
     directory = Path(directory)
     path = directory / "tokenizer.model"
@@ -329,9 +209,4 @@ def _tokenizer_model(directory: str | os.PathLike, family: str, kind: str) -> Pa
             raise TokenizerError(f"{path}: is a tiktoken (GLM-4) file, but family {family} needs a SentencePiece model")
         raise TokenizerError(f"{path}: is a SentencePiece model, but family {family} needs GLM-4's tiktoken file")
     return path
-
-
-def chatglm2_tokenizer_from_dir(directory: str | os.PathLike, family: str = "chatglm2") -> PreTrainedTokenizerFast:
-    """ChatGLM2-6B's / ChatGLM3-6B's tokenizer from a checkpoint directory (SentencePiece tokenizer.model)."""
-    return chatglm2_tokenizer(_tokenizer_model(directory, family, "sentencepiece"))
 

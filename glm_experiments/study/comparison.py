@@ -8,17 +8,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glm_experiments.config.naming import SEPARATOR, SHORT_NAMES, display_name
+from glm_experiments.config.naming import SHORT_NAMES
 from glm_experiments.errors import UserError
-from glm_experiments.tracking.mlflow_tracker import DISPLAY_NAME_TAG, ROLE_TAG, SMOKE_TAG
+from glm_experiments.study.labels import (  # noqa: F401  (short_run_label, LABEL_WIDTH: imported from here too)
+    GROUPS,
+    LABEL_WIDTH,
+    computed_label,
+    distinct_labels,
+    param_label,
+    short_label,
+    short_run_label,
+    smoke_runs_note,
+)
+from glm_experiments.tracking.mlflow_tracker import DISPLAY_NAME_TAG, ROLE_TAG
 
 NOT_TRAINING_RUNS = {"sweep_parent", "comparison", "human_eval"}
 
 # params that always differ between runs and say nothing about the setting
 IGNORED_PARAMS = {"output_dir", "tracking.run_name", "tracking.experiment_name", "tracking.tracking_uri",
                   "tracking.artifact_location"}
-# a group whose choice varies: its other params follow from the choice, show only the choice
-GROUPS = ("method", "model", "data", "deepspeed")
 
 QUALITY = [  # (metric key, column label); shown where any run has it
     ("eval/bleu-4", "BLEU-4"),
@@ -47,7 +55,6 @@ COST_COLUMNS = [
 COLUMNS = RESULT_COLUMNS + COST_COLUMNS
 TIMING_NOTE = ("* one timing per run, taken on whatever else the machine was doing: not a repeated measurement "
                "(bench/ measures speed properly)")
-LABEL_WIDTH = 40  # a display name: src=1024 tgt=256 · smoke · full · tiny
 BEFORE_AFTER = [key for key, _ in QUALITY]
 
 
@@ -72,6 +79,7 @@ class Comparison:
     before_after: dict[str, dict[str, tuple[float | None, float | None]]] = field(default_factory=dict)
     loss_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     smoke_note: str | None = None  # said above the tables when runs were debug=smoke runs
+    paired: Any = None  # study.paired.PairedComparison: settings (seeds pooled) against the baseline, the verdicts
 
 
 # ------------------------------------------------------------------------- selecting
@@ -160,54 +168,19 @@ def varied_params(runs: list) -> tuple[list[str], dict[str, str]]:
     return varied, fixed
 
 
-def param_label(key: str) -> str:
-    group, _, leaf = key.rpartition(".")
-    if leaf == "name" and group in GROUPS:
-        return group
-    return key
-
-
-def short_label(key: str, value: str | None) -> str:
-    group, _, leaf = key.rpartition(".")
-    if leaf == "name" and group in GROUPS:
-        return str(value)
-    return f"{SHORT_NAMES.get(leaf, leaf)}={value}"
-
-
-def is_smoke(run) -> bool:
-    return bool(run.data.tags.get(SMOKE_TAG)) or run.data.tags.get("hydra.choices.debug") == "smoke"
-
-
-def computed_label(run, varied: list[str]) -> str:
-    """What differs between the compared runs, then smoke, the method and the model where they do not differ."""
-    params = run.data.params
-    values = " ".join(short_label(k, params.get(k)) for k in varied)
-    if not values:
-        return run.info.run_name or run.info.run_id[:8]
-    method = None if "method.name" in varied else params.get("method.name")
-    model = None if "model.name" in varied else params.get("model.name")
-    return display_name([values], method, model, smoke=is_smoke(run))
-
-
-def smoke_runs_note(runs: list, rows: list[dict]) -> str | None:
-    """"smoke runs (10 steps): wiring check, not a result" when debug=smoke runs are compared (which ones, when
-    not all are)."""
-    smoke = [(run, row) for run, row in zip(runs, rows) if is_smoke(run)]
-    if not smoke:
-        return None
-    steps = sorted({run.data.params.get("train.max_steps", "?") for run, _ in smoke}, key=str)
-    note = f"smoke runs ({'/'.join(steps)} steps): wiring check, not a result"
-    if len(smoke) < len(runs):
-        note += f" ({len(smoke)} of {len(runs)}: {', '.join(row['label'] for _, row in smoke)})"
-    return note
-
-
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+def param_aliases(key: str) -> set[str]:
+    """The names ``--baseline KEY=VALUE`` accepts for a param: the key, its column label, its short name."""
+    leaf = key.rpartition(".")[2]
+    return {key, param_label(key), SHORT_NAMES.get(leaf, leaf)}
+
+
 def collect(tracking_uri: str | None = None, experiment: str | None = None, parent: str | None = None,
-            filter_string: str | None = None) -> Comparison:
+            filter_string: str | None = None, baseline: list[str] | None = None) -> Comparison:
+    """The runs, their tables and curves, and the paired verdicts (``baseline``: ``--baseline KEY=VALUE`` specs)."""
     tracking_uri = tracking_uri or default_tracking_uri()
     client = _client(tracking_uri)
     runs, name, selection, experiment_id = select_runs(client, experiment, parent, filter_string)
@@ -268,6 +241,11 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
             before = history[0][1] if len(history) > 1 and history[0][0] == 0 else None
             pairs[key] = (before, history[-1][1])
         comparison.before_after[row["label"]] = pairs
+    from glm_experiments.study.paired import paired_comparison
+
+    comparison.paired = paired_comparison(client, runs, varied, short_label, param_aliases,
+                                          metric_labels={key.split("/", 1)[1]: label for key, label in QUALITY},
+                                          baseline=baseline)
     return comparison
 
 
@@ -294,27 +272,12 @@ def table_cells(comparison: Comparison, columns: list[str] | None = None) -> lis
     return [[format_value(row.get(col), formats.get(col)) for col in (columns or comparison.columns)] for row in comparison.rows]
 
 
-def short_run_label(label: str, width: int = LABEL_WIDTH) -> str:
-    return label if len(label) <= width else label[: width - 1] + "…"
-
-
 def best_value(comparison: Comparison, col: str) -> Any:
     """The best value of a results column (lowest for losses and truncations, highest for scores)."""
     values = [row.get(col) for row in comparison.rows if isinstance(row.get(col), (int, float))]
     if len(values) < 2 or col in comparison.identical:
         return None
     return min(values) if ("loss" in col or col.startswith("cut")) else max(values)
-
-
-def distinct_labels(labels: list[str]) -> list[str]:
-    """The labels without the parts every one of them shares (``src=512 tgt=128 · smoke · full · tiny`` ->
-    ``src=512 tgt=128`` when all runs are smoke full tiny runs): what tells them apart, for prose."""
-    split = [label.split(SEPARATOR) for label in labels]
-    if len(split) < 2:
-        return labels
-    common = set.intersection(*(set(parts) for parts in split))
-    short = [SEPARATOR.join(p for p in parts if p not in common) or label for parts, label in zip(split, labels)]
-    return short if len(set(short)) == len(short) else labels
 
 
 def headlines(comparison: Comparison) -> list[str]:
@@ -335,6 +298,39 @@ def headlines(comparison: Comparison) -> list[str]:
     return lines
 
 
+def print_verdicts(comparison: Comparison, console) -> None:
+    """The paired verdicts, one sentence per setting, and the per-seed spread where settings have several seeds."""
+    from rich import box
+    from rich.table import Table
+
+    from glm_experiments.study.paired import seed_table
+    from glm_experiments.study.verdicts import row_phrase
+
+    paired = comparison.paired
+    if paired is None:
+        return
+    if paired.table is not None:
+        console.print(f"[bold]verdicts[/] against {paired.table.baseline} (95 % paired bootstrap intervals; "
+                      "report.md has p-values):", highlight=False)
+        for setting in paired.table.settings():  # the sentence, a metric a line
+            rows = [r for r in paired.table.rows if r.setting == setting]
+            console.print(f"  {setting} vs {paired.table.baseline}:", highlight=False)
+            for row in rows:
+                console.print(f"    {row_phrase(row)}", highlight=False)
+    for note in paired.notes:
+        console.print(f"  {note}", style="dim", highlight=False)
+    header, cells = seed_table(comparison)
+    if cells:
+        table = Table(title="over seeds (mean ± sd)", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1),
+                      pad_edge=False)
+        for i, col in enumerate(header):
+            table.add_column(col, justify="left" if i == 0 else "right", no_wrap=True,
+                             max_width=LABEL_WIDTH if i == 0 else None)
+        for row in cells:
+            table.add_row(short_run_label(row[0]), *row[1:])
+        console.print(table)
+
+
 def print_table(comparison: Comparison, console=None) -> None:
     """Three narrow tables (results, cost, which run is which) that fit a 100-column terminal."""
     from rich import box
@@ -350,8 +346,8 @@ def print_table(comparison: Comparison, console=None) -> None:
     def metric_table(title: str, columns: list[str], mark_best: bool) -> Table:
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
         table.add_column("run", no_wrap=True, max_width=LABEL_WIDTH)
-        for col in columns:
-            table.add_column(col, justify="right", no_wrap=True)
+        for col in columns:  # the other run of a human eval: named in full in the report, cut here to fit 100 columns
+            table.add_column(col, justify="right", no_wrap=True, max_width=14 if col == "vs" else None)
         for label, row, cells in zip(labels, comparison.rows, table_cells(comparison, columns)):
             styled = [f"[bold green]{cell}[/]" if mark_best and row.get(col) is not None and row.get(col) == best_value(comparison, col)
                       else cell for col, cell in zip(columns, cells)]
@@ -363,6 +359,7 @@ def print_table(comparison: Comparison, console=None) -> None:
         console.print(f"[bold yellow]{comparison.smoke_note}[/]", highlight=False)
     for line in headlines(comparison):
         console.print(f"  {line}", highlight=False)
+    print_verdicts(comparison, console)
     for title, columns in comparison.tables.items():
         if columns:
             console.print(metric_table(title, columns, title != "cost"))

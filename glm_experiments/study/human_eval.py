@@ -22,7 +22,9 @@ The session file (JSON lines, append-only):
 The tally: ``win_rate_a`` = wins of run a / (wins of a + wins of b). Ties and "both bad" are not in that
 fraction (they say neither is better); they are counted apart (``ties``, ``both_bad``) and ``n`` counts every
 verdict. ``ci_low`` / ``ci_high`` bound ``win_rate_a`` with the Wilson score interval at 95 % (sound for the
-small n people judge, unlike the normal approximation).
+small n people judge, unlike the normal approximation); ``p_value`` is a two-sided sign (exact binomial) test of
+"neither is preferred" over the decisive votes. The summary reads 'a preferred 14 of 20 decisive votes, 70 % [48,
+85], p = 0.12, within noise': better / worse when the interval excludes 50 %, else within noise.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -42,32 +43,21 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from glm_experiments.errors import UserError
+from glm_experiments.study.votes import wilson_interval
 
 log = logging.getLogger(__name__)
 
 ROLE = "human_eval"  # value of the glm_experiments.role tag (compare leaves these runs out of its training runs)
 TAG_RUN = "human_eval.run_{}"  # .run_a / .run_b: the MLflow run ids of the two runs judged
 CHOICES = ("left", "right", "tie", "both_bad")
-Z95 = 1.959963984540054  # two-sided 95 %
 DEFINITION = (
     "win_rate_a = wins of run a / (wins of run a + wins of run b) in blind side-by-side votes; ties and "
     "'both bad' are left out of it and counted as ties / both_bad; n = all verdicts; ci_low / ci_high: "
-    "Wilson score interval, 95 %"
+    "Wilson score interval, 95 %; p_value: two-sided sign (binomial) test over the decisive votes"
 )
 
 
 # ------------------------------------------------------------------------------------------ the tally
-def wilson_interval(wins: int, trials: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a proportion ``wins / trials`` (``(0, 1)`` when there are no trials)."""
-    if trials <= 0:
-        return 0.0, 1.0
-    p = wins / trials
-    denominator = 1 + z * z / trials
-    centre = (p + z * z / (2 * trials)) / denominator
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 @dataclass
 class Tally:
     wins_a: int = 0
@@ -87,19 +77,25 @@ class Tally:
     def win_rate_a(self) -> float | None:
         return self.wins_a / self.decisive if self.decisive else None
 
+    def verdict(self):
+        """The sign test over the decisive votes beside the Wilson interval (study.verdicts.VoteVerdict)."""
+        from glm_experiments.study.votes import vote_verdict
+
+        interval = wilson_interval(self.wins_a, self.decisive) if self.decisive else None
+        return vote_verdict(self.wins_a, self.wins_b, interval)
+
     def metrics(self) -> dict[str, float]:
-        """What the MLflow run logs: the win rate and its interval only once a verdict decided something."""
+        """What the MLflow run logs: the win rate, its interval and the sign test's p once a verdict decided something."""
         out = {"n": self.n, "ties": self.ties, "both_bad": self.both_bad, "wins_a": self.wins_a, "wins_b": self.wins_b}
         if self.decisive:
             low, high = wilson_interval(self.wins_a, self.decisive)
-            out.update(win_rate_a=self.win_rate_a, ci_low=low, ci_high=high)
+            out.update(win_rate_a=self.win_rate_a, ci_low=low, ci_high=high, p_value=self.verdict().p_value)
         return {k: float(v) for k, v in out.items()}
 
     def summary(self, label_a: str = "a", label_b: str = "b") -> str:
         text = f"{self.n} verdicts: {label_a} {self.wins_a}, {label_b} {self.wins_b}, ties {self.ties}, both bad {self.both_bad}"
         if self.decisive:
-            low, high = wilson_interval(self.wins_a, self.decisive)
-            text += f"; {label_a} wins {100 * self.win_rate_a:.1f} % of decided votes (95 % CI {100 * low:.1f}–{100 * high:.1f})"
+            text += f"; {self.verdict().sentence(label_a, label_b)}"
         return text
 
 

@@ -120,7 +120,8 @@ def human_eval_columns(client, rows: list[dict]) -> list[str]:
     """Adds the human-eval columns to ``compare``'s rows (dicts with ``run_id`` and ``label``) and returns their
     labels ([] when no human eval judged any of these runs). Per run: its win rate against the other run of the
     human eval with the most verdicts (one whose other run is in the table first), its Wilson 95 % interval, the
-    counts (wins-losses, ties, both bad) and the other run."""
+    sign test over the decisive votes (``better p=0.003``, ``noise p=0.12``: better / worse when the interval
+    excludes 50 %, else within noise), the counts (wins-losses, ties, both bad) and the other run."""
     by_id = {row["run_id"]: row for row in rows}
     evals = []
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
@@ -133,7 +134,10 @@ def human_eval_columns(client, rows: list[dict]) -> list[str]:
             evals.append((tags, metrics, a, b))
     if not evals:
         return []
-    columns = ["human win %", "95% CI", "W-L-tie-bad", "vs"]
+    from glm_experiments.study.verdicts import WITHIN_NOISE
+    from glm_experiments.study.votes import format_p, vote_verdict
+
+    columns = ["human win %", "95% CI", "sign test", "W-L-tie-bad", "vs"]
     for run_id, row in by_id.items():
         mine = [e for e in evals if run_id in (e[2], e[3])]
         if not mine:
@@ -147,6 +151,9 @@ def human_eval_columns(client, rows: list[dict]) -> list[str]:
                 rate, low, high = 1 - rate, 1 - high, 1 - low
             row["human win %"] = round(100 * rate, 1)
             row["95% CI"] = f"{100 * low:.0f}–{100 * high:.0f}"
+            votes = vote_verdict(wins, losses, (low, high))  # this run's side: the sign test over decisive votes
+            short = "noise" if votes.verdict == WITHIN_NOISE else votes.verdict  # narrow: the table fits 100 columns
+            row["sign test"] = f"{short} p{format_p(votes.p_value).replace(' ', '')}"  # "noise p=0.12"
         row["W-L-tie-bad"] = f"{wins}-{losses}-{int(metrics.get('ties', 0))}-{int(metrics.get('both_bad', 0))}"
         row["vs"] = (
             by_id[other]["label"]

@@ -3,6 +3,7 @@ MLflow; compare.py selects the runs and prints the tables."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -18,6 +19,8 @@ from glm_experiments.study.comparison import (
     headlines,
     table_cells,
 )
+
+VERDICTS_FILE = "verdicts.json"
 
 
 # --------------------------------------------------------------------------- plots
@@ -110,10 +113,18 @@ def _md_escape(text: str) -> str:
 
 
 def markdown_report(comparison: Comparison, images: dict[str, str]) -> str:
+    from glm_experiments.study.paired import markdown_section, seed_table
+
     lines = [f"# Comparison: {comparison.name}", "",
              f"{len(comparison.rows)} {comparison.selection}; tracking URI `{comparison.tracking_uri}`.", ""]
-    if comparison.smoke_note:
+    if comparison.smoke_note:  # above everything, the verdicts too
         lines += [f"**{comparison.smoke_note}**", ""]
+    lines += markdown_section(comparison.paired)  # the verdicts first
+    header, cells = seed_table(comparison)
+    if cells:
+        lines += ["Scores over seeds: mean ± sd over the runs of each setting.", "",
+                  "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in cells] + [""]
     if comparison.varied:
         lines += [f"Varied params: {', '.join(f'`{k}`' for k in comparison.varied)}. "
                   f"Every other param is identical in all runs (listed below).", ""]
@@ -171,10 +182,16 @@ def html_report(comparison: Comparison, out_dir: Path, images: dict[str, str]) -
 
     import pandas as pd
 
+    from glm_experiments.study.paired import html_section, seed_table
+
     parts = [f"<h1>Comparison: {html.escape(comparison.name)}</h1>",
-             f"<p>{len(comparison.rows)} {html.escape(comparison.selection.replace('`', ''))}</p>"]
-    if comparison.smoke_note:
-        parts.append(f"<p><strong>{html.escape(comparison.smoke_note)}</strong></p>")
+             f"<p>{len(comparison.rows)} {html.escape(comparison.selection.replace('`', ''))}</p>",
+             *([f"<p><strong>{html.escape(comparison.smoke_note)}</strong></p>"] if comparison.smoke_note else []),
+             html_section(comparison.paired)]  # the verdicts first (after the smoke-run note)
+    header, cells = seed_table(comparison)
+    if cells:
+        parts += ["<p>Scores over seeds: mean ± sd over the runs of each setting.</p>",
+                  pd.DataFrame(cells, columns=header).to_html(border=0, index=False)]
     lines = headlines(comparison)
     if lines:
         parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
@@ -208,6 +225,12 @@ def write_outputs(comparison: Comparison, out_dir: Path) -> dict[str, Path]:
     if plot_final_metrics(comparison, out_dir / "final_metrics.png"):
         files["final_metrics"] = out_dir / "final_metrics.png"
         images["final metrics"] = "final_metrics.png"
+    paired = comparison.paired
+    if paired is not None and paired.table is not None:  # machine-readable verdicts (logged with the rest)
+        files["verdicts"] = out_dir / VERDICTS_FILE
+        files["verdicts"].write_text(json.dumps(paired.table.to_json(), indent=2) + "\n", encoding="utf-8")
+    elif (out_dir / VERDICTS_FILE).exists():  # an earlier comparison's verdicts would be taken for these
+        (out_dir / VERDICTS_FILE).unlink()
     report = out_dir / "report.md"
     report.write_text(markdown_report(comparison, images), encoding="utf-8")
     files["report"] = report
@@ -244,4 +267,26 @@ def log_outputs(comparison: Comparison, out_dir: Path) -> str:
         run_id = run.info.run_id
         client.set_terminated(run_id, "FINISHED")
     client.log_artifacts(run_id, str(out_dir), "comparison")  # a later call replaces the files
+    log_verdicts(client, run_id, comparison)
     return run_id
+
+
+def log_verdicts(client, run_id: str, comparison: Comparison) -> None:
+    """The verdicts on the run: metrics ``verdict/<setting>/<metric>/delta|ci_low|ci_high|p`` and the sentences
+    first in its description (replacing an earlier compare's)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    from glm_experiments.study.paired import with_description
+
+    paired = comparison.paired
+    if paired is not None and paired.table is not None:
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, 0) for key, value in paired.table.metrics().items()]
+        for start in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
+            client.log_batch(run_id, metrics=metrics[start:start + 1000])
+    note = "mlflow.note.content"
+    text = with_description(client.get_run(run_id).data.tags.get(note), paired)
+    if text is not None:
+        client.set_tag(run_id, note, text if len(text) <= 5000 else text[:4999] + "…")  # MLflow's tag limit

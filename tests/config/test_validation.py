@@ -227,7 +227,7 @@ def test_call_arguments_must_parse(tmp_path):
 @pytest.fixture(scope="module")
 def native_dir(tmp_path_factory) -> Path:
     """The tiny model's cached checkpoint: a native (transformers-format) directory with its tokenizer."""
-    from glm_experiments.models.tiny import ensure_tiny_checkpoint
+    from glm_experiments.models.tiny.build import ensure_tiny_checkpoint
 
     tiny = OmegaConf.to_object(compose(["output_dir=/tmp/x"]).model.tiny)
     return ensure_tiny_checkpoint(tiny)

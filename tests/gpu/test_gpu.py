@@ -124,7 +124,7 @@ def test_greedy_generation_gpu_equals_cpu():
 
     from glm_experiments.config.schema import TinyModelConfig
     from glm_experiments.data.templates import get_template
-    from glm_experiments.models.tiny import ensure_tiny_checkpoint
+    from glm_experiments.models.tiny.build import ensure_tiny_checkpoint
     from glm_experiments.recipe.evaluation import generate, load_eval_set
 
     path = ensure_tiny_checkpoint(TinyModelConfig())

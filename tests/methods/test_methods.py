@@ -461,7 +461,7 @@ def test_prompt_tuning_init_text_and_mismatch(tmp_path):
 
 # --------------------------------------------------------------------------- ChatGLM-6B (v1) class
 def make_v1_model(seed: int = 0):
-    v1 = pytest.importorskip("glm_experiments.models.chatglm_v1")
+    v1 = pytest.importorskip("glm_experiments.models.chatglm.modeling")
     torch.manual_seed(seed)
     config = v1.ChatGLMv1Config(
         vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,

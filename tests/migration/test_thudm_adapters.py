@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import test_families as tf
+from tests.models import test_families as tf
 import torch
 
 from glm_experiments import convert
@@ -180,7 +180,7 @@ def prefix_encoder_output(sd: dict, projection: bool) -> torch.Tensor:
 
 def load_checkpoint_state(base: Path, folded: dict) -> dict:
     """Native-model state dict of THUDM tensors (through the base conversion, not the adapter mapping)."""
-    from glm_experiments.models.thudm_layouts import glm_config_from_thudm, map_v2_key
+    from glm_experiments.models.glm.layout import glm_config_from_thudm, map_v2_key
 
     cfg = json.loads((base / "config.json").read_text())
     config = glm_config_from_thudm(cfg)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from glm_experiments.data import templates  # noqa: E402
 from glm_experiments.errors import UserError  # noqa: E402
 from glm_experiments.models import thudm  # noqa: E402
-from glm_experiments.models.chatglm_v1 import ChatGLMv1ForCausalLM  # noqa: E402
+from glm_experiments.models.chatglm.modeling import ChatGLMv1ForCausalLM  # noqa: E402
 from glm_experiments.models.thudm import CheckpointError, converted_path, load_checkpoint  # noqa: E402
 from tests.helpers import thudm_fixtures as fx  # noqa: E402
 from tests.helpers.common import assert_close  # noqa: E402

@@ -23,7 +23,7 @@ import sentencepiece as spm
 
 from glm_experiments.data import templates  # noqa: E402
 from glm_experiments.data.dataset import fingerprint  # noqa: E402
-from glm_experiments.models.families import get_family  # noqa: E402
+from glm_experiments.models.family import get_family  # noqa: E402
 from glm_experiments.models.thudm import CheckpointError, load_checkpoint  # noqa: E402
 from tests.helpers import thudm_fixtures as fx  # noqa: E402
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from glm_experiments.config.schema import EvalConfig, TinyModelConfig
 from glm_experiments.data.templates import get_template
-from glm_experiments.models.tiny import ensure_tiny_checkpoint
+from glm_experiments.models.tiny.build import ensure_tiny_checkpoint
 from glm_experiments.recipe.evaluation import evaluate_generation, generate, load_eval_set
 from tests.helpers.common import ROOT
 

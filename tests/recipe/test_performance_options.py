@@ -9,7 +9,7 @@ import pytest
 import torch
 from datasets import Dataset
 from omegaconf import OmegaConf
-from test_methods import CASES, batch, make_model, make_v1_model
+from tests.methods.test_methods import CASES, batch, make_model, make_v1_model
 
 from glm_experiments.data.dataset import CausalCollator, PackingCollator, make_collator
 from glm_experiments.errors import UserError

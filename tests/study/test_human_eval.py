@@ -41,8 +41,13 @@ def test_tally_leaves_ties_and_both_bad_out_of_the_win_rate():
     metrics = t.metrics()
     assert metrics["win_rate_a"] == 0.75 and metrics["n"] == 6 and metrics["ties"] == 1 and metrics["both_bad"] == 1
     assert (metrics["ci_low"], metrics["ci_high"]) == pytest.approx(wilson_interval(3, 4))
-    only_ties = Tally(ties=2).metrics()  # nothing decided: no win rate, no interval
-    assert "win_rate_a" not in only_ties and only_ties["n"] == 2
+    assert metrics["p_value"] == pytest.approx(0.625)  # the sign test: 3 of 4 decisive votes, two-sided
+    only_ties = Tally(ties=2).metrics()  # nothing decided: no win rate, no interval, no test
+    assert "win_rate_a" not in only_ties and "p_value" not in only_ties and only_ties["n"] == 2
+    assert Tally(wins_a=6, wins_b=14, ties=2).summary("lora", "freeze") == (
+        "22 verdicts: lora 6, freeze 14, ties 2, both bad 0; "
+        "freeze preferred 14 of 20 decisive votes, 70 % [48, 85], p = 0.12, within noise")
+    assert Tally(wins_a=18, wins_b=2).summary().endswith("a preferred 18 of 20 decisive votes, 90 % [70, 97], p < 0.001, better")
 
 
 @pytest.fixture
@@ -155,6 +160,7 @@ def test_mlflow_run_mirrors_the_session_and_compare_shows_it(pair, tmp_path):
             "win_rate_a": 2 / 3,
             "ci_low": low,
             "ci_high": high,
+            "p_value": 1.0,  # the sign test: 2 of 3 decisive votes
         }
     )
     assert [m.value for m in client.get_metric_history(run_id, "n")] == [1, 2, 3, 4]  # one point per verdict
@@ -165,12 +171,13 @@ def test_mlflow_run_mirrors_the_session_and_compare_shows_it(pair, tmp_path):
 
     comparison = collect(uri, experiment="study")
     assert {row["run_id"] for row in comparison.rows} == set(ids.values()), "the human_eval run is no training run"
-    assert comparison.tables["human eval"] == ["human win %", "95% CI", "W-L-tie-bad", "vs"]
+    assert comparison.tables["human eval"] == ["human win %", "95% CI", "sign test", "W-L-tie-bad", "vs"]
     rows = {row["run_id"]: row for row in comparison.rows}
     assert rows[ids["a"]]["human win %"] == pytest.approx(66.7)
     assert rows[ids["b"]]["human win %"] == pytest.approx(33.3)
     assert rows[ids["a"]]["95% CI"] == f"{100 * low:.0f}–{100 * high:.0f}"
     assert rows[ids["b"]]["95% CI"] == f"{100 * (1 - high):.0f}–{100 * (1 - low):.0f}"
+    assert rows[ids["a"]]["sign test"] == rows[ids["b"]]["sign test"] == "noise p=1.00"  # within noise
     assert rows[ids["a"]]["W-L-tie-bad"] == "2-1-1-0" and rows[ids["b"]]["W-L-tie-bad"] == "1-2-1-0"
     assert rows[ids["a"]]["vs"] == rows[ids["b"]]["label"]
     from rich.console import Console

@@ -345,7 +345,15 @@ def test_sweep_2x2_parent_children_and_compare(tmp_path):
     assert_png(out / "final_metrics.png")
     report = (out / "report.md").read_text()
     assert "## Scores" in report and "| run | trainable % |" in report and "Before / after" in report
-    assert {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")} >= {"comparison/report.md"}
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")} >= {"comparison/report.md",
+                                                                                         "comparison/verdicts.json"}
+    # the paired verdicts, from the per-sample tables the runs logged: 3 settings against the first, 4 metrics
+    verdicts = json.loads((out / "verdicts.json").read_text())
+    assert len(verdicts["rows"]) == 3 * 4 and {r["metric"] for r in verdicts["rows"]} == {
+        "BLEU-4", "ROUGE-1", "ROUGE-2", "ROUGE-L"}
+    assert all(r["n_samples"] >= 2 and r["n_seeds"] == 1 and r["baseline"] == verdicts["baseline"]
+               for r in verdicts["rows"])
+    assert report.index("## Verdicts") < report.index("## Scores")
 
 
 @pytest.mark.slow

@@ -1,35 +1,22 @@
-"""THUDM's two checkpoint layouts and how each maps onto a transformers class.
-
-* ``V2`` (ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B: config model_type "chatglm" with ``padded_vocab_size``): weights
-  mapped onto transformers' native ``GlmForCausalLM`` (query_key_value split by rows into q/k/v, dense ->
-  o_proj, dense_h_to_4h -> gate_up_proj, dense_4h_to_h -> down_proj, final_layernorm -> model.norm,
-  output_layer -> lm_head, rotary inv_freq dropped; rope_theta = 10000 * rope_ratio).
-* ``V1`` (ChatGLM-6B: num_layers/inner_hidden_size/position_encoding_2d): keys loaded as they are into
-  :class:`ChatGLMv1ForCausalLM` (chatglm_v1.py).
-
-A family names its layout (``Family.layout``); models/thudm.py streams the weights through ``build``'s mapper.
-"""
+"""THUDM's v2 checkpoint layout (ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B: config model_type "chatglm" with
+``padded_vocab_size``), mapped onto transformers' native ``GlmForCausalLM``: query_key_value split by rows into
+q/k/v, dense -> o_proj, dense_h_to_4h -> gate_up_proj, dense_4h_to_h -> down_proj, final_layernorm -> model.norm,
+output_layer -> lm_head, rotary inv_freq dropped; rope_theta = 10000 * rope_ratio."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from glm_experiments.models.checkpoint_files import CheckpointError
+from glm_experiments.models.layouts import Layout, ShapeError, _empty_model, is_v1_config
 
-# the model classes are imported where a model is built: reading the family records (every CLI start) stays light
+# the model class is imported where a model is built: reading the family records (every CLI start) stays light
 if TYPE_CHECKING:
     from transformers import GlmConfig
-
-
-def is_v1_config(cfg: dict) -> bool:
-    """ChatGLM-6B's config (num_layers/inner_hidden_size/position_encoding_2d, no padded_vocab_size)."""
-    return "padded_vocab_size" not in cfg and any(k in cfg for k in ("inner_hidden_size", "position_encoding_2d", "gmask_token_id"))
 
 
 def glm_config_from_thudm(cfg: dict) -> GlmConfig:
@@ -109,10 +96,6 @@ def map_v2_key(key: str, tensor_loader, config: GlmConfig, num_layers: int) -> l
     return None
 
 
-class ShapeError(Exception):
-    pass
-
-
 _V2_SOURCE = {v: k for k, v in _V2_TOP.items()}
 
 
@@ -129,40 +112,6 @@ def _v2_source_key(target: str) -> str:
         kind = rest.rsplit(".", 1)[1]
         return f"transformer.encoder.layers.{m.group(1)}.self_attention.query_key_value.{kind}"
     return target
-
-
-def _empty_model(model_cls, config, attn_implementation: str | None = None):
-    from accelerate import init_empty_weights
-
-    if attn_implementation:
-        config._attn_implementation = attn_implementation
-    with init_empty_weights(include_buffers=False):
-        model = model_cls(config)
-    return model
-
-
-@dataclass(frozen=True)
-class Layout:
-    """One THUDM checkpoint layout."""
-
-    name: str
-    # does a config.json dict have this layout's keys?
-    matches: Callable[[dict], bool]
-    # what a family of this layout expects, and how another layout's config is described, in errors
-    expects: str
-    described_as: str
-    # further checks of a config.json of this layout (config file, dict) -> None or CheckpointError
-    check: Callable[[Path, dict], None]
-    # (config dict, dtype, attn_implementation) -> (empty model on the meta device, key mapper, source-key namer)
-    build: Callable[..., tuple]
-    # the class has its own attention (model.attn_implementation does not apply)
-    own_attention: bool = False
-
-    def check_config(self, config_file: Path, cfg: dict, family: str, others: list[Layout]) -> None:
-        if not self.matches(cfg):
-            found = next((o.described_as for o in others if o is not self and o.matches(cfg)), "other keys")
-            raise CheckpointError(f"{config_file}: family {family} expects {self.expects}; this config has {found}")
-        self.check(config_file, cfg)
 
 
 def _check_v2(config_file: Path, cfg: dict) -> None:
@@ -193,27 +142,6 @@ def _build_v2(cfg: dict, dtype: torch.dtype, attn_implementation: str | None):
     model = _empty_model(GlmForCausalLM, config, attn_implementation)
     layers = config.num_hidden_layers
     return model, lambda key, load: map_v2_key(key, load, config, layers), _v2_source_key
-
-
-def _build_v1(cfg: dict, dtype: torch.dtype, attn_implementation: str | None):
-    from glm_experiments.models.chatglm_v1 import ChatGLMv1Config, ChatGLMv1ForCausalLM
-
-    config = ChatGLMv1Config.from_thudm(cfg)
-    config.dtype = dtype
-    model = _empty_model(ChatGLMv1ForCausalLM, config)
-    known = {name for name, _ in model.named_parameters()}
-    return model, lambda key, load: [(key, load())] if key in known else None, lambda k: k
-
-
-V1 = Layout(
-    "chatglm_v1",
-    matches=is_v1_config,
-    expects="ChatGLM-6B's v1 config keys (num_layers, inner_hidden_size, position_encoding_2d)",
-    described_as="ChatGLM-6B (v1) keys (inner_hidden_size, position_encoding_2d): use family chatglm",
-    check=lambda config_file, cfg: None,
-    build=_build_v1,
-    own_attention=True,
-)
 V2 = Layout(
     "chatglm_v2",
     matches=lambda cfg: not is_v1_config(cfg),
@@ -222,4 +150,3 @@ V2 = Layout(
     check=_check_v2,
     build=_build_v2,
 )
-LAYOUTS = [V1, V2]

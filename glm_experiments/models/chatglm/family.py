@@ -1,16 +1,16 @@
-"""ChatGLM-6B (v1): THUDM's v1 layout, loaded into the project's ChatGLMv1ForCausalLM (models/chatglm_v1.py)."""
+"""ChatGLM-6B (v1): THUDM's v1 layout, loaded into the project's ChatGLMv1ForCausalLM (models/chatglm/modeling.py)."""
 
 from __future__ import annotations
 
-from glm_experiments.models.families.base import Architecture, Family, register
-from glm_experiments.models.families.glm import load_checkpoint_dir
-from glm_experiments.models.thudm_layouts import V1
-from glm_experiments.models.tokenizers import chatglm_v1_tokenizer_from_dir
+from glm_experiments.models.family import Architecture, Family, register
+from glm_experiments.models.glm.family import load_checkpoint_dir
+from glm_experiments.models.chatglm.layout import V1
+from glm_experiments.models.chatglm.tokenizer import chatglm_v1_tokenizer_from_dir
 
 
 def _positions(model, input_ids, attention_mask):
     """2D positions computed from [gMASK]/<sop> in the ids, as the model itself does (needed by P-Tuning v2)."""
-    from glm_experiments.models.chatglm_v1 import chatglm_v1_positions
+    from glm_experiments.models.chatglm.modeling import chatglm_v1_positions
 
     return chatglm_v1_positions(input_ids, attention_mask, model.config)[0]
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from functools import partial
 
-from glm_experiments.models.families.base import Architecture, Family, register
-from glm_experiments.models.thudm_layouts import V2
-from glm_experiments.models.glm4_tokenizer import glm4_tokenizer_from_dir
-from glm_experiments.models.tokenizers import chatglm2_tokenizer_from_dir
+from glm_experiments.models.family import Architecture, Family, register
+from glm_experiments.models.glm.layout import V2
+from glm_experiments.models.glm.glm4_tokenizer import glm4_tokenizer_from_dir
+from glm_experiments.models.glm.tokenizer import chatglm2_tokenizer_from_dir
 
 GLM = Architecture("glm", lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"))
 

@@ -3,7 +3,7 @@ ChatGLM, a merged run, another decoder. Needs ``model.template``; the methods tr
 
 from __future__ import annotations
 
-from glm_experiments.models.families.base import Family, register
-from glm_experiments.models.families.glm import load_checkpoint_dir
+from glm_experiments.models.family import Family, register
+from glm_experiments.models.glm.family import load_checkpoint_dir
 
 FAMILY = register(Family("hf", load_checkpoint_dir))

@@ -9,7 +9,7 @@ import os
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from glm_experiments.models.tokenizers import TokenizerError, _tokenizer_model, wrap_fast
+from glm_experiments.models.tokenizers import TokenizerError, tokenizer_model_file, wrap_fast
 
 GLM4_SPECIALS = [
     "<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>", "<|assistant|>",
@@ -97,4 +97,4 @@ def glm4_tokenizer(model_file: str | os.PathLike) -> PreTrainedTokenizerFast:
 
 def glm4_tokenizer_from_dir(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
     """GLM-4's tokenizer from a checkpoint directory (tiktoken tokenizer.model)."""
-    return glm4_tokenizer(_tokenizer_model(directory, "glm4", "tiktoken"))
+    return glm4_tokenizer(tokenizer_model_file(directory, "glm4", "tiktoken"))

@@ -1,9 +1,20 @@
-"""The records a model family declares (see the package docstring)."""
+"""Model families: one folder per family under models/ (``models/<name>/family.py`` ends with
+``register(Family(...))``; its modeling, checkpoint layout and tokenizer sit beside it), and the records they declare.
+
+>>> family = get_family(cfg.model.family)       # the record: template, loader, tokenizer, checkpoint layout
+>>> model, tokenizer = family.load(cfg.model, dtype, quantization_config)
+>>> architecture_of(model).lora_targets          # what methods ask of the model class
+
+Adding a family = its folder + ``conf/model/<name>.yaml``; nobody keeps a list of family names.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from glm_experiments.errors import UserError
@@ -38,7 +49,7 @@ class Family:
     template: str | None = None
     # the model class its weights end up in; None = whatever the checkpoint's config.json names (family hf)
     architecture: Architecture | None = None
-    # THUDM checkpoint layout (models/thudm_layouts.py): how config.json and the weight keys map onto the
+    # THUDM checkpoint layout (models/layouts.py: the record; models/<family>/layout.py: each layout): how config.json and the weight keys map onto the
     # architecture; None = the family loads transformers-format directories only
     layout: Any = None
     # directory -> fast tokenizer rebuilt from THUDM's tokenizer files (models/tokenizers.py); None = none
@@ -63,3 +74,40 @@ def register(family: Family) -> Family:
     """Make ``family`` known to ``get_family``."""
     REGISTRY[family.name] = family
     return family
+
+
+def _discover() -> dict[str, Family]:
+    """Import ``models/<family>/family.py`` of every family folder: each registers its record, so adding a family
+    needs no list edited here."""
+    import glm_experiments.models as models
+
+    for info in pkgutil.iter_modules(models.__path__):
+        if info.ispkg and (Path(models.__path__[0]) / info.name / "family.py").is_file():
+            importlib.import_module(f"glm_experiments.models.{info.name}.family")
+    return REGISTRY
+
+
+def family_names() -> list[str]:
+    return sorted(_discover())
+
+
+def get_family(name: str) -> Family:
+    """The registered family ``name``; a UserError naming the setting and the choices otherwise."""
+    families = _discover()
+    if name not in families:
+        raise UserError(f"model.family={name!r}: expected one of {', '.join(sorted(families))}")
+    return families[name]
+
+
+def thudm_layouts() -> list:
+    """Every THUDM checkpoint layout a family declares (to name the layout a config.json really has)."""
+    return list({id(f.layout): f.layout for f in _discover().values() if f.layout is not None}.values())
+
+
+def architecture_of(model) -> Architecture:
+    """The record of ``model``'s class, by ``config.model_type`` (any other transformers model: GENERIC)."""
+    model_type = model.config.model_type
+    for family in _discover().values():
+        if family.architecture is not None and family.architecture.model_type == model_type:
+            return family.architecture
+    return GENERIC
