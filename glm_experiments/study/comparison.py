@@ -80,6 +80,7 @@ class Comparison:
     loss_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     smoke_note: str | None = None  # said above the tables when runs were debug=smoke runs
     paired: Any = None  # study.paired.PairedComparison: settings (seeds pooled) against the baseline, the verdicts
+    sample_diffs: Any = None  # study.samples.SampleDiffs: the dev samples the best and the worst run differ most on
 
 
 # ------------------------------------------------------------------------- selecting
@@ -246,6 +247,9 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
     comparison.paired = paired_comparison(client, runs, varied, short_label, param_aliases,
                                           metric_labels={key.split("/", 1)[1]: label for key, label in QUALITY},
                                           baseline=baseline)
+    from glm_experiments.study.samples import differing_samples
+
+    comparison.sample_diffs = differing_samples(client, rows) if len(rows) > 1 else None
     return comparison
 
 

@@ -446,3 +446,23 @@ def test_compare_names_runs_by_their_display_names_and_marks_smoke_runs(tmp_path
     for run in comparison.runs:
         client.delete_tag(run.info.run_id, "glm_experiments.display_name")
     assert collect(uri, experiment="source_length_ablation").rows[1]["label"] == "src=1024 tgt=256 · smoke · full · tiny"
+
+
+def test_report_lists_the_samples_two_runs_differ_most_on():
+    from glm_experiments.study.samples import differing_samples, markdown_section
+
+    def table(scores, cuts, predictions):
+        columns = ["input", "source_tokens_cut", "reference", "prediction", "rouge-l", "prompt_seen"]
+        return {"columns": columns, "data": [[f"q{i}", c, "ref", p, s, "..."] for i, (s, c, p) in
+                                             enumerate(zip(scores, cuts, predictions))]}
+
+    tables = {"short": table([50.0, 10.0, 30.0], [200, 0, 150], ["a", "b", "c"]),
+              "long": table([52.0, 90.0, 60.0], [0, 0, 0], ["a", "B", "C"])}
+    rows = [{"run_id": "short", "label": "src=512"}, {"run_id": "long", "label": "src=1024"}]
+    diffs = differing_samples(None, rows, shown=2, load=lambda _, run_id, __: tables[run_id])
+    assert diffs.metric == "rouge-l" and diffs.labels == ("src=1024", "src=512")  # the better run first
+    assert [row["input"] for row in diffs.rows] == ["q1", "q2"]  # by the size of the difference
+    assert (diffs.rows[0]["cut0"], diffs.rows[0]["cut1"], diffs.rows[0]["score1"]) == (0, 0, 10.0)
+    text = "\n".join(markdown_section(diffs))
+    assert "## Samples that differ most (rouge-l)" in text and "| q2 | ref | 0 | 150 | 60.0 | 30.0 | C | c |" in text
+    assert differing_samples(None, rows[:1], load=lambda *_: tables["short"]) is None
