@@ -264,8 +264,8 @@ def compare_tab(gr, comparison: Comparison) -> None:
             return text + ("; comment saved with it" if verdict.get("comment") else "")
 
         def judged(position: int, status_text: str) -> dict:
-            """A judged prompt as it was saved: the replies judged, the reference, the verdict's comment (still
-            editable: what is typed is added to the verdict), the votes off and Next on."""
+            """A judged prompt as it was saved: the replies judged, the reference, the comment box (still editable:
+            what is typed is added to the verdict), the votes off and Next on."""
             verdict = session.verdicts[position]
             return {
                 shown: position,
@@ -274,8 +274,9 @@ def compare_tab(gr, comparison: Comparison) -> None:
                 left: gr.update(value=verdict["replies"][verdict["left"]], visible=True),
                 right: gr.update(value=verdict["replies"][verdict["right"]], visible=True),
                 reference: gr.update(visible=True, value=comparison.reference(position)),
-                comment: gr.update(value=verdict.get("comment", ""), label=COMMENT_AFTER, interactive=True,
-                                   visible=True),
+                # the box keeps what is in it: typed before the vote it is the verdict's comment; typed while the
+                # vote was saved it is added to the verdict (Enter, leaving the box, next)
+                comment: gr.update(label=COMMENT_AFTER, interactive=True, visible=True),
                 status: status_text,
                 **controls(next_on=True, votes_on=False),
             }
