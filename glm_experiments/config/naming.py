@@ -38,3 +38,68 @@ def override_parts(overrides: Iterable[str], skip_groups: Iterable[str] = ()) ->
 
 def job_label(overrides: Iterable[str], fallback: str = "") -> str:
     return "-".join(override_parts(overrides)) or fallback
+
+
+# ------------------------------------------------------------------------------- the display name of a run
+# One name per run, read by people: the MLflow run name, the web page's run labels and compare's row labels.
+# The swept values come first (MLflow's runs table shows only the first ~20 characters of a name), then "smoke"
+# for a debug=smoke run, then the method and model: ``src=1024 tgt=256 · smoke · full · tiny``.
+SEPARATOR = " · "
+SMOKE = "smoke"
+# set by the sweep callback for its jobs: the keys the sweep varies (``lengths,method.r``); a job's other
+# overrides are the same in every job of the sweep and stay out of its name
+SWEPT_KEYS_ENV = "GLM_EXPERIMENTS_SWEPT_KEYS"
+
+
+def _choice_values(option: str) -> str:
+    """A group option made of ``<name><number>`` pieces reads as values: ``src512_tgt128`` -> ``src=512 tgt=128``;
+    any other option stays as it is (``history_demo``)."""
+    import re
+
+    pieces = option.split("_")
+    matched = [re.fullmatch(r"([A-Za-z]+)(\d[\w.+-]*)", piece) for piece in pieces]
+    if all(matched):
+        return " ".join(f"{m.group(1)}={m.group(2)}" for m in matched)
+    return option
+
+
+def value_label(key: str, value: str) -> str:
+    """One setting as people read it: a group choice by its value (``lora``, ``src=512 tgt=128``), a key by its
+    short leaf and value (``r=16``, ``lr=1e-3``, ``src=512``)."""
+    if "." in key:
+        leaf = key.rsplit(".", 1)[-1]
+        return f"{SHORT_NAMES.get(leaf, leaf)}={value}"
+    return _choice_values(value)
+
+
+def override_key(override: str) -> str:
+    return str(override).lstrip("+~").partition("=")[0]
+
+
+def varied_values(overrides: Iterable[str], swept_keys: Iterable[str] | None = None,
+                  skip_groups: Iterable[str] = ("method", "model")) -> list[str]:
+    """The values an override list sets, as :func:`value_label` writes them: only the ``swept_keys`` when
+    given (the jobs of a sweep), paths and bookkeeping keys left out, the ``skip_groups`` choices too."""
+    swept = None if swept_keys is None else {k.lstrip("+~") for k in swept_keys}
+    parts = []
+    for override in overrides:
+        key, _, value = str(override).lstrip("+~").partition("=")
+        if not value or "/" in value or key.split(".")[0].split("/")[0] in _NOT_A_SETTING or key in skip_groups:
+            continue
+        if swept is not None and key not in swept:
+            continue
+        parts.append(value_label(key, value))
+    return parts
+
+
+def display_name(values: Iterable[str], method: str | None, model: str | None, smoke: bool = False) -> str:
+    """``src=1024 tgt=256 · smoke · full · tiny``: what varies first, then smoke, the method and the model."""
+    head = " ".join(v for v in values if v)
+    return SEPARATOR.join(p for p in (head, SMOKE if smoke else "", method or "", model or "") if p)
+
+
+def swept_keys_from_env() -> list[str] | None:
+    import os
+
+    text = os.environ.get(SWEPT_KEYS_ENV)
+    return None if text is None else [k for k in text.split(",") if k]

@@ -132,18 +132,25 @@ def make_collator(train_cfg, pad_token_id: int):
     return PackingCollator() if train_cfg.packing else CausalCollator(pad_token_id)
 
 
-def eval_prompts(samples: list[Sample], tokenizer, template, data_cfg) -> tuple[list[list[int]], list[str], list[str]]:
-    """(prompt ids, prompt text, reference) per sample: the conversation up to its last reply is the prompt."""
+def eval_prompts(samples: list[Sample], tokenizer, template, data_cfg,
+                 cuts: list[int] | None = None) -> tuple[list[list[int]], list[str], list[str]]:
+    """(prompt ids, prompt text, reference) per sample: the conversation up to its last reply is the prompt, cut from
+    the left to ``max_source_length`` (the template's head kept). ``cuts``, if given, gets the number of source
+    tokens cut per prompt."""
     prompts, inputs, references = [], [], []
     for sample in samples:
         *context, last = sample.messages
         if last["role"] != "assistant":
             continue
         ids = template.prompt(tokenizer, context)
+        cut = 0
         if len(ids) > data_cfg.max_source_length:
             head = template.prefix(tokenizer)
             keep = data_cfg.max_source_length - len(head)
+            cut = len(ids) - len(head) - keep
             ids = ids[: len(head)] + ids[len(ids) - keep :]
+        if cuts is not None:
+            cuts.append(cut)
         prompts.append(ids)
         inputs.append(context[-1]["content"] if context else "")
         references.append(last["content"])

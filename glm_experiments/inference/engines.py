@@ -29,6 +29,18 @@ class Engine:
         return self.contestant.label
 
 
+def display_label(run_dir: Path) -> str:
+    """The run's display name (``src=1024 tgt=256 · full · tiny``, its MLflow run name, kept in result.json);
+    the directory's name for a run written before there was one."""
+    import json
+
+    try:
+        name = json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return str(name) if name else Path(run_dir).name
+
+
 def find_engines(args: argparse.Namespace) -> list[Engine]:
     """Every run named on the command line, found and checked; nothing loaded yet."""
     from glm_experiments.study.human_eval import Contestant, run_store
@@ -59,7 +71,7 @@ def find_engines(args: argparse.Namespace) -> list[Engine]:
             uri, run_id = _tracking_uri(args.tracking_uri), str(run).strip()
         if any(e.contestant.run_dir == str(run_dir) for e in engines):
             raise UserError(f"--run {run}: {run_dir} is given twice")
-        contestant = Contestant(unique(run_dir.name), str(run_dir), run_id, uri)
+        contestant = Contestant(unique(display_label(run_dir)), str(run_dir), run_id, uri)
         engines.append(Engine(contestant, cfg, run_dir))
     if args.adapter:
         from glm_experiments.inference.prediction import _default_config

@@ -37,7 +37,6 @@ def predict(args: argparse.Namespace) -> dict:
     output = Path(args.output) if args.output else run_dir / "predictions" / f"predict-{input_path.stem}.jsonl"
     output = check_prediction_output(output, "--output" if args.output else "the predictions file")
 
-    from glm_experiments.data.dataset import eval_prompts
     from glm_experiments.recipe.evaluation import EvalSet, evaluate_generation, write_predictions
 
     if args.no_progress:
@@ -50,12 +49,12 @@ def predict(args: argparse.Namespace) -> dict:
         eval_cfg.batch_size = args.batch_size
     if args.max_new_tokens:
         eval_cfg.max_new_tokens = args.max_new_tokens
-    prompts, inputs, references = eval_prompts(samples, loaded.tokenizer, loaded.template, cfg.data)
-    if not prompts:
+    eval_set = EvalSet.of(samples, loaded.tokenizer, loaded.template, cfg.data)
+    if not eval_set.prompts:
         raise UserError(f"{args.input}: no sample ends with a reply to compare against")
     metrics = list(cfg.data.metrics)
     means, rows = evaluate_generation(loaded.model, loaded.tokenizer, loaded.template,
-                                      EvalSet(prompts, inputs, references), eval_cfg, metrics,
+                                      eval_set, eval_cfg, metrics,
                                       show_progress=not args.no_progress)
     for row, sample in zip(rows, (s for s in samples if s.messages[-1]["role"] == "assistant")):
         row["source"] = sample.source

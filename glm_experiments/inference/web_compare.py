@@ -117,10 +117,18 @@ class Comparison:
 
     # -------------------------------------------------------------------------------- one prompt
     def prompt_text(self, position: int) -> str:
+        """The whole context as one text (what a verdict records)."""
         context = self.samples[position].messages[:-1]
         if len(context) == 1:
             return context[0]["content"]
         return "\n\n".join(f"[{m['role']}] {m['content']}" for m in context)
+
+    def question(self, position: int) -> tuple[str, str, int]:
+        """What the judge reads first: (the final turn before the reply, in full; the earlier turns as text; how
+        many earlier exchanges they hold, a system prompt not counted)."""
+        *earlier, last = self.samples[position].messages[:-1]
+        history = "\n\n".join(f"[{m['role']}] {m['content']}" for m in earlier)
+        return last["content"], history, sum(m["role"] == "user" for m in earlier)
 
     def reference(self, position: int) -> str:
         return self.samples[position].messages[-1]["content"]
@@ -145,7 +153,8 @@ class Comparison:
             yield from stream_reply(loaded.model, loaded.tokenizer, loaded.template, ids, gen, tentative=True)
 
     def record(self, position: int, choice: str, comment: str) -> str | None:
-        """The verdict, on disk first, then in MLflow; an MLflow problem (the next verdict catches up) or None."""
+        """The verdict, on disk first, then in MLflow; an MLflow problem (the next verdict catches up) or None.
+        A second verdict on a judged prompt raises UserError (the first one counts)."""
         with self.lock:
             replies = self.replies.get(position)
             if replies is None or "a" not in replies or "b" not in replies:
@@ -160,18 +169,40 @@ class Comparison:
                 self.samples[position].source,
                 {"max_new_tokens": self.max_new_tokens},
             )
-            try:
-                self.sync_mlflow()
-                return None
-            except Exception as exc:  # noqa: BLE001 - the verdict is safe on disk; the next sync catches up
-                problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                log.warning("MLflow update failed (the verdict is saved in %s): %s", self.session.path, problem)
-                self.mlflow = None
-                return problem
+            return self._sync()
+
+    def add_comment(self, position: int, comment: str) -> tuple[bool, str | None]:
+        """A comment typed after the verdict on ``position``, added to it (a ``comment`` line in the session file,
+        then MLflow's copy of the file): (whether anything changed, an MLflow problem or None)."""
+        with self.lock:
+            if not self.session.add_comment(position, comment):
+                return False, None
+            return True, self._sync()
+
+    def _sync(self) -> str | None:
+        try:
+            self.sync_mlflow()
+            return None
+        except Exception as exc:  # noqa: BLE001 - the verdict is safe on disk; the next sync catches up
+            problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("MLflow update failed (the verdict is saved in %s): %s", self.session.path, problem)
+            self.mlflow = None
+            return problem
 
     def results(self) -> str:
         a, b = self.engines["a"].label, self.engines["b"].label
         return self.session.tally().summary(a, b)
+
+
+COMMENT_BEFORE = "comment (optional, saved with the verdict)"
+COMMENT_AFTER = "comment on this verdict: added to it on Enter, on leaving the box or on next"
+VOTE_IDS = [KEYS[key] for key in "abtx"]
+# runs in the browser the moment a vote is pressed, before the server hears of it: the vote buttons are disabled,
+# so a second press (key or click) while the first vote is being saved does nothing
+DISABLE_VOTES_JS = (
+    "(position, comment) => { for (const id of %s) { const b = document.getElementById(id); if (b) b.disabled = true; }"
+    " return [position, comment]; }" % VOTE_IDS
+)
 
 
 def compare_tab(gr, comparison: Comparison) -> None:
@@ -184,7 +215,13 @@ def compare_tab(gr, comparison: Comparison) -> None:
             f"**x** both bad, **n** next."
         )
         progress = gr.Markdown("", elem_id="cmp-progress")
-        prompt = gr.Textbox(label="prompt", lines=2, interactive=False, elem_id="cmp-prompt")
+        prompt = gr.Textbox(
+            label="prompt (the last turn before the replies)", lines=2, max_lines=40, interactive=False,
+            elem_id="cmp-prompt",
+        )
+        with gr.Accordion("history", open=False, visible=False, elem_id="cmp-history") as history:
+            history_text = gr.Textbox(show_label=False, lines=4, max_lines=40, interactive=False,
+                                      elem_id="cmp-history-text")
         with gr.Row():
             left = gr.Textbox(label="A", lines=8, interactive=False, elem_id="cmp-left")
             right = gr.Textbox(label="B", lines=8, interactive=False, elem_id="cmp-right")
@@ -195,103 +232,138 @@ def compare_tab(gr, comparison: Comparison) -> None:
                 "tie": gr.Button("tie (t)", interactive=False, elem_id="cmp-vote-tie"),
                 "both_bad": gr.Button("both bad (x)", interactive=False, elem_id="cmp-vote-bad"),
             }
-        comment = gr.Textbox(label="comment (optional, saved with the verdict)", lines=1, elem_id="cmp-comment")
+        comment = gr.Textbox(label=COMMENT_BEFORE, lines=1, elem_id="cmp-comment")
         reference = gr.Textbox(label="reference", lines=3, interactive=False, visible=False, elem_id="cmp-reference")
         status = gr.Markdown("", elem_id="cmp-status")
         next_button = gr.Button("next prompt (n)", interactive=False, elem_id="cmp-next")
         shown = gr.State(None)  # the position on screen
-        outputs = [
-            shown,
-            progress,
-            prompt,
-            left,
-            right,
-            reference,
-            comment,
-            status,
-            next_button,
-            *vote_buttons.values(),
-        ]
+        outputs = [shown, progress, prompt, history, history_text, left, right, reference, comment, status,
+                   next_button, *vote_buttons.values()]
 
-        def view(position, next_on=False, votes_on=False, **changes):
-            """The outputs: ``changes`` (prompt, left, right, reference, comment, status) set, the rest kept."""
-            kept = [
-                changes.get(name, gr.skip()) for name in ("prompt", "left", "right", "reference", "comment", "status")
-            ]
-            heading = (
-                gr.skip()
-                if position is None
-                else (f"**Prompt {position + 1} of {session.n_prompts}** ({len(session.verdicts)} judged)")
-            )
-            return [
-                position,
-                heading,
-                *kept,
-                gr.update(interactive=next_on),
-                *[gr.update(interactive=votes_on) for _ in vote_buttons],
-            ]
+        def heading(position: int) -> str:
+            return f"**Prompt {position + 1} of {session.n_prompts}** ({len(session.verdicts)} judged)"
 
-        def show(current):
+        def controls(next_on: bool, votes_on: bool) -> dict:
+            return {next_button: gr.update(interactive=next_on, visible=True),
+                    **{b: gr.update(interactive=votes_on, visible=True) for b in vote_buttons.values()}}
+
+        def question(position: int) -> dict:
+            """The last turn first, in full; the earlier ones folded away under "history (N turns)"."""
+            text, earlier, turns = comparison.question(position)
+            label = f"history ({turns} turn{'' if turns == 1 else 's'})" if turns else "history (system prompt)"
+            return {prompt: gr.update(value=text, visible=True),
+                    history: gr.update(label=label, visible=bool(earlier), open=False),
+                    history_text: earlier}
+
+        def saved_status(position: int) -> str:
+            verdict = session.verdicts[position]
+            where = f"`{session.path.name}`" + (f" and MLflow run `{comparison.mlflow.run_id[:8]}`"
+                                               if comparison.mlflow is not None else "")
+            text = (f"saved: {CHOICE_LABELS[verdict['choice']]} (verdict {len(session.verdicts)} of "
+                    f"{session.n_prompts}) in {where}")
+            return text + ("; comment saved with it" if verdict.get("comment") else "")
+
+        def judged(position: int, status_text: str) -> dict:
+            """A judged prompt as it was saved: the replies judged, the reference, the comment box (still editable:
+            what is typed is added to the verdict), the votes off and Next on."""
+            verdict = session.verdicts[position]
+            return {
+                shown: position,
+                progress: heading(position),
+                **question(position),
+                left: gr.update(value=verdict["replies"][verdict["left"]], visible=True),
+                right: gr.update(value=verdict["replies"][verdict["right"]], visible=True),
+                reference: gr.update(visible=True, value=comparison.reference(position)),
+                # the box keeps what is in it: typed before the vote it is the verdict's comment; typed while the
+                # vote was saved it is added to the verdict (Enter, leaving the box, next)
+                comment: gr.update(label=COMMENT_AFTER, interactive=True, visible=True),
+                status: status_text,
+                **controls(next_on=True, votes_on=False),
+            }
+
+        def finished() -> dict:
+            """Every prompt judged: the tally, and nothing left to type into or press."""
+            hidden = gr.update(visible=False, value="")
+            return {
+                shown: None,
+                progress: f"**Done: {session.n_prompts} of {session.n_prompts}**",
+                prompt: hidden, history: gr.update(visible=False), history_text: "", left: hidden, right: hidden,
+                reference: hidden, comment: gr.update(visible=False, value="", interactive=False),
+                status: f"**All prompts judged.** {comparison.results()}",
+                next_button: gr.update(interactive=False, visible=False),
+                **{b: gr.update(interactive=False, visible=False) for b in vote_buttons.values()},
+            }
+
+        def add_comment(position, comment_text) -> str | None:
+            """What was typed after the vote on ``position``, added to its verdict: a status line, or None when
+            nothing changed."""
+            if position is None or position not in session.verdicts:
+                return None
+            changed, problem = comparison.add_comment(position, comment_text or "")
+            if not changed:
+                return None
+            return (f"comment added to the verdict on prompt {position + 1} in `{session.path.name}`"
+                    + (f"; MLflow update failed: {problem}" if problem else ""))
+
+        def show(current, comment_text=None):
+            note = add_comment(current, comment_text) if comment_text is not None else None
             position = session.next_position()
             if position is None:
-                yield [
-                    None,
-                    f"**Done: {session.n_prompts} of {session.n_prompts}**",
-                    "",
-                    "",
-                    "",
-                    gr.update(visible=False),
-                    "",
-                    f"**All prompts judged.** {comparison.results()}",
-                    gr.update(interactive=False),
-                    *[gr.update(interactive=False) for _ in vote_buttons],
-                ]
+                yield finished()
                 return
             sides = session.sides(position)
             texts = dict(comparison.replies.get(position, {}))
-            yield view(
-                position,
-                prompt=comparison.prompt_text(position),
-                left=texts.get(sides[0], ""),
-                right=texts.get(sides[1], ""),
-                reference=gr.update(visible=False, value=""),
-                comment="",
-                status="" if len(texts) == 2 else "generating the replies ...",
-            )
-            for box, side in zip(("left", "right"), sides):
+            yield {
+                shown: position,
+                progress: heading(position),
+                **question(position),
+                left: gr.update(value=texts.get(sides[0], ""), visible=True),
+                right: gr.update(value=texts.get(sides[1], ""), visible=True),
+                reference: gr.update(visible=False, value=""),
+                comment: gr.update(value="", label=COMMENT_BEFORE, interactive=True, visible=True),
+                status: (f"{note}. " if note else "") + ("" if len(texts) == 2 else "generating the replies ..."),
+                **controls(next_on=False, votes_on=False),
+            }
+            for box, side in zip((left, right), sides):
                 if side not in texts:
+                    text = ""
                     for text in comparison.stream(side, position):
-                        yield view(position, **{box: text})
+                        yield {box: text}
                     texts[side] = text
             comparison.replies[position] = texts
-            yield view(position, status="", votes_on=True)
+            yield {status: f"{note}." if note else "", **controls(next_on=False, votes_on=True)}
 
         def vote(choice):
             def handler(position, comment_text):
-                if position is None or position != session.next_position():
-                    return view(session.next_position(), status="that prompt already has a verdict: press next")
-                problem = comparison.record(position, choice, comment_text or "")
-                where = f"`{session.path.name}`" + (
-                    "" if problem else f" and MLflow run `{comparison.mlflow.run_id[:8]}`"
-                )
-                status = (
-                    f"saved: {CHOICE_LABELS[choice]} (verdict {len(session.verdicts)} of {session.n_prompts}) "
-                    f"in {where}" + (f"; MLflow update failed: {problem}" if problem else "")
-                )
-                return view(
-                    position,
-                    reference=gr.update(visible=True, value=comparison.reference(position)),
-                    status=status,
-                    next_on=True,
-                )
+                if position is None:
+                    return {status: "no prompt on screen: press next", **controls(next_on=True, votes_on=False)}
+                if position in session.verdicts:  # a second press while or after the first was saved
+                    first = CHOICE_LABELS[session.verdicts[position]["choice"]]
+                    return judged(position, f"prompt {position + 1} already has a verdict ({first}): it stands. "
+                                            "Press next for the next prompt.")
+                try:
+                    problem = comparison.record(position, choice, comment_text or "")
+                except UserError as exc:
+                    if position in session.verdicts:  # the other press won the race
+                        return judged(position, saved_status(position))
+                    return {status: f"not saved: {exc}. Press next to show the prompt again.",
+                            **controls(next_on=True, votes_on=False)}
+                text = saved_status(position) + (f"; MLflow update failed: {problem}" if problem else "")
+                return judged(position, text)
 
             return handler
 
+        def comment_done(position, comment_text):
+            note = add_comment(position, comment_text)
+            return {status: gr.skip() if note is None else f"{saved_status(position)}; {note}"}
+
         for choice, button in vote_buttons.items():
-            button.click(
-                vote(choice), [shown, comment], outputs, concurrency_id="compare-vote", show_progress="minimal"
-            )
-        next_button.click(show, shown, outputs, concurrency_id="compare", show_progress="minimal")
+            button.click(vote(choice), [shown, comment], outputs, js=DISABLE_VOTES_JS, concurrency_id="compare-vote",
+                         show_progress="minimal")
+        next_button.click(show, [shown, comment], outputs, concurrency_id="compare", show_progress="minimal")
+        # a comment typed after the vote: added to the verdict on Enter or when the box loses focus (and on next)
+        comment.submit(comment_done, [shown, comment], outputs, concurrency_id="compare-vote", show_progress="hidden")
+        comment.blur(comment_done, [shown, comment], outputs, concurrency_id="compare-vote", show_progress="hidden")
 
         def opened(current):
             if current is None:  # first opened since the page loaded; else it shows what it showed

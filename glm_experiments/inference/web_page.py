@@ -81,8 +81,11 @@ def build_page(engines: list[Engine], comparison: Comparison | None, max_new_tok
                         elem_id="chat-max-new",
                     )
                     greedy = gr.Checkbox(value=d["greedy"], label="greedy (off: sample)", elem_id="chat-greedy")
-                    temperature = gr.Slider(0.05, 2.0, value=d["temperature"], step=0.05, label="temperature")
-                    top_p = gr.Slider(0.05, 1.0, value=d["top_p"], step=0.05, label="top-p")
+                    # only sampling reads them: inactive (greyed) under greedy decoding
+                    temperature = gr.Slider(0.05, 2.0, value=d["temperature"], step=0.05, label="temperature",
+                                            interactive=not d["greedy"], elem_id="chat-temperature")
+                    top_p = gr.Slider(0.05, 1.0, value=d["top_p"], step=0.05, label="top-p",
+                                      interactive=not d["greedy"], elem_id="chat-top-p")
                 chatbot = gr.Chatbot(
                     label="conversation",
                     height=420,
@@ -148,21 +151,34 @@ def build_page(engines: list[Engine], comparison: Comparison | None, max_new_tok
                 clear.click(lambda: ([], [], ""), None, [chatbot, history, chat_note])
                 chatbot.clear(lambda: ([], ""), None, [history, chat_note])  # its own trash button
 
-                def pick(label):
+                def sampling(is_greedy):
+                    return gr.update(interactive=not is_greedy), gr.update(interactive=not is_greedy)
+
+                greedy.change(sampling, greedy, [temperature, top_p], queue=False)
+
+                def pick(label, past):
                     engine = by_label[label]
                     d = defaults(engine)
+                    cleared = (
+                        f"switched to **{label}**: the conversation so far ({len(past) // 2} turn(s), another "
+                        "run's replies) was cleared; the generation settings are this run's"
+                        if past
+                        else f"switched to **{label}** (its own template and settings)"
+                    )
                     return (
                         describe(engine),
                         [],
                         [],
-                        "",
+                        cleared,
                         gr.update(maximum=d["limit"], value=min(d["max_new_tokens"], d["limit"])),
                         d["greedy"],
-                        d["temperature"],
-                        d["top_p"],
+                        gr.update(value=d["temperature"], interactive=not d["greedy"]),
+                        gr.update(value=d["top_p"], interactive=not d["greedy"]),
                     )
 
-                run.change(pick, run, [about, chatbot, history, chat_note, max_new, greedy, temperature, top_p])
+                run.change(
+                    pick, [run, history], [about, chatbot, history, chat_note, max_new, greedy, temperature, top_p]
+                )
 
             # -------------------------------------------------------------------- compare
             if comparison is not None:

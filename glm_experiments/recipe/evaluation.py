@@ -18,6 +18,17 @@ class EvalSet:
     prompts: list[list[int]]
     inputs: list[str]
     references: list[str]
+    cuts: list[int] | None = None  # source tokens max_source_length cut from each prompt
+
+    @classmethod
+    def of(cls, samples, tokenizer, template, data_cfg) -> "EvalSet":
+        from glm_experiments.data.dataset import eval_prompts
+
+        cuts: list[int] = []
+        return cls(*eval_prompts(samples, tokenizer, template, data_cfg, cuts), cuts)
+
+
+SCORE_DECIMALS = 2  # per-sample scores in the predictions tables (the means are logged unrounded)
 
 
 def generation_kwargs(eval_cfg, tokenizer, template) -> dict:
@@ -73,10 +84,16 @@ def evaluate_generation(model, tokenizer, template, eval_set: EvalSet, eval_cfg,
     seconds = time.perf_counter() - start
     convention = getattr(eval_cfg, "metric_convention", None) or DEFAULT_CONVENTION
     means, per_sample = compute_metrics(predictions, eval_set.references, metrics, convention=convention)
-    rows = [
-        {"input": inp, "reference": ref, "prediction": pred, **scores}
-        for inp, ref, pred, scores in zip(eval_set.inputs, eval_set.references, predictions, per_sample)
-    ]
+    cuts = eval_set.cuts or [None] * len(predictions)
+    rows = []
+    for ids, inp, ref, pred, scores, cut in zip(eval_set.prompts, eval_set.inputs, eval_set.references, predictions,
+                                                per_sample, cuts):
+        row = {"input": inp, **({} if cut is None else {"source_tokens_cut": cut}), "reference": ref,
+               "prediction": pred,
+               **{k: round(v, SCORE_DECIMALS) if isinstance(v, float) else v for k, v in scores.items()}}
+        # the prompt as the model saw it: after the cut to max_source_length, in its template
+        row["prompt_seen"] = tokenizer.decode(ids, skip_special_tokens=False)
+        rows.append(row)
     means["gen_seconds"] = seconds
     means["gen_samples_per_s"] = len(predictions) / seconds if seconds else 0.0
     return means, rows
@@ -92,10 +109,9 @@ def load_eval_set(path: str, data_format: str, tokenizer, template, max_source_l
     """An evaluation set from any supported file (used for the forgetting probe)."""
     from types import SimpleNamespace
 
-    from glm_experiments.data.dataset import eval_prompts
     from glm_experiments.data.formats import load_samples, resolve_data_path
 
     settings = SimpleNamespace(format=data_format, prompt_column="content", response_column="summary",
                                history_column=None, on_error="raise", max_source_length=max_source_length)
     samples, _ = load_samples(resolve_data_path(path), settings)
-    return EvalSet(*eval_prompts(samples[: max_samples or len(samples)], tokenizer, template, settings))
+    return EvalSet.of(samples[: max_samples or len(samples)], tokenizer, template, settings)

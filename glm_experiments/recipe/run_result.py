@@ -20,6 +20,7 @@ HYDRA_TAGS_ENV = "GLM_EXPERIMENTS_HYDRA_TAGS"
 class RunResult:
     run_dir: Path
     run_id: str | None
+    name: str | None = None  # the display name (config/naming.py): MLflow's run name, the web page's label
     metrics_before: dict = field(default_factory=dict)
     metrics_after: dict = field(default_factory=dict)
     train_metrics: dict = field(default_factory=dict)
@@ -29,7 +30,8 @@ class RunResult:
         from glm_experiments.recipe.outputs import atomic_write_text
 
         path = Path(self.run_dir) / RESULT_FILE
-        return atomic_write_text(path, json.dumps({"run_id": self.run_id, "metrics_before": self.metrics_before,
+        return atomic_write_text(path, json.dumps({"run_id": self.run_id, "name": self.name,
+                                                   "metrics_before": self.metrics_before,
                                                    "metrics_after": self.metrics_after, "train": self.train_metrics,
                                                    "trainable": self.trainable}, indent=2, default=float))
 
@@ -44,7 +46,8 @@ class RunResult:
                 raise ValueError("not a JSON object")
         except ValueError as exc:
             raise UserError(f"{path}: not a valid result file ({exc})") from None
-        return cls(run_dir=Path(run_dir), run_id=saved.get("run_id"), metrics_before=saved.get("metrics_before", {}),
+        return cls(run_dir=Path(run_dir), run_id=saved.get("run_id"), name=saved.get("name"),
+                   metrics_before=saved.get("metrics_before", {}),
                    metrics_after=saved.get("metrics_after", {}), train_metrics=saved.get("train", {}),
                    trainable=saved.get("trainable", {}))
 

@@ -11,25 +11,32 @@ def print_summary(cfg, result) -> None:
     from glm_experiments.config.naming import job_label
     from glm_experiments.recipe.run_result import hydra_tags
 
-    varied = job_label(hydra_tags()[1])
-    table = Table(title=f"{cfg.method.name} on {cfg.model.name} / {cfg.data.name}" + (f" ({varied})" if varied else ""))
+    tags, overrides = hydra_tags()
+    varied = job_label(overrides)
+    title = (f"{result.name} on {cfg.data.name}" if getattr(result, "name", None)
+             else f"{cfg.method.name} on {cfg.model.name} / {cfg.data.name}" + (f" ({varied})" if varied else ""))
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
+    # rows named as the MLflow metrics are: eval/<metric> on the dev set; eval/loss its cross-entropy
     for name in list(cfg.data.metrics) + ["loss"]:
         before, after = result.metrics_before.get(name), result.metrics_after.get(name)
         if before is None and after is None:
             continue
         samples = result.metrics_after.get("loss_samples") if name == "loss" else None
-        label = f"{name} ({samples:,} dev samples)" if samples else name
+        label = f"eval/{name} ({samples:,} dev samples)" if samples else f"eval/{name}"
         table.add_row(label, "-" if before is None else f"{before:.2f}", "-" if after is None else f"{after:.2f}")
     console.print(table)
     t = result.train_metrics
     console.print(
         f"trainable {result.trainable.get('trainable', 0):,} / {result.trainable.get('total', 0):,} "
         f"({result.trainable.get('pct', 0):.3f}%) | train {t.get('train_seconds', 0):.0f} s, "
-        f"{t.get('tokens_per_s', 0):,.0f} tokens/s | final loss {t.get('final_loss', float('nan')):.3f}"
+        f"{t.get('tokens_per_s', 0):,.0f} tokens/s | train/loss {t.get('loss', float('nan')):.3f} (last logging "
+        f"window), train/loss_run_mean {t.get('loss_run_mean', float('nan')):.3f}"
     )
+    if tags.get("hydra.choices.debug") == "smoke":
+        console.print(f"[bold yellow]smoke run ({cfg.train.max_steps} steps): wiring check, not a result[/]")
     console.print(f"outputs: {result.run_dir}")
     if result.run_id:
         console.print(f"MLflow run {result.run_id} in {cfg.tracking.tracking_uri} (experiment '{cfg.tracking.experiment_name}')")

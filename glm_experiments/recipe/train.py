@@ -19,7 +19,7 @@ from transformers import SchedulerType, Trainer, set_seed
 
 from glm_experiments.config.hydra_checks import check_creatable
 from glm_experiments.config.schema import check_settings
-from glm_experiments.data.dataset import eval_prompts, load_split, make_collator, tokenized_cache_dir
+from glm_experiments.data.dataset import load_split, make_collator, tokenized_cache_dir
 from glm_experiments.data.formats import load_samples, resolve_data_path
 from glm_experiments.distributed import barrier, gather_to_main, gathered, is_main, local_main_first, zero3_partitioned
 from glm_experiments.errors import UserError
@@ -49,7 +49,8 @@ from glm_experiments.recipe.trainer import (  # noqa: F401  (GlmTrainer, TRAINAB
     reset_peak_memory,
     training_arguments,
 )
-from glm_experiments.tracking.mlflow_tracker import Tracker, check_store, flatten_config, git_commit, run_name
+from glm_experiments.tracking.mlflow_tracker import (DISPLAY_NAME_TAG, SMOKE_TAG, Tracker, check_store, flatten_config,
+                                                     git_commit, run_name)
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,15 @@ def run(cfg: DictConfig) -> RunResult:
     tags, overrides = hydra_tags()
     tracker = Tracker(cfg.tracking, active=is_main())  # one MLflow run, created by rank 0
     commit = git_commit()
+    smoke = tags.get("hydra.choices.debug") == "smoke"
+    name = run_name(cfg, overrides, smoke=smoke)
+    tags = {**tags, DISPLAY_NAME_TAG: name, **({SMOKE_TAG: f"debug=smoke: {cfg.train.max_steps} steps, a wiring check, "
+                                                           "not a result"} if smoke else {})}
     # a finished run trained on to a larger train.max_steps (run_dirs.check_resume allowed it) stays one MLflow run
     continue_run = RunResult.read(run_dir).run_id if resume_from and (run_dir / RESULT_FILE).is_file() else None
-    tracker.start(run_name(cfg, overrides), {**tags, **({"git.commit": commit} if commit else {})}, run_dir=run_dir,
+    tracker.start(name, {**tags, **({"git.commit": commit} if commit else {})}, run_dir=run_dir,
                   resumed_from=resume_from, continue_run=continue_run)
-    result = RunResult(run_dir=run_dir, run_id=tracker.run_id)
+    result = RunResult(run_dir=run_dir, run_id=tracker.run_id, name=name)
     try:
         with sigterm_as_interrupt():  # ends KILLED below, not RUNNING forever
             pieces = setup(cfg, method, tracker, result, resume_from)
@@ -223,7 +228,7 @@ def setup(cfg: DictConfig, method: Method, tracker: Tracker, result: RunResult, 
         data_metrics.update({"data/dev_records": dev_stats.records, "data/dev_skipped": dev_stats.skipped,
                              "data/dev_truncated": dev_stats.truncated})
         limit = cfg.eval.max_samples or len(dev_samples)
-        eval_set = EvalSet(*eval_prompts(dev_samples[:limit], tokenizer, template, cfg.data))
+        eval_set = EvalSet.of(dev_samples[:limit], tokenizer, template, cfg.data)
     tracker.log_metrics(data_metrics, step=0)
     if thudm_adapters.init_from_dir(cfg.method) and not resume_from:  # the loss the run starts from (the adapter's, not a fresh one's)
         thudm_adapters.log_starting_loss(model, train_set, make_collator(cfg.train, tokenizer.pad_token_id), tracker)
@@ -287,11 +292,11 @@ def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracke
     # every rank's tokens and peak memory, on rank 0 (one entry in-process)
     per_rank = gather_to_main((trainer.tokens_seen, peak_memory_mib())) or []
     rank_memory = {f"{k}_rank{r}": v for r, (_, mem) in enumerate(per_rank) for k, v in mem.items()} if len(per_rank) > 1 else {}
-    result.train_metrics.update(
-        train_loss=output.training_loss,
+    result.train_metrics.update(  # the loss names as in MLflow (trainer.py: LOSS_NAMES)
+        loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan")),
+        loss_run_mean=output.training_loss,
         train_seconds=train_seconds,
         tokens_per_s=sum(n for n, _ in per_rank) / train_seconds,
-        final_loss=next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), float("nan")),
         global_step=trainer.state.global_step,  # where a finished run ended (resume=auto of it: run_dirs.check_resume)
     )
     if trainer.skipped_steps:  # train.on_nonfinite=skip_step

@@ -316,6 +316,11 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name[11:]), default=None)
 
 
+# one name per meaning: the Trainer's "loss" is the mean over the last logging window (train.logging_steps steps),
+# its end-of-training "train_loss" the mean over the whole run (a different, higher number while the loss falls)
+LOSS_NAMES = {"loss": "train/loss", "train_loss": "train/loss_run_mean"}
+
+
 class TrackingCallback(TrainerCallback):
     """Trainer logs -> MLflow (train/*), plus generation-based evaluation every eval_steps."""
 
@@ -328,8 +333,8 @@ class TrackingCallback(TrainerCallback):
         metrics = {}
         for key, value in logs.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                name = key.removeprefix("eval_")
-                metrics[("eval/" if key.startswith("eval_") else "train/") + name] = value
+                name = LOSS_NAMES.get(key) or ("eval/" if key.startswith("eval_") else "train/") + key.removeprefix("eval_")
+                metrics[name] = value
         metrics.update(peak_memory_mib())
         self.tracker.log_metrics(metrics, step=state.global_step)
 

@@ -10,15 +10,23 @@ from typing import Any
 
 from glm_experiments.config.naming import SHORT_NAMES
 from glm_experiments.errors import UserError
-from glm_experiments.tracking.mlflow_tracker import ROLE_TAG
+from glm_experiments.study.labels import (  # noqa: F401  (short_run_label, LABEL_WIDTH: imported from here too)
+    GROUPS,
+    LABEL_WIDTH,
+    computed_label,
+    distinct_labels,
+    param_label,
+    short_label,
+    short_run_label,
+    smoke_runs_note,
+)
+from glm_experiments.tracking.mlflow_tracker import DISPLAY_NAME_TAG, ROLE_TAG
 
 NOT_TRAINING_RUNS = {"sweep_parent", "comparison", "human_eval"}
 
 # params that always differ between runs and say nothing about the setting
 IGNORED_PARAMS = {"output_dir", "tracking.run_name", "tracking.experiment_name", "tracking.tracking_uri",
                   "tracking.artifact_location"}
-# a group whose choice varies: its other params follow from the choice, show only the choice
-GROUPS = ("method", "model", "data", "deepspeed")
 
 QUALITY = [  # (metric key, column label); shown where any run has it
     ("eval/bleu-4", "BLEU-4"),
@@ -47,7 +55,6 @@ COST_COLUMNS = [
 COLUMNS = RESULT_COLUMNS + COST_COLUMNS
 TIMING_NOTE = ("* one timing per run, taken on whatever else the machine was doing: not a repeated measurement "
                "(bench/ measures speed properly)")
-LABEL_WIDTH = 28
 BEFORE_AFTER = [key for key, _ in QUALITY]
 
 
@@ -71,7 +78,9 @@ class Comparison:
     identical: list[str] = field(default_factory=list)         # result columns equal in every run
     before_after: dict[str, dict[str, tuple[float | None, float | None]]] = field(default_factory=dict)
     loss_curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    smoke_note: str | None = None  # said above the tables when runs were debug=smoke runs
     paired: Any = None  # study.paired.PairedComparison: settings (seeds pooled) against the baseline, the verdicts
+    sample_diffs: Any = None  # study.samples.SampleDiffs: the dev samples the best and the worst run differ most on
 
 
 # ------------------------------------------------------------------------- selecting
@@ -179,20 +188,6 @@ def varied_params(runs: list) -> tuple[list[str], dict[str, str]]:
     return varied, fixed
 
 
-def param_label(key: str) -> str:
-    group, _, leaf = key.rpartition(".")
-    if leaf == "name" and group in GROUPS:
-        return group
-    return key
-
-
-def short_label(key: str, value: str | None) -> str:
-    group, _, leaf = key.rpartition(".")
-    if leaf == "name" and group in GROUPS:
-        return str(value)
-    return f"{SHORT_NAMES.get(leaf, leaf)}={value}"
-
-
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
@@ -218,10 +213,14 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
     columns = [param_label(k) for k in shown] + ([] if varied else ["run name"])
     columns += [label for _, label, _ in metric_columns] + (["status"] if show_status else []) + ["run"]
 
+    # each run by its display name (its MLflow run name: what varies · smoke · method · model) when every run has
+    # one and they tell the runs apart; else one made the same way from the params that differ here
+    display_names = [run.data.tags.get(DISPLAY_NAME_TAG) for run in runs]
+    use_names = all(display_names) and len(set(display_names)) == len(display_names)
     rows, labels = [], []
-    for run in runs:
+    for run, display in zip(runs, display_names):
         params = run.data.params
-        label = " ".join(short_label(k, params.get(k)) for k in varied) or (run.info.run_name or run.info.run_id[:8])
+        label = display if use_names else computed_label(run, varied)
         row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name,
                                "status": run.info.status, "label": label}
         row.update({param_label(k): params.get(k) for k in shown})
@@ -238,11 +237,13 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
             row["label"] = f"{row['label']} ({row['run']})"
 
     shown_labels = {label for _, label, _ in metric_columns}
+    smoke_note = smoke_runs_note(runs, rows)
     comparison = Comparison(name=name, selection=selection, tracking_uri=tracking_uri, experiment_id=experiment_id,
                             parent_run_id=parent, runs=runs, varied=varied, fixed=fixed, columns=columns, rows=rows,
                             tables={title: [label for _, label, _ in spec if label in shown_labels]
                                     for title, spec in (("scores", SCORE_COLUMNS), ("training", TRAINING_COLUMNS),
-                                                        ("cost", COST_COLUMNS))})
+                                                        ("cost", COST_COLUMNS))},
+                            smoke_note=smoke_note)
     from glm_experiments.study.human_eval_tracking import human_eval_columns
 
     comparison.tables["human eval"] = human_eval_columns(client, rows)  # blind A/B verdicts (glm_experiments.web)
@@ -266,6 +267,9 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
     comparison.paired = paired_comparison(client, runs, varied, short_label, param_aliases,
                                           metric_labels={key.split("/", 1)[1]: label for key, label in QUALITY},
                                           baseline=baseline)
+    from glm_experiments.study.samples import differing_samples
+
+    comparison.sample_diffs = differing_samples(client, rows) if len(rows) > 1 else None
     return comparison
 
 
@@ -292,10 +296,6 @@ def table_cells(comparison: Comparison, columns: list[str] | None = None) -> lis
     return [[format_value(row.get(col), formats.get(col)) for col in (columns or comparison.columns)] for row in comparison.rows]
 
 
-def short_run_label(label: str, width: int = LABEL_WIDTH) -> str:
-    return label if len(label) <= width else label[: width - 1] + "…"
-
-
 def best_value(comparison: Comparison, col: str) -> Any:
     """The best value of a results column (lowest for losses and truncations, highest for scores)."""
     values = [row.get(col) for row in comparison.rows if isinstance(row.get(col), (int, float))]
@@ -307,7 +307,7 @@ def best_value(comparison: Comparison, col: str) -> Any:
 def headlines(comparison: Comparison) -> list[str]:
     """The study in a few lines: per score that differs, the leading run and its margin over the next; then the
     truncation counts that differ (often the why)."""
-    labels = [short_run_label(row["label"]) for row in comparison.rows]
+    labels = [short_run_label(label) for label in distinct_labels([row["label"] for row in comparison.rows])]
     lines = []
     for col in comparison.tables.get("scores", []):
         ranked = sorted(((row[col], label) for row, label in zip(comparison.rows, labels)
@@ -379,6 +379,8 @@ def print_table(comparison: Comparison, console=None) -> None:
         return table
 
     console.print(f"[bold]{comparison.name}[/]: {len(comparison.rows)} runs (best in green)")
+    if comparison.smoke_note:
+        console.print(f"[bold yellow]{comparison.smoke_note}[/]", highlight=False)
     for line in headlines(comparison):
         console.print(f"  {line}", highlight=False)
     print_verdicts(comparison, console)
@@ -393,9 +395,11 @@ def print_table(comparison: Comparison, console=None) -> None:
     runs.add_column("run", no_wrap=True, max_width=LABEL_WIDTH)
     runs.add_column("run id", no_wrap=True)
     runs.add_column("status", no_wrap=True)
-    runs.add_column("MLflow run name", overflow="fold")
+    named = any((row["run_name"] or "") != row["label"] for row in comparison.rows)  # else the name is the label
+    if named:
+        runs.add_column("MLflow run name", overflow="fold")
     for label, row in zip(labels, comparison.rows):
-        runs.add_row(label, row["run_id"][:8], row["status"], row["run_name"] or "")
+        runs.add_row(label, row["run_id"][:8], row["status"], *([row["run_name"] or ""] if named else []))
     console.print(runs)
     if comparison.varied:
         console.print(f"varied: {', '.join(comparison.varied)}; {len(comparison.fixed)} params identical in every run")

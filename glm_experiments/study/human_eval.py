@@ -15,7 +15,9 @@ The session file (JSON lines, append-only):
 * ``{"type": "verdict", "position", "left", "right", "choice", "winner", ...}`` per judged prompt: ``left`` /
   ``right`` are ``"a"`` or ``"b"`` (the run shown there), ``choice`` is what the judge pressed (``left``,
   ``right``, ``tie``, ``both_bad``), ``winner`` the unblinded run (``"a"``, ``"b"`` or null), with both runs'
-  names and MLflow ids, the prompt, both replies, the reference, the comment and the time.
+  names and MLflow ids, the prompt, both replies, the reference, the comment and the time;
+* ``{"type": "comment", "position", "comment", "time"}``: a comment typed after the verdict on ``position`` was
+  saved; it replaces that verdict's ``comment`` when the file is read (the verdict line itself is never rewritten).
 
 The tally: ``win_rate_a`` = wins of run a / (wins of a + wins of b). Ties and "both bad" are not in that
 fraction (they say neither is better); they are counted apart (``ties``, ``both_bad``) and ``n`` counts every
@@ -123,9 +125,11 @@ class Contestant:
 
     @property
     def key(self) -> str:
-        """Short and unique per directory: names the session file."""
+        """Short and unique per directory: names the session file. A run by its directory's name (not its label,
+        which is its display name: a session file started before that changed is still found)."""
         digest = hashlib.sha1(self.run_dir.encode()).hexdigest()[:6]
-        return f"{slug(self.label)[:40]}-{digest}"
+        name = self.label if self.label.startswith("adapter:") else Path(self.run_dir).name
+        return f"{slug(name)[:40]}-{digest}"
 
 
 def slug(text: str) -> str:
@@ -267,6 +271,8 @@ class ABSession:
                     mlflow_line = row
                 elif kind == "verdict":
                     verdicts.setdefault(int(row["position"]), row)  # the first verdict of a position counts
+                elif kind == "comment" and int(row.get("position", -1)) in verdicts:
+                    verdicts[int(row["position"])]["comment"] = str(row.get("comment", ""))
         if header is None:
             raise UserError(f"{path}: no session line (not a human-eval session file?)")
         return cls(path, header, verdicts, mlflow_line)
@@ -344,6 +350,19 @@ class ABSession:
         self._append(row)
         self.verdicts[position] = row
         return row
+
+    def add_comment(self, position: int, comment: str) -> bool:
+        """A comment on the verdict already given on ``position`` (typed after the vote): appended as a ``comment``
+        line that replaces the verdict's comment when the file is read. False (nothing written) when it equals the
+        verdict's comment already; durable on disk when this returns True."""
+        if position not in self.verdicts:
+            raise UserError(f"prompt {position + 1} has no verdict to add a comment to")
+        comment = comment.strip()
+        if comment == self.verdicts[position].get("comment", ""):
+            return False
+        self._append({"type": "comment", "position": position, "comment": comment, "time": _now()})
+        self.verdicts[position]["comment"] = comment
+        return True
 
     def set_mlflow(self, tracking_uri: str, run_id: str) -> None:
         self.mlflow = {"type": "mlflow", "tracking_uri": tracking_uri, "run_id": run_id, "time": _now()}

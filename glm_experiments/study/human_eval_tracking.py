@@ -108,6 +108,8 @@ class HumanEvalRun:
         now = int(_dt.datetime.now().timestamp() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, t.n) for k, v in t.metrics().items()])
         self.client.set_tag(self.run_id, "human_eval.progress", f"{t.n} of {session.n_prompts}")
+        commented = sum(bool(v.get("comment")) for v in session.verdicts.values())
+        self.client.set_tag(self.run_id, "human_eval.comments", str(commented))  # the texts: in the artifact
         self.client.log_artifact(self.run_id, str(session.path), "human_eval")
         if session.done:
             self.client.set_terminated(self.run_id, "FINISHED")

@@ -21,7 +21,8 @@ from glm_experiments.study.verdicts import VerdictTable, verdict_table
 
 PREDICTIONS_TABLE = "predictions/after.json"  # the per-sample scores after training (train.Evaluator, tag "after")
 SEED_PARAM = "seed"
-NOT_SCORES = {"input", "reference", "prediction", "history", "prompt"}  # the table's text columns
+# the table's columns that are not scores: text, and the tokens max_source_length cut (recipe/evaluation.py)
+NOT_SCORES = {"input", "reference", "prediction", "history", "prompt", "prompt_seen", "source_tokens_cut"}
 DATA_PARAMS = ("data.name", "data.dev_file", "data.validation_file", "eval.max_samples")  # change the dev set
 
 

@@ -117,6 +117,8 @@ def markdown_report(comparison: Comparison, images: dict[str, str]) -> str:
 
     lines = [f"# Comparison: {comparison.name}", "",
              f"{len(comparison.rows)} {comparison.selection}; tracking URI `{comparison.tracking_uri}`.", ""]
+    if comparison.smoke_note:  # above everything, the verdicts too
+        lines += [f"**{comparison.smoke_note}**", ""]
     lines += markdown_section(comparison.paired)  # the verdicts first
     header, cells = seed_table(comparison)
     if cells:
@@ -156,6 +158,9 @@ def markdown_report(comparison: Comparison, images: dict[str, str]) -> str:
                 cells.append("-" if after is None else f"{format_value(before, '{:.2f}')} -> {after:.2f}")
             lines.append(f"| {_md_escape(label)} | " + " | ".join(cells) + " |")
         lines.append("")
+    from glm_experiments.study.samples import markdown_section as samples_section
+
+    lines += samples_section(comparison.sample_diffs)
     if images:
         lines += ["## Plots", ""]
         for title, file in images.items():
@@ -184,7 +189,8 @@ def html_report(comparison: Comparison, out_dir: Path, images: dict[str, str]) -
 
     parts = [f"<h1>Comparison: {html.escape(comparison.name)}</h1>",
              f"<p>{len(comparison.rows)} {html.escape(comparison.selection.replace('`', ''))}</p>",
-             html_section(comparison.paired)]  # the verdicts first
+             *([f"<p><strong>{html.escape(comparison.smoke_note)}</strong></p>"] if comparison.smoke_note else []),
+             html_section(comparison.paired)]  # the verdicts first (after the smoke-run note)
     header, cells = seed_table(comparison)
     if cells:
         parts += ["<p>Scores over seeds: mean ± sd over the runs of each setting.</p>",
@@ -201,6 +207,9 @@ def html_report(comparison: Comparison, out_dir: Path, images: dict[str, str]) -
         parts.append(f"<p>Identical in every run: {html.escape(', '.join(comparison.identical))}</p>")
     if comparison.tables["cost"]:
         parts.append(f"<p><small>{html.escape(TIMING_NOTE)}</small></p>")
+    from glm_experiments.study.samples import html_section as samples_section
+
+    parts.append(samples_section(comparison.sample_diffs))
     for title, file in images.items():
         data = base64.b64encode((out_dir / file).read_bytes()).decode()
         parts.append(f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{data}">')

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from glm_experiments.config.naming import override_parts
+from glm_experiments.config.naming import display_name, swept_keys_from_env, varied_values
 from glm_experiments.config.schema import check_tracking_uri
 from glm_experiments.errors import UserError
 
@@ -64,13 +64,20 @@ def flatten_config(cfg: DictConfig | dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def run_name(cfg, overrides: list[str]) -> str:
-    """e.g. ``lora-chatglm3-adgen-src512-tgt128``: the method, model and data, then what the overrides changed
-    (group choices such as ``lengths=src512_tgt128`` included, so the jobs of a sweep get distinct names)."""
+DISPLAY_NAME_TAG = "glm_experiments.display_name"  # the run's name as people read it (config/naming.py)
+SMOKE_TAG = "glm_experiments.smoke"  # set on debug=smoke runs: a wiring check, not a result
+
+
+def run_name(cfg, overrides: list[str], smoke: bool = False, swept_keys: list[str] | None = None) -> str:
+    """The run's display name (config/naming.py), e.g. ``src=1024 tgt=256 · smoke · full · tiny``: the values the
+    sweep varies (``swept_keys``, by default what the sweep callback put in the environment; outside a sweep every
+    override that changes the experiment), "smoke" for ``debug=smoke``, then the method and the model.
+    ``tracking.run_name`` replaces it."""
     if cfg.tracking.run_name:
         return cfg.tracking.run_name
-    parts = [cfg.method.name, cfg.model.name, cfg.data.name]
-    return "-".join(parts + override_parts(overrides, skip_groups=("method", "model", "data")))
+    if swept_keys is None:
+        swept_keys = swept_keys_from_env()
+    return display_name(varied_values(overrides, swept_keys), cfg.method.name, cfg.model.name, smoke)
 
 
 def git_commit() -> str | None:

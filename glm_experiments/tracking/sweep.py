@@ -44,7 +44,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 import glm_experiments.config.resolvers  # noqa: F401  (configs may use ${mul:...}; registered before any job resolves)
-from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, ROLE_TAG, git_commit, open_experiment
+from glm_experiments.config.naming import SWEPT_KEYS_ENV, override_key
+from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, ROLE_TAG, SMOKE_TAG, git_commit, open_experiment
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ def parent_name(config: DictConfig, swept: list[str]) -> str:
     study = choices.get("experiment") or choices.get("hparams_search")
     body = " ".join(swept) or "(no swept params)"
     name = f"{study}: {body}" if study else f"sweep: {body}"
+    if choices.get("debug") == "smoke":  # first: MLflow's runs table shows only the start of a name
+        name = f"smoke · {name}"
     return name if len(name) <= MAX_NAME else name[: MAX_NAME - 3] + "..."
 
 
@@ -92,6 +95,7 @@ class MlflowSweepCallback(Callback):
         self.compare_command = ""
         self.previous_parent: str | None = None
         self.owner_pid: int | None = None  # the process that runs the sweep and ends the parent
+        self.swept_keys = ""  # comma-separated keys the sweep varies, for the jobs' run names
         self._closed = True
         self._unwatch = _nothing
 
@@ -115,7 +119,9 @@ class MlflowSweepCallback(Callback):
 
         swept, fixed = sweep_overrides(config)
         choices = config.hydra.runtime.get("choices") or {}
+        smoke = (config.hydra.runtime.get("choices") or {}).get("debug") == "smoke"
         tags = {
+            **({SMOKE_TAG: "debug=smoke sweep: a wiring check, not a result"} if smoke else {}),
             ROLE_TAG: SWEEP_PARENT,
             "sweep.dir": str(Path(config.hydra.sweep.dir).resolve()),
             "sweep.params": " ".join(swept) or "(none)",
@@ -148,6 +154,9 @@ class MlflowSweepCallback(Callback):
         self.client.set_tag(self.parent_run_id, "mlflow.note.content",
                             tags["mlflow.note.content"] + f"Compare the children: `{self.compare_command}`")
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
+        # the jobs name their runs after what the sweep varies (config/naming.py: display_name)
+        self.swept_keys = ",".join(override_key(text) for text in swept)
+        os.environ[SWEPT_KEYS_ENV] = self.swept_keys
         self.owner_pid = os.getpid()
         self._closed = False
         atexit.register(self._end_at_exit)
@@ -157,6 +166,7 @@ class MlflowSweepCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if self.parent_run_id is not None and not self._closed:  # a job in its own process or on another node
             os.environ[PARENT_RUN_ENV] = self.parent_run_id
+            os.environ[SWEPT_KEYS_ENV] = self.swept_keys
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if self.parent_run_id is None or self._closed:
@@ -314,6 +324,7 @@ class MlflowSweepCallback(Callback):
                 os.environ[PARENT_RUN_ENV] = self.previous_parent
             else:
                 os.environ.pop(PARENT_RUN_ENV, None)
+            os.environ.pop(SWEPT_KEYS_ENV, None)  # a nested sweep's keys are not the outer one's
             atexit.unregister(self._end_at_exit)
 
     def _end_at_exit(self) -> None:

@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -69,12 +70,13 @@ def browser():
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """Two tiny LoRA runs of one sweep (3 steps at two learning rates: they write different replies) tracked in a
-    temporary store: (run dirs, tracking URI)."""
+    """Two tiny LoRA runs of one sweep on conversations_demo (3 steps at two learning rates: they write different
+    replies) tracked in a temporary store: (run dirs, tracking URI)."""
     tmp = tmp_path_factory.mktemp("web")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     overrides = [
         "method=lora",
+        "data=conversations_demo",  # the conversations format: Compare can take history_demo's long chats
         "train.max_steps=3",
         "train.per_device_train_batch_size=4",
         "train.learning_rate=5e-3,3e-2",
@@ -130,12 +132,14 @@ RECORD_BOT_TEXT = """() => {
 
 @pytest.mark.browser
 def test_chat_streams_in_the_run_template(browser, sweep, tmp_path):  # browser first: a skip trains nothing
+    from playwright.sync_api import expect
+
     from glm_experiments.web import parse_args
     from glm_experiments.inference.web_page import build_page, serve
     from glm_experiments.inference.engines import find_engines, load_engines
 
     runs, _ = sweep
-    engines = find_engines(parse_args(["--run", str(runs[0])]))
+    engines = find_engines(parse_args(["--run", str(runs[0]), "--run", str(runs[1])]))
     load_engines(engines, "cpu", say=lambda _: None)
     loaded = engines[0].loaded
     template, tokenizer = loaded.template, loaded.tokenizer
@@ -189,6 +193,24 @@ def test_chat_streams_in_the_run_template(browser, sweep, tmp_path):  # browser 
         assert send(QUERY, 1) == expected3
         assert f"{len(template.prompt(tokenizer, with_system))} prompt tokens" in tab.inner_text("#chat-note")
         tab.screenshot(path=str(tmp_path / "chat.png"), full_page=True)
+
+        # temperature and top-p only matter when sampling: inactive under greedy decoding
+        sliders = [tab.locator(f"#chat-{name} input[type=range]") for name in ("temperature", "top-p")]
+        assert tab.locator("#chat-greedy input").is_checked()
+        for slider in sliders:
+            expect(slider).to_be_disabled()
+        tab.locator("#chat-greedy input").uncheck()
+        for slider in sliders:
+            expect(slider).to_be_enabled()
+        tab.locator("#chat-greedy input").check()
+        expect(sliders[0]).to_be_disabled()
+
+        # another run: the conversation is cleared, and the page says so
+        tab.click("#chat-run input")
+        tab.get_by_role("option", name=engines[1].label).click()
+        expect(tab.locator("#chat-note")).to_contain_text("was cleared")
+        assert engines[1].label in tab.inner_text("#chat-note") and "1 turn(s)" in tab.inner_text("#chat-note")
+        expect(tab.locator('#chat-box [data-testid="bot"]')).to_have_count(0)
     finally:
         page.close()
         slow.remove()
@@ -227,106 +249,146 @@ def verdicts(path: Path) -> list[dict]:
     return [row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines()) if row["type"] == "verdict"]
 
 
+HISTORY_PROMPTS = Path(__file__).resolve().parents[2] / "data" / "history_demo" / "dev.json"
+
+
+def session_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 @pytest.mark.browser
 def test_blind_comparison_records_unblinded_verdicts_and_resumes_after_a_kill(browser, sweep, tmp_path):
+    """Long conversations (history_demo) judged blind: the question in view, the history folded away; two votes
+    0.05 s apart make one verdict and the page goes on; a comment typed after a vote joins the verdict; a kill
+    and a restart resume at prompt 5; the finished page shows the tally and nothing to type into."""
     from playwright.sync_api import expect
 
     from glm_experiments.data.dataset import eval_prompts
     from glm_experiments.data.formats import load_samples
-    from glm_experiments.study.human_eval import wilson_interval
     from glm_experiments.inference.run_loading import load_run
+    from glm_experiments.study.human_eval import ABSession, wilson_interval
 
     runs, uri = sweep
     max_new = 16
     seed = seed_with_both_layouts(4)
     # what each run writes for the first 5 prompts, by plain generate
     loaded = {side: load_run(run, device="cpu") for side, run in zip("ab", runs)}
-    samples, _ = load_samples(loaded["a"].cfg.data.dev_file, loaded["a"].cfg.data)
+    samples, _ = load_samples(HISTORY_PROMPTS, loaded["a"].cfg.data)
     samples = samples[:5]
     expected = {}
     for side, run in loaded.items():
         ids, _, references = eval_prompts(samples, run.tokenizer, run.template, run.cfg.data)
         expected[side] = [greedy_reply(run, prompt, max_new) for prompt in ids]
     assert expected["a"] != expected["b"], "the two runs must write different replies for the test to tell them apart"
+    questions = [sample.messages[-2]["content"] for sample in samples]
+    assert len({len(sample.messages) for sample in samples}) > 1 and len(samples[0].messages) > 20
 
     port = free_port()
-    args = [
-        "--run",
-        str(runs[0]),
-        "--run",
-        str(runs[1]),
-        "--max-prompts",
-        "5",
-        "--max-new-tokens",
-        str(max_new),
-        "--port",
-        str(port),
-        "--seed",
-        str(seed),
-    ]
+    args = ["--run", str(runs[0]), "--run", str(runs[1]), "--input", str(HISTORY_PROMPTS), "--max-prompts", "5",
+            "--max-new-tokens", str(max_new), "--port", str(port), "--seed", str(seed)]
     server = start_server(args, tmp_path, tmp_path / "server1.log")
     tab = browser.new_page(viewport={"width": 1280, "height": 1100})
     page_url, requests = f"http://127.0.0.1:{port}/", []
     tab.on("request", lambda request: requests.append(request.url))
+    session_dir = runs[0].parent / "human_eval"  # beside the runs: in the sweep's folder
+
+    def on_screen(position: int) -> tuple[str, str]:
+        """Prompt ``position`` is shown with both replies and votes on: the question first, in full, the
+        history folded, the reference hidden; (left reply, right reply)."""
+        expect(tab.locator("#cmp-vote-left")).to_be_enabled(timeout=120_000)
+        assert f"Prompt {position + 1} of 5" in tab.inner_text("#cmp-progress")
+        box = tab.locator("#cmp-prompt textarea")
+        expect(box).to_have_value(questions[position])
+        assert box.evaluate("e => e.scrollHeight <= e.clientHeight + 1"), "the question fits its box: no scrolling"
+        earlier = [m for m in samples[position].messages[:-2] if m["role"] == "user"]
+        expect(tab.locator("#cmp-history")).to_contain_text(f"history ({len(earlier)} turns)")
+        assert not tab.locator("#cmp-history-text").is_visible(), "the history is folded until asked for"
+        assert not tab.locator("#cmp-reference").is_visible(), "the reference stays hidden until the vote"
+        return tab.input_value("#cmp-left textarea"), tab.input_value("#cmp-right textarea")
+
+    def check_verdict(row: dict, position: int, choice: str, left: str, right: str) -> None:
+        assert row["position"] == position and row["choice"] == choice
+        # unblinding: the run recorded on each side is the run whose reply was shown there
+        assert expected[row["left"]][position] == left and expected[row["right"]][position] == right
+        assert row["replies"][row["left"]] == left and row["replies"][row["right"]] == right
+        assert row["winner"] == {"left": row["left"], "right": row["right"]}.get(choice)
+        if row["winner"]:
+            assert (row["winner_run_id"]
+                    == json.loads((runs["ab".index(row["winner"])] / "result.json").read_text())["run_id"])
+        assert row["reference"] == references[position] and row["settings"] == {"max_new_tokens": max_new}
+
     try:
         tab.goto(page_url)
         tab.get_by_role("tab", name="Compare (blind)").click()
-        session_file = runs[0].parent / "human_eval"  # beside the runs: in the sweep's folder
-        # pressed: a (key), B better (button), t (key), both bad (button) with a comment
-        plan = [
-            ("left", "a", None),
-            ("right", None, "#cmp-vote-right"),
-            ("tie", "t", None),
-            ("both_bad", None, "#cmp-vote-bad"),
-        ]
-        for position, (choice, key, button) in enumerate(plan):
-            expect(tab.locator("#cmp-vote-left")).to_be_enabled(timeout=120_000)
-            assert f"Prompt {position + 1} of 5" in tab.inner_text("#cmp-progress")
-            assert not tab.locator("#cmp-reference").is_visible(), "the reference stays hidden until the vote"
-            left, right = tab.input_value("#cmp-left textarea"), tab.input_value("#cmp-right textarea")
-            if position == 3:
-                tab.fill("#cmp-comment textarea", "both repeat the tags")
-            if key:
-                tab.keyboard.press(key)
-            else:
-                tab.click(button)
-            expect(tab.locator("#cmp-status")).to_contain_text(f"verdict {position + 1} of 5", timeout=60_000)
-            expect(tab.locator("#cmp-reference textarea")).to_have_value(references[position])
-            [path] = session_file.glob("*.jsonl")
-            row = verdicts(path)[-1]
-            assert row["position"] == position and row["choice"] == choice
-            # unblinding: the run recorded on each side is the run whose reply was shown there
-            assert expected[row["left"]][position] == left and expected[row["right"]][position] == right
-            assert row["replies"][row["left"]] == left and row["replies"][row["right"]] == right
-            assert row["winner"] == {"left": row["left"], "right": row["right"]}.get(choice)
-            if row["winner"]:
-                assert (
-                    row["winner_run_id"]
-                    == json.loads((runs["ab".index(row["winner"])] / "result.json").read_text())["run_id"]
-                )
-            assert row["reference"] == references[position] and row["settings"] == {"max_new_tokens": max_new}
-            if position == 3:
-                break
-            if position % 2 == 0:
-                tab.keyboard.press("n")
-            else:
-                tab.click("#cmp-next")
+
+        # prompt 1: the history on demand; then "a" and, 0.05 s later, "b": one verdict (A better), Next works
+        left, right = on_screen(0)
+        tab.locator("#cmp-history").get_by_text("history (").click()
+        expect(tab.locator("#cmp-history-text textarea")).to_have_value(
+            re.compile(re.escape(samples[0].messages[1]["content"])))
+        tab.keyboard.press("a")
+        time.sleep(0.05)
+        tab.keyboard.press("b")
+        expect(tab.locator("#cmp-status")).to_contain_text("verdict 1 of 5", timeout=60_000)
+        expect(tab.locator("#cmp-reference textarea")).to_have_value(references[0])
+        expect(tab.locator("#cmp-next")).to_be_enabled()
+        [path] = session_dir.glob("*.jsonl")
         rows = verdicts(path)
-        assert {r["left"] for r in rows} == {"a", "b"}, "the seed put each run on the left at least once"
+        assert len(rows) == 1, rows
+        check_verdict(rows[0], 0, "left", left, right)
+        # a comment typed after the vote is added to that verdict (Enter)
+        expect(tab.locator("#cmp-comment")).to_contain_text("added to it")
+        tab.fill("#cmp-comment textarea", "A keeps the colour")
+        tab.locator("#cmp-comment textarea").press("Enter")
+        expect(tab.locator("#cmp-status")).to_contain_text("comment added", timeout=60_000)
+        assert [line["comment"] for line in session_lines(path) if line["type"] == "comment"] == ["A keeps the colour"]
+        tab.click("#cmp-next")
+
+        # prompt 2: the next prompt's own content; B better, then a second vote forced past the disabled buttons
+        # (as a press racing the first would reach the server): that prompt's verdict is shown, Next works
+        left, right = on_screen(1)
+        assert (left, right) != (rows[0]["replies"][rows[0]["left"]], rows[0]["replies"][rows[0]["right"]])
+        tab.click("#cmp-vote-right")
+        tab.evaluate("() => { const b = document.getElementById('cmp-vote-tie'); b.disabled = false; b.click(); }")
+        expect(tab.locator("#cmp-status")).to_contain_text("already has a verdict (B better)", timeout=60_000)
+        expect(tab.locator("#cmp-next")).to_be_enabled()
+        expect(tab.locator("#cmp-reference textarea")).to_have_value(references[1])
+        assert "Prompt 2 of 5" in tab.inner_text("#cmp-progress")
+        rows = verdicts(path)
+        assert len(rows) == 2
+        check_verdict(rows[1], 1, "right", left, right)
+        tab.keyboard.press("n")
+
+        # prompts 3 and 4: tie by key; both bad by button with a comment typed before the vote
+        left, right = on_screen(2)
+        tab.keyboard.press("t")
+        expect(tab.locator("#cmp-status")).to_contain_text("verdict 3 of 5", timeout=60_000)
+        check_verdict(verdicts(path)[-1], 2, "tie", left, right)
+        tab.click("#cmp-next")
+        left, right = on_screen(3)
+        tab.fill("#cmp-comment textarea", "both repeat the tags")
+        tab.click("#cmp-vote-bad")
+        expect(tab.locator("#cmp-status")).to_contain_text("verdict 4 of 5", timeout=60_000)
+        rows = verdicts(path)
+        check_verdict(rows[-1], 3, "both_bad", left, right)
         assert rows[3]["comment"] == "both repeat the tags"
+        assert {r["left"] for r in rows} == {"a", "b"}, "the seed put each run on the left at least once"
         tab.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
     finally:
         server.send_signal(signal.SIGKILL)  # as a crash would: no chance to write anything more
         server.wait(timeout=60)
 
+    # the session as read back: 4 verdicts, the later comment joined to the first
+    session = ABSession.read(path)
+    assert len(session.verdicts) == 4 and session.verdicts[0]["comment"] == "A keeps the colour"
     # the human_eval MLflow run holds the 4 verdicts, linked to both runs
-    lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    run_id = [line for line in lines if line["type"] == "mlflow"][-1]["run_id"]
+    run_id = [line for line in session_lines(path) if line["type"] == "mlflow"][-1]["run_id"]
     client = MlflowClient(tracking_uri=uri)
     human = client.get_run(run_id)
     ids = [json.loads((run / "result.json").read_text())["run_id"] for run in runs]
     assert (human.data.tags["human_eval.run_a"], human.data.tags["human_eval.run_b"]) == tuple(ids)
     assert human.info.experiment_id == client.get_run(ids[0]).info.experiment_id
+    assert human.data.tags["human_eval.comments"] == "2"
     wins_a = sum(r["winner"] == "a" for r in rows)
     wins_b = sum(r["winner"] == "b" for r in rows)
     assert wins_a + wins_b == 2
@@ -341,9 +403,8 @@ def test_blind_comparison_records_unblinded_verdicts_and_resumes_after_a_kill(br
         assert "resuming at prompt 5" in (tmp_path / "server2.log").read_text()
         tab.reload()
         tab.get_by_role("tab", name="Compare (blind)").click()
-        expect(tab.locator("#cmp-vote-left")).to_be_enabled(timeout=120_000)
-        assert "Prompt 5 of 5" in tab.inner_text("#cmp-progress") and "(4 judged)" in tab.inner_text("#cmp-progress")
-        left = tab.input_value("#cmp-left textarea")
+        left, _ = on_screen(4)
+        assert "(4 judged)" in tab.inner_text("#cmp-progress")
         tab.keyboard.press("b")
         expect(tab.locator("#cmp-status")).to_contain_text("verdict 5 of 5", timeout=60_000)
         row = verdicts(path)[-1]
@@ -352,14 +413,16 @@ def test_blind_comparison_records_unblinded_verdicts_and_resumes_after_a_kill(br
         human = client.get_run(run_id)
         assert human.data.metrics["n"] == 5 and human.data.tags["human_eval.progress"] == "5 of 5"
         assert human.info.status == "FINISHED", "every prompt judged"
-        # the end: the runs are named with their tally
+        # the end: the runs are named with their tally; no empty boxes, nothing to type into or press
         tab.keyboard.press("n")
         expect(tab.locator("#cmp-status")).to_contain_text("All prompts judged", timeout=60_000)
         wins_a += row["winner"] == "a"
         wins_b += row["winner"] == "b"
         summary = tab.inner_text("#cmp-status")
-        assert f"{runs[0].name} {wins_a}, {runs[1].name} {wins_b}, ties 1, both bad 1" in summary
-        expect(tab.locator("#cmp-vote-left")).to_be_disabled()
+        label_a, label_b = session.header["run_a"]["label"], session.header["run_b"]["label"]
+        assert f"{label_a} {wins_a}, {label_b} {wins_b}, ties 1, both bad 1" in summary
+        for hidden in ("#cmp-prompt", "#cmp-left", "#cmp-right", "#cmp-comment", "#cmp-vote-left", "#cmp-next"):
+            expect(tab.locator(hidden)).to_be_hidden()
         tab.screenshot(path=str(tmp_path / "compare_done.png"), full_page=True)
         assert not [url for url in requests if not url.startswith(page_url)], "everything is served by the page"
     finally:

@@ -55,7 +55,7 @@ def test_default_run_is_tracked(default_run):
     assert tags["hydra.choices.method"] == "lora" and tags["hydra.choices.model"] == "tiny"
     assert "tracking.tracking_uri=" in tags["hydra.overrides"]
     assert "output_dir" not in params and tags["output_dir"]  # a place, not a setting: not a param
-    assert tags["mlflow.runName"] == "lora-tiny-adgen_demo"
+    assert tags["mlflow.runName"] == tags["glm_experiments.display_name"] == "lora · tiny"  # nothing overridden
     assert "method3" in tags["metric_definition.bleu-4"]
     generation = json.loads(tags["eval.generation_kwargs"])
     assert generation["do_sample"] is False and generation["max_new_tokens"] == 64 and len(generation["eos_token_id"]) == 3

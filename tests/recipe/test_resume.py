@@ -61,8 +61,8 @@ def test_resume_auto_matches_uninterrupted_run(method, tmp_path):
     for step in loss_a:
         assert loss_b[step] == pytest.approx(loss_a[step], abs=1e-5), (step, loss_a, loss_b)
 
-    final_a = json.loads((dir_a / "result.json").read_text())["train"]["final_loss"]
-    final_b = json.loads((dir_b / "result.json").read_text())["train"]["final_loss"]
+    final_a = json.loads((dir_a / "result.json").read_text())["train"]["loss"]
+    final_b = json.loads((dir_b / "result.json").read_text())["train"]["loss"]
     assert final_b == pytest.approx(final_a, abs=1e-5)
 
     tensors_a = load_file(str(dir_a / "checkpoints" / f"checkpoint-{MAX_STEPS}" / "trainable.safetensors"))

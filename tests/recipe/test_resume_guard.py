@@ -100,6 +100,6 @@ def test_resume_falls_back_from_a_truncated_checkpoint_to_the_same_final_loss(tm
     said = result.stdout + result.stderr  # Hydra's log handler writes to stdout
     assert f"resume=auto: checkpoint-3 is damaged ({damaged}: " in said
     assert "resuming from checkpoint-2, the newest intact checkpoint" in said
-    final = [json.loads((d / "result.json").read_text())["train"]["final_loss"] for d in (whole, broken)]
+    final = [json.loads((d / "result.json").read_text())["train"]["loss"] for d in (whole, broken)]
     assert final[1] == pytest.approx(final[0], abs=1e-5)
     assert tree_hashes(broken / "checkpoints").keys() == tree_hashes(whole / "checkpoints").keys()  # no staging left

@@ -323,7 +323,8 @@ def test_sweep_2x2_parent_children_and_compare(tmp_path):
     assert all(c.data.params["train.max_steps"] == "2" for c in children)
     # names say what was swept: distinct run names and job folders
     names = {c.info.run_name for c in children}
-    assert len(names) == 4 and all("lr0.001" in n or "lr0.002" in n or "lr1e-3" in n or "lr2e-3" in n for n in names), names
+    assert len(names) == 4 and all(n.startswith(("lr=0.001 · ", "lr=0.002 · ", "lr=1e-3 · ", "lr=2e-3 · "))
+                                   and n.endswith((" · lora · tiny", " · freeze · tiny")) for n in names), names
     assert sorted(p.name.split("_", 1)[1].split("-")[0] for p in (tmp_path / "multirun").glob("[0-3]_*")) == [
         "freeze", "freeze", "lora", "lora"]
     assert f"--parent {parent.info.run_id}" in proc.stdout + proc.stderr  # the sweep prints the compare command
@@ -408,3 +409,60 @@ def test_sweep_job_that_does_not_compose_is_recorded_on_the_parent(tmp_path):
         "(ValidationError: Value 'abc' of type 'str' could not be converted to Integer)")
     assert parent.data.tags["error"] == "job #0 " + parent.data.tags["job.0.error"]
     assert parent.data.metrics["sweep/jobs_failed"] == 1
+
+
+def test_compare_names_runs_by_their_display_names_and_marks_smoke_runs(tmp_path):
+    """Runs with a display name are labelled by it (the MLflow run name); debug=smoke runs get a line above the
+    tables, in the terminal and in the report."""
+    from mlflow import MlflowClient
+    from rich.console import Console
+
+    from glm_experiments.study.comparison import collect, print_table
+    from glm_experiments.study.report import html_report, markdown_report
+
+    uri = sqlite_uri(tmp_path / "mlflow.db")
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("source_length_ablation", artifact_location=(tmp_path / "art").as_uri())
+    for src, tgt, score in (("512", "128", 10.5), ("1024", "256", 12.0)):
+        name = f"src={src} tgt={tgt} · smoke · full · tiny"
+        run_id = _make_run(client, exp, None, {"data.max_source_length": src, "data.max_target_length": tgt,
+                                               "method.name": "full", "model.name": "tiny", "train.max_steps": "10"},
+                           {"eval/rouge-l": [(10, score)]}, name=name)
+        client.set_tag(run_id, "glm_experiments.display_name", name)
+        client.set_tag(run_id, "glm_experiments.smoke", "debug=smoke: 10 steps, a wiring check, not a result")
+    comparison = collect(uri, experiment="source_length_ablation")
+    assert [row["label"] for row in comparison.rows] == ["src=512 tgt=128 · smoke · full · tiny",
+                                                         "src=1024 tgt=256 · smoke · full · tiny"]
+    note = "smoke runs (10 steps): wiring check, not a result"
+    assert comparison.smoke_note == note
+    console = Console(width=100, record=True, color_system=None)
+    print_table(comparison, console)
+    text = console.export_text()
+    assert text.index(note) < text.index("ROUGE-L") and "src=1024 tgt=256 · smoke · full · tiny" in text
+    report = markdown_report(comparison, {})
+    assert report.index(note) < report.index("## Scores")
+    assert note in html_report(comparison, tmp_path, {})
+    # without display names (older runs): the same form, made from the params that differ
+    for run in comparison.runs:
+        client.delete_tag(run.info.run_id, "glm_experiments.display_name")
+    assert collect(uri, experiment="source_length_ablation").rows[1]["label"] == "src=1024 tgt=256 · smoke · full · tiny"
+
+
+def test_report_lists_the_samples_two_runs_differ_most_on():
+    from glm_experiments.study.samples import differing_samples, markdown_section
+
+    def table(scores, cuts, predictions):
+        columns = ["input", "source_tokens_cut", "reference", "prediction", "rouge-l", "prompt_seen"]
+        return {"columns": columns, "data": [[f"q{i}", c, "ref", p, s, "..."] for i, (s, c, p) in
+                                             enumerate(zip(scores, cuts, predictions))]}
+
+    tables = {"short": table([50.0, 10.0, 30.0], [200, 0, 150], ["a", "b", "c"]),
+              "long": table([52.0, 90.0, 60.0], [0, 0, 0], ["a", "B", "C"])}
+    rows = [{"run_id": "short", "label": "src=512"}, {"run_id": "long", "label": "src=1024"}]
+    diffs = differing_samples(None, rows, shown=2, load=lambda _, run_id, __: tables[run_id])
+    assert diffs.metric == "rouge-l" and diffs.labels == ("src=1024", "src=512")  # the better run first
+    assert [row["input"] for row in diffs.rows] == ["q1", "q2"]  # by the size of the difference
+    assert (diffs.rows[0]["cut0"], diffs.rows[0]["cut1"], diffs.rows[0]["score1"]) == (0, 0, 10.0)
+    text = "\n".join(markdown_section(diffs))
+    assert "## Samples that differ most (rouge-l)" in text and "| q2 | ref | 0 | 150 | 60.0 | 30.0 | C | c |" in text
+    assert differing_samples(None, rows[:1], load=lambda *_: tables["short"]) is None
