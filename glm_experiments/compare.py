@@ -34,7 +34,8 @@ from pathlib import Path
 
 from glm_experiments.errors import cli_main
 
-from glm_experiments.study.comparison import collect, print_table
+from glm_experiments.study.comparison import collect
+from glm_experiments.study.tables import print_table
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -183,6 +183,10 @@ class EvalConfig:
     forgetting_file: Optional[str] = None
     forgetting_format: str = "instruction"
     forgetting_metrics: list[str] = field(default_factory=lambda: ["rouge-l"])
+    # cross-evaluation: after training, evaluate again at each of these `lengths` options (conf/lengths/<name>.yaml:
+    # its max_source_length cuts the prompts; replies get eval.max_new_tokens as always): eval/<name>/<metric> and
+    # predictions/<name>/after.json. Empty = only the run's own lengths (config/lengths.py checks the names)
+    at_lengths: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------ tracking
