@@ -45,7 +45,8 @@ def print_verdicts(comparison: Comparison, console) -> None:
 def print_grid(comparison: Comparison, console) -> None:
     """eval.at_lengths: per metric, trained at (rows) x evaluated at (columns), mean ± sd over seeds."""
     for metric, header, cells in grid(comparison):
-        table = _table(f"{metric}: trained at (rows) x evaluated at (columns)")
+        console.print(f"{metric}: trained at (rows) x evaluated at (columns)", style="italic", highlight=False)
+        table = _table("")  # the title above: a title as wide as a one-column table would wrap
         for i, col in enumerate(header):
             table.add_column(col, justify="left" if i == 0 else "right", no_wrap=True,
                              max_width=LABEL_WIDTH if i == 0 else None)
