@@ -8,7 +8,10 @@ Selects the runs (the children of a sweep's parent run, or every training run of
 which params differ between them, names each run by those values (``src=512 tgt=128``) and prints three
 tables that fit a 100-column terminal: scores (BLEU-4, ROUGE-1/2/L, F1, accuracy; the best in green),
 training (final train loss, eval loss, samples truncated in train / dev) and cost (trainable %, peak memory,
-and the one-off timings, marked as such); metrics identical in every run are named. Writes into --out
+and the one-off timings, marked as such); metrics identical in every run are named. Runs that differ only in
+``seed`` are one setting: the tables then show a row per setting, mean ± sd over its seeds. Runs evaluated at other
+lengths too (``eval.at_lengths``) get a trained-at x evaluated-at grid per metric and verdicts per evaluated-at
+column. Writes into --out
 (default ``./comparisons/<name>/``):
 
 * ``loss_curves.png``   train/loss per run, overlaid
@@ -34,7 +37,8 @@ from pathlib import Path
 
 from glm_experiments.errors import cli_main
 
-from glm_experiments.study.comparison import collect, print_table
+from glm_experiments.study.comparison import collect
+from glm_experiments.study.tables import print_table
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -215,6 +215,10 @@ class EvalConfig:
     # ptuning/main.py (BLEU on characters, x100); chatglm3_finetune = ChatGLM3 finetune_hf.py (BLEU on jieba
     # words, not x100; ROUGE rounded to 4 places). Runs of different conventions are not comparable
     metric_convention: str = one_of("thudm_ptuning", "thudm_ptuning", "chatglm3_finetune")
+    # cross-evaluation: after training, evaluate again at each of these `lengths` options (conf/lengths/<name>.yaml:
+    # its max_source_length cuts the prompts; replies get eval.max_new_tokens as always): eval/<name>/<metric> and
+    # predictions/<name>/after.json. Empty = only the run's own lengths (config/lengths.py checks the names)
+    at_lengths: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------ tracking

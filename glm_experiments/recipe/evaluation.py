@@ -105,6 +105,24 @@ def write_predictions(rows: list[dict], path: Path) -> None:
     atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
+def eval_sets_at(samples, tokenizer, template, data_cfg, options: dict[str, dict[str, int]]) -> dict[str, tuple[EvalSet, int]]:
+    """``eval.at_lengths``: per lengths option (config/lengths.py), the dev prompts cut at its max_source_length,
+    and how many of them that cut."""
+    from types import SimpleNamespace
+
+    from glm_experiments.data.dataset import eval_prompts
+
+    if not options:
+        return {}
+    whole = eval_prompts(samples, tokenizer, template, SimpleNamespace(max_source_length=float("inf")))[0]
+    sets = {}
+    for name, lengths in options.items():
+        source = lengths["max_source_length"]
+        settings = SimpleNamespace(**{**dict(data_cfg), "max_source_length": source})
+        sets[name] = (EvalSet(*eval_prompts(samples, tokenizer, template, settings)), sum(len(ids) > source for ids in whole))
+    return sets
+
+
 def load_eval_set(path: str, data_format: str, tokenizer, template, max_source_length: int, max_samples: int | None) -> EvalSet:
     """An evaluation set from any supported file (used for the forgetting probe)."""
     from types import SimpleNamespace

@@ -27,6 +27,10 @@ def print_summary(cfg, result) -> None:
         samples = result.metrics_after.get("loss_samples") if name == "loss" else None
         label = f"eval/{name} ({samples:,} dev samples)" if samples else f"eval/{name}"
         table.add_row(label, "-" if before is None else f"{before:.2f}", "-" if after is None else f"{after:.2f}")
+    for name in cfg.eval.get("at_lengths") or []:  # eval.at_lengths: the same model at other source lengths
+        for metric in cfg.data.metrics:
+            if (after := result.metrics_after.get(f"{name}/{metric}")) is not None:
+                table.add_row(f"{metric} at {name}", "-", f"{after:.2f}")
     console.print(table)
     t = result.train_metrics
     console.print(

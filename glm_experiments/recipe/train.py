@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from transformers import SchedulerType, Trainer, set_seed
 
 from glm_experiments.config.hydra_checks import check_creatable
+from glm_experiments.config.lengths import at_lengths
 from glm_experiments.config.schema import check_settings
 from glm_experiments.data.dataset import load_split, make_collator, tokenized_cache_dir
 from glm_experiments.data.formats import load_samples, resolve_data_path
@@ -29,10 +30,11 @@ from glm_experiments.methods.quantized_base import quantization_config
 from glm_experiments.metrics import CONVENTION_SOURCES, DEFINITIONS
 from glm_experiments.metrics import definitions as metric_definitions
 from glm_experiments.migration import thudm_adapters
-from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, num_layers, template_for
+from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, max_positions, num_layers, template_for
 from glm_experiments.recipe.console import quiet_library_bars, quiet_trainer
 from glm_experiments.recipe.evaluation import (
     EvalSet,
+    eval_sets_at,
     evaluate_generation,
     generation_kwargs,
     load_eval_set,
@@ -112,6 +114,13 @@ def preflight(cfg: DictConfig) -> None:
     check_lengths(cfg)
     check_named_settings(cfg)
     check_device_precision(cfg)
+    limit, where = max_positions(cfg.model)
+    virtual = cfg.method.num_virtual_tokens if cfg.method.name == "prompt_tuning" else 0
+    for name, lengths in at_lengths(cfg).items():  # eval.at_lengths: names known, prompt + reply fit the positions
+        if (total := lengths["max_source_length"] + cfg.eval.max_new_tokens + virtual) > limit:
+            raise UserError(f"eval.at_lengths={name}: max_source_length {lengths['max_source_length']} + "
+                            f"eval.max_new_tokens {cfg.eval.max_new_tokens}" + (f" + {virtual} virtual tokens" if virtual
+                            else "") + f" = {total} exceeds the model's {limit} positions ({where})")
     template_for(cfg.model)
     check_quantization(cfg)  # a quantized base: the method allows it, bitsandbytes runs here
     if cfg.deepspeed.config and importlib.util.find_spec("deepspeed") is None:
@@ -170,6 +179,8 @@ class Pieces:
     train_set: Any
     dev_set: Any  # tokenised dev rows (eval loss), or None without a dev file
     eval_set: EvalSet | None  # dev prompts and references for generation metrics
+    # eval.at_lengths: lengths option -> (the dev prompts cut at its max_source_length, how many it cut)
+    eval_sets_at: dict[str, tuple[EvalSet, int]] = field(default_factory=dict)
 
 
 def setup(cfg: DictConfig, method: Method, tracker: Tracker, result: RunResult, resume_from: str | None) -> Pieces:
@@ -218,6 +229,7 @@ def setup(cfg: DictConfig, method: Method, tracker: Tracker, result: RunResult, 
     if cfg.data.max_train_samples:
         train_set = train_set.select(range(min(cfg.data.max_train_samples, len(train_set))))
     dev_set = eval_set = None
+    sets_at: dict[str, tuple[EvalSet, int]] = {}
     data_metrics = {"data/train_records": train_stats.records, "data/train_skipped": train_stats.skipped,
                     "data/train_truncated": train_stats.truncated, "data/train_tokens": train_stats.tokens,
                     "data/train_tokens_dropped": train_stats.tokens_dropped}
@@ -229,13 +241,15 @@ def setup(cfg: DictConfig, method: Method, tracker: Tracker, result: RunResult, 
                              "data/dev_truncated": dev_stats.truncated})
         limit = cfg.eval.max_samples or len(dev_samples)
         eval_set = EvalSet.of(dev_samples[:limit], tokenizer, template, cfg.data)
+        sets_at = eval_sets_at(dev_samples[:limit], tokenizer, template, cfg.data, at_lengths(cfg))
+        data_metrics.update({f"data/{name}/dev_truncated": cut for name, (_, cut) in sets_at.items()})
     tracker.log_metrics(data_metrics, step=0)
     if thudm_adapters.init_from_dir(cfg.method) and not resume_from:  # the loss the run starts from (the adapter's, not a fresh one's)
         thudm_adapters.log_starting_loss(model, train_set, make_collator(cfg.train, tokenizer.pad_token_id), tracker)
     if cfg.sanity_print:
         _print_sample(train_set[0], tokenizer)
     result.train_metrics["startup_seconds"] = time.perf_counter() - start
-    return Pieces(model, tokenizer, template, train_set, dev_set, eval_set)
+    return Pieces(model, tokenizer, template, train_set, dev_set, eval_set, sets_at)
 
 
 class Evaluator:
@@ -263,6 +277,23 @@ class Evaluator:
         self.tracker.log_metrics({f"eval/{k}": v for k, v in means.items()}, step=step)
         log.info("eval @ step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in means.items() if k in cfg.data.metrics))
         return means
+
+    def at_lengths(self, step: int) -> dict:
+        """eval.at_lengths: the model again on the dev prompts cut at each option's source length (rank 0 only;
+        not under ZeRO-3): ``eval/<name>/<metric>``, ``predictions/<name>/after.json``. Returns {name: means}."""
+        cfg, p = self.cfg, self.pieces
+        if not p.eval_sets_at or not is_main() or zero3_partitioned(p.model):
+            return {}
+        out = {}
+        for name, (eval_set, _) in p.eval_sets_at.items():
+            means, rows = evaluate_generation(p.model, p.tokenizer, p.template, eval_set, cfg.eval, list(cfg.data.metrics))
+            write_predictions(rows, self.predictions_dir / name / "after.jsonl")
+            self.tracker.log_table(rows, f"predictions/{name}/after.json")
+            self.tracker.log_metrics({f"eval/{name}/{k}": v for k, v in means.items()}, step=step)
+            log.info("eval at %s @ step %d: %s", name, step,
+                     ", ".join(f"{k} {v:.2f}" for k, v in means.items() if k in cfg.data.metrics))
+            out[name] = means
+        return out
 
     def forgetting(self) -> dict:
         if self.forgetting_set is None:
@@ -320,6 +351,8 @@ def evaluate_after(cfg: DictConfig, pieces: Pieces, trainer: GlmTrainer, evaluat
                              "eval/loss_samples": len(dev_set)}, step=final_step)
         result.metrics_after.update(loss=loss, loss_samples=len(dev_set))
     result.metrics_after.update(evaluator(final_step, "after"))
+    for name, means in evaluator.at_lengths(final_step).items():
+        result.metrics_after.update({f"{name}/{k}": v for k, v in means.items()})
     for name, after in evaluator.forgetting().items():
         # negative change = the general ability the fine-tuning cost
         change = {f"forgetting/{name}_before": forgetting_before[name], f"forgetting/{name}_after": after,

@@ -262,11 +262,11 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
             before = history[0][1] if len(history) > 1 and history[0][0] == 0 else None
             pairs[key] = (before, history[-1][1])
         comparison.before_after[row["label"]] = pairs
-    from glm_experiments.study.paired import paired_comparison
+    from glm_experiments.study.paired import evaluated_at_names, paired_comparison
 
     comparison.paired = paired_comparison(client, runs, varied, short_label, param_aliases,
                                           metric_labels={key.split("/", 1)[1]: label for key, label in QUALITY},
-                                          baseline=baseline)
+                                          baseline=baseline, evaluated_at=evaluated_at_names(runs))
     from glm_experiments.study.samples import differing_samples
 
     comparison.sample_diffs = differing_samples(client, rows) if len(rows) > 1 else None
@@ -320,86 +320,3 @@ def headlines(comparison: Comparison) -> list[str]:
         if col in comparison.tables.get("training", []) and len({v for _, v in values}) > 1:
             lines.append(f"{col} (samples truncated): " + ", ".join(f"{label} {value:,.0f}" for label, value in values))
     return lines
-
-
-def print_verdicts(comparison: Comparison, console) -> None:
-    """The paired verdicts, one sentence per setting, and the per-seed spread where settings have several seeds."""
-    from rich import box
-    from rich.table import Table
-
-    from glm_experiments.study.paired import seed_table
-    from glm_experiments.study.verdicts import row_phrase
-
-    paired = comparison.paired
-    if paired is None:
-        return
-    if paired.table is not None:
-        console.print(f"[bold]verdicts[/] against {paired.table.baseline} (95 % paired bootstrap intervals; "
-                      "report.md has p-values):", highlight=False)
-        for setting in paired.table.settings():  # the sentence, a metric a line
-            rows = [r for r in paired.table.rows if r.setting == setting]
-            console.print(f"  {setting} vs {paired.table.baseline}:", highlight=False)
-            for row in rows:
-                console.print(f"    {row_phrase(row)}", highlight=False)
-    for note in paired.notes:
-        console.print(f"  {note}", style="dim", highlight=False)
-    header, cells = seed_table(comparison)
-    if cells:
-        table = Table(title="over seeds (mean ± sd)", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1),
-                      pad_edge=False)
-        for i, col in enumerate(header):
-            table.add_column(col, justify="left" if i == 0 else "right", no_wrap=True,
-                             max_width=LABEL_WIDTH if i == 0 else None)
-        for row in cells:
-            table.add_row(short_run_label(row[0]), *row[1:])
-        console.print(table)
-
-
-def print_table(comparison: Comparison, console=None) -> None:
-    """Three narrow tables (results, cost, which run is which) that fit a 100-column terminal."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    if console is None:
-        console = Console()
-        if not console.is_terminal:  # logs and pipes: the tables are sized for 100 columns anyway
-            console = Console(width=100)
-    labels = [short_run_label(row["label"]) for row in comparison.rows]
-
-    def metric_table(title: str, columns: list[str], mark_best: bool) -> Table:
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-        table.add_column("run", no_wrap=True, max_width=LABEL_WIDTH)
-        for col in columns:  # the other run of a human eval: named in full in the report, cut here to fit 100 columns
-            table.add_column(col, justify="right", no_wrap=True, max_width=14 if col == "vs" else None)
-        for label, row, cells in zip(labels, comparison.rows, table_cells(comparison, columns)):
-            styled = [f"[bold green]{cell}[/]" if mark_best and row.get(col) is not None and row.get(col) == best_value(comparison, col)
-                      else cell for col, cell in zip(columns, cells)]
-            table.add_row(label, *styled)
-        return table
-
-    console.print(f"[bold]{comparison.name}[/]: {len(comparison.rows)} runs (best in green)")
-    if comparison.smoke_note:
-        console.print(f"[bold yellow]{comparison.smoke_note}[/]", highlight=False)
-    for line in headlines(comparison):
-        console.print(f"  {line}", highlight=False)
-    print_verdicts(comparison, console)
-    for title, columns in comparison.tables.items():
-        if columns:
-            console.print(metric_table(title, columns, title != "cost"))
-    if comparison.identical:
-        console.print(f"[yellow]identical in every run:[/] {', '.join(comparison.identical)}")
-    if any(c.endswith("*") for c in comparison.tables["cost"]):
-        console.print(TIMING_NOTE, style="dim")
-    runs = Table(title="runs", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-    runs.add_column("run", no_wrap=True, max_width=LABEL_WIDTH)
-    runs.add_column("run id", no_wrap=True)
-    runs.add_column("status", no_wrap=True)
-    named = any((row["run_name"] or "") != row["label"] for row in comparison.rows)  # else the name is the label
-    if named:
-        runs.add_column("MLflow run name", overflow="fold")
-    for label, row in zip(labels, comparison.rows):
-        runs.add_row(label, row["run_id"][:8], row["status"], *([row["run_name"] or ""] if named else []))
-    console.print(runs)
-    if comparison.varied:
-        console.print(f"varied: {', '.join(comparison.varied)}; {len(comparison.fixed)} params identical in every run")

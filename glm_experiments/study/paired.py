@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -17,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from glm_experiments.errors import UserError
-from glm_experiments.study.verdicts import VerdictTable, verdict_table
+from glm_experiments.study.verdicts import AT, VerdictTable, verdict_table
 
 PREDICTIONS_TABLE = "predictions/after.json"  # the per-sample scores after training (train.Evaluator, tag "after")
+AT_LENGTHS_TABLE = "predictions/{}/after.json"  # the same at another length (eval.at_lengths=[<name>, ...])
+AT_LENGTHS_METRIC = re.compile(r"^eval/([^/]+)/([^/]+)$")  # eval/<lengths option>/<metric>
+AT_LENGTHS_PARAM = "eval.at_lengths"
 SEED_PARAM = "seed"
 # the table's columns that are not scores: text, and the tokens max_source_length cut (recipe/evaluation.py)
 NOT_SCORES = {"input", "reference", "prediction", "history", "prompt", "prompt_seen", "source_tokens_cut"}
@@ -88,6 +92,14 @@ def load_predictions(client, run_id: str, path: str = PREDICTIONS_TABLE) -> dict
             os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
 
 
+def evaluated_at_names(runs: list[Any]) -> list[str]:
+    """The lengths options the runs were also evaluated at (``eval/<name>/<metric>``), in ``eval.at_lengths``
+    order where the runs give it."""
+    names = {m.group(1) for r in runs for k in r.data.metrics if (m := AT_LENGTHS_METRIC.match(k))}
+    order = " ".join(str(r.data.params.get(AT_LENGTHS_PARAM, "")) for r in runs)
+    return sorted(names, key=lambda n: (order.find(n) if n in order else len(order), n))
+
+
 def parse_baseline(specs: Sequence[str] | None) -> dict[str, str]:
     """``["src=512", "method=lora tgt=128"]`` -> ``{"src": "512", "method": "lora", "tgt": "128"}``."""
     pairs: dict[str, str] = {}
@@ -133,13 +145,17 @@ def resolve_baseline(specs: Sequence[str] | None, settings: Mapping[str, list], 
 def paired_comparison(client, runs: Sequence[Any], varied: Sequence[str], label: Callable[[str, str | None], str],
                       aliases: Callable[[str], set[str]], metric_labels: Mapping[str, str] | None = None,
                       baseline: Sequence[str] | None = None, seed: int = 0,
-                      load: Callable[[Any, str], dict | None] = load_predictions) -> PairedComparison:
+                      load: Callable[..., dict | None] = load_predictions,
+                      evaluated_at: Sequence[str] = ()) -> PairedComparison:
     """Every setting against the baseline on every per-sample metric the settings share.
 
     ``metric_labels`` maps a per-sample column (``rouge-l``) to its label in compare's tables (``ROUGE-L``);
     columns a data config adds keep their name. Runs without a predictions table (failed, or trained before
     per-sample tables existed) are left out with a note; a metric whose run reports it (``eval/<metric>``) but
     whose table lacks its per-sample scores, or settings sharing fewer than 2 dev samples, are errors.
+    ``evaluated_at``: lengths options the runs were also evaluated at (eval.at_lengths): their tables
+    (``predictions/<name>/after.json``) are compared too, as the metrics ``<name>/<metric>`` (rows with
+    ``evaluated_at``), all in one table (one Holm adjustment).
     """
     metric_labels = dict(metric_labels or {})
     settings_runs = group_settings(runs, varied, label)
@@ -165,6 +181,11 @@ def paired_comparison(client, runs: Sequence[Any], varied: Sequence[str], label:
                 continue
             for metric, by_sample in keyed_scores(table, f"run {run.info.run_id[:8]} ({name})").items():
                 scores.setdefault(name, {}).setdefault(metric, []).append(by_sample)
+            for at in evaluated_at:  # cross-evaluation: metric "<lengths>/<metric>" as the run logs eval/<lengths>/...
+                other = load(client, run.info.run_id, AT_LENGTHS_TABLE.format(at))
+                where = f"run {run.info.run_id[:8]} ({name}) at {at}"
+                for metric, by_sample in (keyed_scores(other, where) if other is not None else {}).items():
+                    scores.setdefault(name, {}).setdefault(f"{at}/{metric}", []).append(by_sample)
             reported.setdefault(name, set()).update(
                 k.split("/", 1)[1] for k in run.data.metrics if k.startswith("eval/"))
     if baseline_name is not None and baseline_name not in scores:
@@ -194,7 +215,11 @@ def paired_comparison(client, runs: Sequence[Any], varied: Sequence[str], label:
         notes.append(f"not compared (not every setting has per-sample scores for it): {', '.join(left_out)}")
     if not metrics:
         return PairedComparison(None, settings, notes + ["no paired verdicts: no per-sample metric shared by the settings"])
-    labelled = {name: {metric_labels.get(m, m): by_metric[m] for m in metrics} for name, by_metric in scores.items()}
+    def label(metric: str) -> str:
+        at, _, plain = metric.rpartition("/")
+        return metric_labels.get(plain, plain) + (f"{AT}{at}" if at else "")
+
+    labelled = {name: {label(m): by_metric[m] for m in metrics} for name, by_metric in scores.items()}
     table = verdict_table(labelled, baseline=baseline_name, seed=seed)
     return PairedComparison(table, settings, notes)
 
@@ -215,7 +240,8 @@ def table_cells(table: VerdictTable) -> list[list[str]]:
     cells = []
     for r in table.rows:
         k, d = decimals(r.ci_low, r.ci_high), delta_decimals(r.delta, r.ci_low, r.ci_high)
-        cells.append([r.setting, r.metric, f"{r.delta:+.{d}f}", f"[{r.ci_low:.{k}f}, {r.ci_high:.{k}f}]",
+        metric = r.metric + (f"{AT}{r.evaluated_at}" if r.evaluated_at else "")
+        cells.append([r.setting, metric, f"{r.delta:+.{d}f}", f"[{r.ci_low:.{k}f}, {r.ci_high:.{k}f}]",
                       _p(r.p_value), _p(r.p_adjusted), f"{r.n_samples:,}", str(r.n_seeds), r.verdict,
                       "-" if r.samples_needed is None else f"{r.samples_needed:,}"])
     return cells
@@ -280,24 +306,3 @@ def with_description(existing: str | None, result: PairedComparison | None) -> s
     if text is None:
         return rest if rest != (existing or "") else None
     return f"{VERDICTS_START}\n{text}\n{VERDICTS_END}\n\n{rest}".rstrip() + "\n"
-
-
-def seed_table(comparison) -> tuple[list[str], list[list[str]]]:
-    """(header, cells): per setting, every score column as mean ± sd over its seeds and n_seeds; empty unless some
-    setting has several runs (seeds)."""
-    from glm_experiments.study.verdicts import seed_summary
-
-    result = comparison.paired
-    if result is None or not any(len(ids) > 1 for ids in result.settings.values()):
-        return [], []
-    columns = comparison.tables.get("scores", [])
-    by_id = {row["run_id"]: row for row in comparison.rows}
-    cells = []
-    for name, ids in result.settings.items():
-        row = [name, str(len(ids))]
-        for col in columns:
-            mean, sd, n = seed_summary(by_id[i].get(col) for i in ids if i in by_id)
-            row.append("-" if mean is None else f"{mean:.2f}" + ("" if sd is None else f" ± {sd:.2f}")
-                       + ("" if n == len(ids) else f" ({n})"))
-        cells.append(row)
-    return ["setting", "seeds", *columns], cells

@@ -16,7 +16,6 @@ from glm_experiments.study.comparison import (
     Comparison,
     best_value,
     format_value,
-    headlines,
     table_cells,
 )
 
@@ -113,24 +112,26 @@ def _md_escape(text: str) -> str:
 
 
 def markdown_report(comparison: Comparison, images: dict[str, str]) -> str:
-    from glm_experiments.study.paired import markdown_section, seed_table
+    from glm_experiments.study.paired import markdown_section
+    from glm_experiments.study.settings import grid_markdown, pooled_table, study_headlines
 
     lines = [f"# Comparison: {comparison.name}", "",
              f"{len(comparison.rows)} {comparison.selection}; tracking URI `{comparison.tracking_uri}`.", ""]
     if comparison.smoke_note:  # above everything, the verdicts too
         lines += [f"**{comparison.smoke_note}**", ""]
     lines += markdown_section(comparison.paired)  # the verdicts first
-    header, cells = seed_table(comparison)
+    header, cells = pooled_table(comparison)
     if cells:
-        lines += ["Scores over seeds: mean ± sd over the runs of each setting.", "",
+        lines += ["Scores over seeds: mean ± sd over the runs of each setting (runs that differ only in `seed`).", "",
                   "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
         lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in cells] + [""]
+    lines += grid_markdown(comparison)
     if comparison.varied:
         lines += [f"Varied params: {', '.join(f'`{k}`' for k in comparison.varied)}. "
                   f"Every other param is identical in all runs (listed below).", ""]
     else:
         lines += ["No param differs between these runs.", ""]
-    lines += [f"* {line}" for line in headlines(comparison)] + [""]
+    lines += [f"* {line}" for line in study_headlines(comparison)] + [""]
     for title, columns in comparison.tables.items():
         if not columns:
             continue
@@ -185,17 +186,19 @@ def html_report(comparison: Comparison, out_dir: Path, images: dict[str, str]) -
 
     import pandas as pd
 
-    from glm_experiments.study.paired import html_section, seed_table
+    from glm_experiments.study.paired import html_section
+    from glm_experiments.study.settings import grid_html, pooled_table, study_headlines
 
     parts = [f"<h1>Comparison: {html.escape(comparison.name)}</h1>",
              f"<p>{len(comparison.rows)} {html.escape(comparison.selection.replace('`', ''))}</p>",
              *([f"<p><strong>{html.escape(comparison.smoke_note)}</strong></p>"] if comparison.smoke_note else []),
              html_section(comparison.paired)]  # the verdicts first (after the smoke-run note)
-    header, cells = seed_table(comparison)
+    header, cells = pooled_table(comparison)
     if cells:
         parts += ["<p>Scores over seeds: mean ± sd over the runs of each setting.</p>",
                   pd.DataFrame(cells, columns=header).to_html(border=0, index=False)]
-    lines = headlines(comparison)
+    parts.append(grid_html(comparison))
+    lines = study_headlines(comparison)
     if lines:
         parts.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
     for title, columns in comparison.tables.items():

@@ -240,6 +240,7 @@ class VerdictRow:
     n_seeds: int
     verdict: str
     samples_needed: int | None
+    evaluated_at: str | None = None  # eval.at_lengths: the lengths option both were evaluated at (None: their own)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -263,10 +264,12 @@ class VerdictTable:
         return [setting_sentence([r for r in self.rows if r.setting == s]) for s in self.settings()]
 
     def metrics(self) -> dict[str, float]:
-        """MLflow metrics: ``verdict/<setting>/<metric>/delta|ci_low|ci_high|p`` (names sanitised for MLflow)."""
+        """MLflow metrics: ``verdict/<setting>/<metric>/delta|ci_low|ci_high|p``, evaluated at another length
+        ``verdict/<setting>/<lengths>/<metric>/...`` (names sanitised for MLflow)."""
         out = {}
         for row in self.rows:
-            prefix = f"verdict/{metric_key_part(row.setting)}/{metric_key_part(row.metric)}"
+            at = f"{metric_key_part(row.evaluated_at)}/" if row.evaluated_at else ""
+            prefix = f"verdict/{metric_key_part(row.setting)}/{at}{metric_key_part(row.metric)}"
             out.update({f"{prefix}/delta": row.delta, f"{prefix}/ci_low": row.ci_low,
                         f"{prefix}/ci_high": row.ci_high, f"{prefix}/p": row.p_value})
         return out
@@ -278,6 +281,7 @@ def metric_key_part(text: str) -> str:
 
 
 SeedScores = Sequence[Mapping[str, float]]  # one {sample_key: score} per seed
+AT = " at "  # "ROUGE-L at src512_tgt128": a metric of the evaluation at another length (eval.at_lengths)
 
 
 def verdict_table(scores: Mapping[str, Mapping[str, SeedScores]], baseline: str | None = None,
@@ -287,7 +291,9 @@ def verdict_table(scores: Mapping[str, Mapping[str, SeedScores]], baseline: str 
 
     ``scores``: setting name -> metric -> one ``{sample_key: score}`` dict per seed (run), settings in sweep
     order. ``baseline``: a setting name (default: the first). ``metrics``: those to compare (default: every
-    metric any setting has, in first-seen order); each setting must have per-sample scores for each.
+    metric any setting has, in first-seen order); each setting must have per-sample scores for each. A metric
+    named ``<metric>{AT}<lengths>`` (:data:`AT`) was scored at another length (eval.at_lengths): its rows get
+    ``metric`` and ``evaluated_at`` apart.
     """
     names = list(scores)
     if len(names) < 2:
@@ -326,9 +332,10 @@ def verdict_table(scores: Mapping[str, Mapping[str, SeedScores]], baseline: str 
             by_metric.update({metric: result for (metric, _), result in zip(group, found)})
         results += [(name, metric, by_metric[metric], len(scores[name][metric])) for metric in metrics]
     adjusted = holm([r.p_value for _, _, r, _ in results])
-    rows = [VerdictRow(metric=metric, setting=name, baseline=baseline, delta=r.delta, ci_low=r.ci_low,
-                       ci_high=r.ci_high, p_value=r.p_value, p_adjusted=p_adj, n_samples=r.n_samples,
-                       n_seeds=n_seeds, verdict=r.verdict, samples_needed=r.samples_needed)
+    rows = [VerdictRow(metric=metric.partition(AT)[0], setting=name, baseline=baseline, delta=r.delta,
+                       ci_low=r.ci_low, ci_high=r.ci_high, p_value=r.p_value, p_adjusted=p_adj,
+                       n_samples=r.n_samples, n_seeds=n_seeds, verdict=r.verdict, samples_needed=r.samples_needed,
+                       evaluated_at=metric.partition(AT)[2] or None)
             for (name, metric, r, n_seeds), p_adj in zip(results, adjusted)]
     baseline_seeds = max(len(scores[baseline][m]) for m in metrics) if metrics else 1
     return VerdictTable(baseline=baseline, rows=rows, baseline_seeds=baseline_seeds)
@@ -363,7 +370,8 @@ def row_phrase(row: VerdictRow) -> str:
     """'ROUGE-L +23.5 [17.1, 29.8], better' / 'BLEU-4 +0.4 [-1.2, 2.0], within noise: about 900 dev samples ...'."""
     k = decimals(row.ci_low, row.ci_high)
     d = delta_decimals(row.delta, row.ci_low, row.ci_high)
-    text = f"{row.metric} {row.delta:+.{d}f} [{row.ci_low:.{k}f}, {row.ci_high:.{k}f}], {row.verdict}"
+    name = row.metric + (f"{AT}{row.evaluated_at}" if row.evaluated_at else "")
+    text = f"{name} {row.delta:+.{d}f} [{row.ci_low:.{k}f}, {row.ci_high:.{k}f}], {row.verdict}"
     if row.verdict == WITHIN_NOISE:
         if row.samples_needed is None:
             text += ": no difference observed"

@@ -117,7 +117,8 @@ def test_session_refuses_other_runs_or_changed_data(pair, tmp_path):
 
 
 def test_mlflow_run_mirrors_the_session_and_compare_shows_it(pair, tmp_path):
-    from glm_experiments.study.comparison import collect, print_table
+    from glm_experiments.study.comparison import collect
+    from glm_experiments.study.tables import print_table
 
     a, b, data = pair
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

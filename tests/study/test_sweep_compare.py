@@ -122,7 +122,8 @@ def test_compare_cli_outputs_and_logs_to_parent(handmade_store, tmp_path, capsys
 def test_compare_tables_fit_100_columns(handmade_store):
     from rich.console import Console
 
-    from glm_experiments.study.comparison import collect, print_table, short_run_label
+    from glm_experiments.study.comparison import collect, short_run_label
+    from glm_experiments.study.tables import print_table
 
     uri, _, parent, _ = handmade_store
     console = Console(width=100, record=True, color_system=None)

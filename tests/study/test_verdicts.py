@@ -184,7 +184,8 @@ def test_the_table_pools_seeds_holm_adjusts_and_names_its_baseline():
     payload = json.loads(json.dumps(table.to_json()))
     assert payload["baseline"] == "src=512"
     assert set(payload["rows"][0]) == {"metric", "setting", "baseline", "delta", "ci_low", "ci_high", "p_value",
-                                       "p_adjusted", "n_samples", "n_seeds", "verdict", "samples_needed"}
+                                       "p_adjusted", "n_samples", "n_seeds", "verdict", "samples_needed",
+                                       "evaluated_at"}  # the fields + the cross-evaluation's column
 
     # another baseline; rows do not depend on the table's order (each comparison has its own seed)
     other = v.verdict_table(scores, baseline="src=1024")
