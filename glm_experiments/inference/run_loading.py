@@ -95,7 +95,7 @@ def _run_dir_from_mlflow(run_id: str, tracking_uri: str | None) -> Path:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from glm_experiments.tracking.mlflow_tracker import check_store
+    from glm_experiments.tracking.store import check_store
 
     check_store(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)

@@ -94,7 +94,7 @@ class Comparison:
 
     def check_store(self) -> None:
         """A store that cannot be used fails now, in one line (and MLflow's import is paid before the first vote)."""
-        from glm_experiments.tracking.mlflow_tracker import store_lock
+        from glm_experiments.tracking.store import store_lock
 
         try:
             from mlflow import MlflowClient

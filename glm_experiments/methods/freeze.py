@@ -15,7 +15,8 @@ from typing import Any
 
 from torch import nn
 
-from glm_experiments.config.schema import AT_LEAST_1, MethodConfig, ranged
+from glm_experiments.config.ranges import AT_LEAST_1, ranged
+from glm_experiments.config.schema import MethodConfig
 from glm_experiments.errors import SettingError, UserError
 from glm_experiments.methods.artifacts import (
     cfg_get,

@@ -17,7 +17,8 @@ from typing import Any, Optional
 from torch import nn
 
 from glm_experiments.compat import silence_known_renames
-from glm_experiments.config.schema import AT_LEAST_1, POSITIVE, PROBABILITY, MethodConfig, one_of, ranged
+from glm_experiments.config.ranges import AT_LEAST_1, POSITIVE, PROBABILITY, one_of, ranged
+from glm_experiments.config.schema import MethodConfig
 from glm_experiments.errors import SettingError
 from glm_experiments.methods.artifacts import cfg_get, check_settings, read_method_json, write_method_json
 from glm_experiments.methods.record import Method, is_peft_model, register, unwrap_peft

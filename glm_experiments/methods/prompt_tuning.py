@@ -31,7 +31,8 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from glm_experiments.compat import CACHE, pop_cache
-from glm_experiments.config.schema import AT_LEAST_1, MethodConfig, ranged
+from glm_experiments.config.ranges import AT_LEAST_1, ranged
+from glm_experiments.config.schema import MethodConfig
 from glm_experiments.errors import SettingError
 from glm_experiments.methods.artifacts import (
     cfg_get,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
-from transformers import SchedulerType, Trainer, set_seed
+from transformers import Trainer, set_seed
 
 from glm_experiments.config.hydra_checks import check_creatable
 from glm_experiments.config.lengths import at_lengths
@@ -27,10 +27,10 @@ from glm_experiments.errors import UserError
 from glm_experiments.methods import Method, get_method, trainable_summary
 from glm_experiments.methods.quantized_base import check as check_quantization
 from glm_experiments.methods.quantized_base import quantization_config
-from glm_experiments.metrics import CONVENTION_SOURCES, DEFINITIONS
+from glm_experiments.metrics import CONVENTION_SOURCES
 from glm_experiments.metrics import definitions as metric_definitions
 from glm_experiments.migration import thudm_adapters
-from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, max_positions, num_layers, template_for
+from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, max_positions, template_for
 from glm_experiments.recipe.console import quiet_library_bars, quiet_trainer
 from glm_experiments.recipe.evaluation import (
     EvalSet,
@@ -51,55 +51,12 @@ from glm_experiments.recipe.trainer import (  # noqa: F401  (GlmTrainer, TRAINAB
     reset_peak_memory,
     training_arguments,
 )
-from glm_experiments.tracking.mlflow_tracker import (DISPLAY_NAME_TAG, SMOKE_TAG, Tracker, check_store, flatten_config,
-                                                     git_commit, run_name)
+from glm_experiments.tracking.mlflow_tracker import DISPLAY_NAME_TAG, SMOKE_TAG, Tracker, flatten_config, git_commit, run_name
+from glm_experiments.tracking.store import check_store
+
+from glm_experiments.recipe.checks import check_device_precision, check_named_settings, check_train_options
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------- preflight
-def check_train_options(cfg: DictConfig) -> None:
-    t = cfg.train
-    if t.packing and not get_method(cfg.method.name).packable:
-        # virtual tokens / prefix keys would be shared by all samples of the packed row
-        raise UserError(f"train.packing=true does not work with method={cfg.method.name} "
-                        "(its virtual tokens would be shared by every sample packed into a row)")
-    try:
-        SchedulerType(t.lr_scheduler_type)
-    except ValueError:
-        raise UserError(f"train.lr_scheduler_type={t.lr_scheduler_type}: expected one of "
-                        f"{', '.join(s.value for s in SchedulerType)}") from None
-    stage = ((cfg.deepspeed.config or {}).get("zero_optimization") or {}).get("stage")
-    if t.on_nonfinite == "skip_step" and cfg.deepspeed.config:
-        raise UserError(f"train.on_nonfinite=skip_step does not work with deepspeed={cfg.deepspeed.name} (the engine "
-                        "updates the weights inside backward, before the gradient norm is known): use stop or continue")
-    if t.loss_chunk_size and stage == 3:
-        raise UserError("train.loss_chunk_size does not work under ZeRO-3 (the output head's weight is partitioned "
-                        "outside its forward); use deepspeed=zero2 or train.loss_chunk_size=0")
-
-
-def check_device_precision(cfg: DictConfig) -> None:
-    """fp16 mixed precision cannot work on a CPU: refused here (float16 *weights* on a CPU work but crawl:
-    models/loading.py: resolve_dtype warns in one line)."""
-    import torch
-
-    if cfg.train.precision == "float16" and not torch.cuda.is_available():
-        raise UserError("train.precision=float16: fp16 mixed precision needs a CUDA GPU (its gradient scaler and "
-                        "half-precision kernels are GPU-only); on a CPU use train.precision=bfloat16 or float32 (auto)")
-
-
-def check_named_settings(cfg: DictConfig) -> None:
-    """Settings that name something (metrics, the model's layers) name what exists: refused here, not after
-    the training they would otherwise end (an unknown metric used to fail at the evaluation after it)."""
-    for key, names in (("data.metrics", cfg.data.metrics), ("eval.forgetting_metrics", cfg.eval.forgetting_metrics)):
-        unknown = [str(m) for m in names if m not in DEFINITIONS]
-        if unknown:
-            raise UserError(f"{key}=[{','.join(map(str, names))}]: unknown metric {', '.join(unknown)} "
-                            f"(known: {', '.join(sorted(DEFINITIONS))})")
-    n_last = cfg.method.get("num_last_layers") if not cfg.method.get("trainable_patterns") else None
-    layers = num_layers(cfg.model) if n_last is not None else None
-    if layers is not None and n_last > layers[0]:
-        raise UserError(f"method.num_last_layers={n_last}: must be in [1, {layers[0]}] (the model's layers, {layers[1]})")
 
 
 def preflight(cfg: DictConfig) -> None:

@@ -96,7 +96,7 @@ def _client(tracking_uri: str):
         if not db.exists():
             raise CompareError(f"no MLflow database at {db.resolve()} (tracking URI {tracking_uri}); "
                                "pass --tracking-uri, or run from the directory that holds mlflow.db")
-    from glm_experiments.tracking.mlflow_tracker import check_store
+    from glm_experiments.tracking.store import check_store
 
     check_store(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri)

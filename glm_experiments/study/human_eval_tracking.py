@@ -27,7 +27,7 @@ class HumanEvalRun:
         """The session's run in this store (the one its file names, else a new one); its id."""
         from mlflow.exceptions import MlflowException
 
-        from glm_experiments.tracking.mlflow_tracker import open_experiment
+        from glm_experiments.tracking.store import open_experiment
 
         session = self.session
         try:

@@ -45,7 +45,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import glm_experiments.config.resolvers  # noqa: F401  (configs may use ${mul:...}; registered before any job resolves)
 from glm_experiments.config.naming import SWEPT_KEYS_ENV, override_key
-from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, ROLE_TAG, SMOKE_TAG, git_commit, open_experiment
+from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, ROLE_TAG, SMOKE_TAG, git_commit
+from glm_experiments.tracking.store import open_experiment
 
 log = logging.getLogger(__name__)
 

@@ -127,7 +127,7 @@ def test_what_hydra_cannot_compose_is_one_line(overrides, message):
 
 # (overrides, message): composes, refused by preflight before any weight loads
 REFUSED_BEFORE_TRAINING = [
-    (["+train.nope=3"], "+train.nope=3: no such setting (train has max_steps, per_device_train_batch_size, "
+    (["+train.nope=3"], "+train.nope=3: no such setting (train has max_steps, num_train_epochs, per_device_train_batch_size, "
                         "gradient_accumulation_steps, learning_rate, lr_scheduler_type, warmup_ratio, weight_decay, "
                         "max_grad_norm, logging_steps, eval_steps, save_steps, save_total_limit, gradient_checkpointing, "
                         "group_by_length, packing, loss_chunk_size, dataloader_num_workers, precision, on_nonfinite)"),

@@ -168,8 +168,8 @@ def test_compare_with_a_corrupt_mlflow_db(tmp_path, capsys):
     db = tmp_path / "mlflow.db"
     db.write_bytes(os.urandom(4096))
     assert main(["--tracking-uri", f"sqlite:///{db}", "--experiment", "x"]) == EXIT_BAD_INPUT
-    assert capsys.readouterr().err == ("error: cannot use the MLflow store: (sqlite3.DatabaseError) file is not a "
-                                       "database (pass another --tracking-uri / tracking.tracking_uri)\n")
+    assert capsys.readouterr().err == (f"error: tracking.tracking_uri=sqlite:///{db}: {db} is not an SQLite database "
+                                       "(damaged, or another file); move it, pass another path, or use tracking=none\n")
 
 
 # ---------------------------------------------------------------------------------------- data files

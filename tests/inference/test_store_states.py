@@ -20,7 +20,7 @@ DEV = str(ROOT / "data" / "adgen_demo" / "dev.json")
 
 def test_an_unusable_store_is_said_at_once(tmp_path):
     from glm_experiments.errors import UserError
-    from glm_experiments.tracking.mlflow_tracker import check_store
+    from glm_experiments.tracking.store import check_store
 
     (tmp_path / "dir.db").mkdir()
     (tmp_path / "junk.db").write_text("not a database")

@@ -19,7 +19,7 @@ def test_unknown_lengths_option_is_one_line_before_training(tmp_path):
     with pytest.raises(UserError) as err:
         preflight(cfg)
     assert str(err.value) == ("eval.at_lengths: 'src2048' is not a lengths option "
-                              "(conf/lengths/ has src1024_tgt256, src512_tgt128)")
+                              "(conf/lengths/ has src1024_tgt256, src1024_tgt256_bs1, src512_tgt128, src512_tgt128_bs2)")
     cfg = compose(["eval.at_lengths=[src1024_tgt256]", "model.tiny.max_position_embeddings=1040",
                    "data.max_source_length=512", f"output_dir={tmp_path / 'run'}"])
     with pytest.raises(UserError, match=r"eval.at_lengths=src1024_tgt256: max_source_length 1024 \+ "

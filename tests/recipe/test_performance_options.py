@@ -16,7 +16,8 @@ from glm_experiments.errors import UserError
 from glm_experiments.methods import get_method, lora
 from glm_experiments.methods.lora import LoraMethodConfig
 from glm_experiments.recipe.losses import chunked_causal_lm_loss, chunked_loss
-from glm_experiments.recipe.train import GlmTrainer, check_train_options
+from glm_experiments.recipe.checks import check_train_options
+from glm_experiments.recipe.train import GlmTrainer
 from tests.helpers.common import assert_close, compose, run_cli
 
 

@@ -53,7 +53,7 @@ def test_description_becomes_the_experiment_note(tmp_path):
     from mlflow import MlflowClient
     from omegaconf import OmegaConf
 
-    from glm_experiments.tracking.mlflow_tracker import open_experiment
+    from glm_experiments.tracking.store import open_experiment
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = OmegaConf.create({"tracking_uri": uri, "experiment_name": "study", "description": "first words"})

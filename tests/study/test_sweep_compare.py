@@ -418,7 +418,8 @@ def test_compare_names_runs_by_their_display_names_and_marks_smoke_runs(tmp_path
     from mlflow import MlflowClient
     from rich.console import Console
 
-    from glm_experiments.study.comparison import collect, print_table
+    from glm_experiments.study.comparison import collect
+    from glm_experiments.study.tables import print_table
     from glm_experiments.study.report import html_report, markdown_report
 
     uri = sqlite_uri(tmp_path / "mlflow.db")
