@@ -18,14 +18,8 @@ from torch import nn
 from glm_experiments.config.ranges import AT_LEAST_1, ranged
 from glm_experiments.config.schema import MethodConfig
 from glm_experiments.errors import SettingError, UserError
-from glm_experiments.methods.artifacts import (
-    cfg_get,
-    check_settings,
-    load_safetensors,
-    read_method_json,
-    save_safetensors,
-    write_method_json,
-)
+from glm_experiments.methods.artifacts import cfg_get, check_settings, load_safetensors, read_method_json
+from glm_experiments.methods.artifacts import save_safetensors, write_method_json
 from glm_experiments.methods.parameters import model_dims, trainable_state_dict
 from glm_experiments.methods.record import Method, register
 

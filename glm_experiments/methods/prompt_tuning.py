@@ -34,14 +34,8 @@ from glm_experiments.compat import CACHE, pop_cache
 from glm_experiments.config.ranges import AT_LEAST_1, ranged
 from glm_experiments.config.schema import MethodConfig
 from glm_experiments.errors import SettingError
-from glm_experiments.methods.artifacts import (
-    cfg_get,
-    check_settings,
-    load_safetensors,
-    read_method_json,
-    save_safetensors,
-    write_method_json,
-)
+from glm_experiments.methods.artifacts import cfg_get, check_settings, load_safetensors, read_method_json
+from glm_experiments.methods.artifacts import save_safetensors, write_method_json
 from glm_experiments.methods.parameters import freeze_all, input_embeddings
 from glm_experiments.methods.record import Method, register
 from glm_experiments.methods.virtual_tokens import override_method, query_shape, real_position_ids, split_virtual_mask
