@@ -119,7 +119,7 @@ def eval_sets_at(samples, tokenizer, template, data_cfg, options: dict[str, dict
     for name, lengths in options.items():
         source = lengths["max_source_length"]
         settings = SimpleNamespace(**{**dict(data_cfg), "max_source_length": source})
-        sets[name] = (EvalSet(*eval_prompts(samples, tokenizer, template, settings)), sum(len(ids) > source for ids in whole))
+        sets[name] = (EvalSet.of(samples, tokenizer, template, settings), sum(len(ids) > source for ids in whole))
     return sets
 
 
