@@ -286,8 +286,9 @@ def test_one_time_limit_too_many_fails_the_job_with_the_reason(slurm_conf, tmp_p
     sweep.slurm("scancel", "--signal=USR2", job)
     rc = sweep.finish(timeout=180)
     output = sweep.output()
-    assert rc == 1, output[-4000:]
+    assert rc == 2, output[-4000:]  # a failed sweep ends with its job's one error line, exit 2 (bad input or limits)
     assert "ended FAILED (1 jobs, 1 failed)" in output, output[-3000:]
+    assert "\nerror: SLURM job " in output and "max_num_timeout=0 allows: not requeued again" in output
     _, parent, children = runs(tmp_path)
     assert parent.info.status == "FAILED"
     error = parent.data.tags["job.0.error"]
