@@ -1,7 +1,7 @@
-"""Settings checked before anything loads that only the recipe knows how to judge: trainer options, precision on this device, names (metrics, layers) that must exist."""
+"""Settings checked before anything loads that only the recipe knows how to judge: trainer options, precision on
+this device, names (metrics, layers) that must exist."""
 
 from __future__ import annotations
-
 
 from omegaconf import DictConfig
 from transformers import SchedulerType
@@ -10,15 +10,6 @@ from glm_experiments.errors import UserError
 from glm_experiments.methods import get_method
 from glm_experiments.metrics import DEFINITIONS
 from glm_experiments.models.loading import num_layers
-from glm_experiments.recipe.trainer import (  # noqa: F401  (GlmTrainer, TRAINABLE_FILE: imported from here by tests and bench)
-    TRAINABLE_FILE,
-    GlmTrainer,
-    TrackingCallback,
-    peak_memory_mib,
-    reset_peak_memory,
-    training_arguments,
-)
-
 
 
 # ------------------------------------------------------------------------------- preflight
