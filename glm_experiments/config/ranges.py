@@ -1,4 +1,5 @@
-"""The values a numeric setting allows, declared on its schema field (``ranged(default, min=..., ...)``) and checked by schema.check_settings before anything loads (OmegaConf checks only types)."""
+"""The values a numeric setting allows, declared on its schema field (``ranged(default, min=..., ...)``) and
+checked by schema.check_settings before anything loads (OmegaConf checks only types)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-
-import glm_experiments.config.resolvers  # noqa: F401  (${mul:...} in conf/, also when tests compose)
 from glm_experiments.errors import UserError
-
 
 
 # ------------------------------------------------------------------------- ranges
