@@ -295,7 +295,8 @@ def test_cli_unknown_group_option(tmp_path):
     _fail(["method=lorra"], tmp_path,
           "method=lorra: no such option (conf/method/ has dora, freeze, full, lora, prompt_tuning, ptuning, qlora)")
     _fail(["--multirun", "lengths=src512_tgt128,src2048"], tmp_path,
-          "lengths=src2048: no such option (conf/lengths/ has src1024_tgt256, src512_tgt128)")
+          "lengths=src2048: no such option (conf/lengths/ has src1024_tgt256, src1024_tgt256_bs1, src512_tgt128, "
+          "src512_tgt128_bs2)")
 
 
 def test_group_choices_leave_hydra_syntax_alone():
@@ -373,8 +374,8 @@ def test_cli_corrupt_mlflow_db(tmp_path):
     db = tmp_path / "mlflow.db"
     db.write_bytes(os.urandom(4096))
     _fail([f"tracking.tracking_uri=sqlite:///{db}"], tmp_path,
-          f"tracking.tracking_uri=sqlite:///{db}: cannot open the MLflow store ((sqlite3.DatabaseError) file is not "
-          "a database); fix or move it, or use tracking=none")
+          f"tracking.tracking_uri=sqlite:///{db}: {db} is not an SQLite database (damaged, or another file); "
+          "move it, pass another path, or use tracking=none")
 
 
 @pytest.mark.slow
