@@ -19,7 +19,6 @@ from tests.helpers.common import ROOT, assert_close
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")]
 
 if torch.cuda.is_available():  # before anything imports the project (hydra, datasets, bitsandbytes)
-    sys.path.insert(0, str(ROOT / "bench"))
     from gpu_check import ensure_packages
 
     ensure_packages("cuda")

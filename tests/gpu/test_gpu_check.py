@@ -13,8 +13,7 @@ import pytest
 
 from tests.helpers.common import ROOT
 
-sys.path.insert(0, str(ROOT / "bench"))
-import gpu_check  # noqa: E402
+import gpu_check  # bench/, on pytest's pythonpath
 
 
 @pytest.mark.slow

@@ -13,8 +13,7 @@ from glm_experiments.methods.full import FullMethodConfig
 from glm_experiments.methods.lora import LoraMethodConfig
 from tests.helpers.common import ROOT
 
-sys.path.insert(0, str(ROOT / "bench"))
-from memory_trace import MIB, trace_training_step  # noqa: E402
+from memory_trace import MIB, trace_training_step  # bench/, on pytest's pythonpath
 
 
 def config(vocab: int = 4096) -> GlmConfig:
@@ -39,8 +38,9 @@ def real_bytes(method_cfg) -> int:
 @pytest.mark.parametrize("method_cfg", [LoraMethodConfig(name="lora", r=4), FullMethodConfig(name="full")])
 def test_traced_weights_are_the_real_bytes(method_cfg):
     traced = trace_training_step(config(), method_cfg, batch=2, source_len=8, target_len=8)
-    # exact up to a few scalars the method keeps around (16 bytes for LoRA)
-    assert abs(traced["weights_mib"] * MIB - real_bytes(method_cfg)) <= 64
+    # exact up to a few scalars the method and transformers keep alive (LoRA: 16 B with older transformers, 144 B
+    # with 5.25), out of 1.2 MB
+    assert abs(traced["weights_mib"] * MIB - real_bytes(method_cfg)) <= 256
     assert traced["peak_mib"] > traced["weights_mib"]
 
 
