@@ -29,11 +29,15 @@ log = logging.getLogger("glm_experiments")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from glm_experiments.recipe.run_dirs import check_sweep_job_resume
+    from glm_experiments.recipe.run_result import RunResult
     from glm_experiments.recipe.summary import print_summary
     from glm_experiments.recipe.train import preflight, run
     from glm_experiments.scale.launcher import launch, needs_launch
 
     try:
+        if _in_multirun() and not check_sweep_job_resume(cfg):  # a finished job of a resumed sweep: nothing to do
+            return RunResult.read(Path(cfg.output_dir)).metrics_after.get(cfg.optimize_metric)
         preflight(cfg)  # before torchrun workers start and before any weight loads: one message, not one per rank
         # several processes or DeepSpeed: torchrun workers train from the config composed here
         result = launch(cfg) if needs_launch(cfg) else run(cfg)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -95,9 +96,9 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
-def saved_config(run_dir: Path) -> dict | None:
+def saved_config(run_dir: Path, hydra_subdir: str = ".hydra") -> dict | None:
     """The run's ``.hydra/config.yaml`` as saved (interpolations unresolved), or None where there is none."""
-    path = Path(run_dir) / ".hydra" / "config.yaml"
+    path = Path(run_dir) / hydra_subdir / "config.yaml"
     if not path.is_file():
         return None
     try:
@@ -142,12 +143,12 @@ def _step(checkpoint: str | Path) -> int:
     return int(Path(checkpoint).name[len("checkpoint-"):])
 
 
-def check_resume(run_dir: Path, resume: Any, cfg: DictConfig) -> None:
+def check_resume(run_dir: Path, resume: Any, cfg: DictConfig, hydra_subdir: str = ".hydra") -> None:
     """A resume of ``run_dir`` with the composed ``cfg`` must continue the same run: its settings equal the saved
     ones (RESUME_MAY_CHANGE aside), ``train.max_steps`` not below the checkpoint's step; a finished run is
     continued only to a larger ``train.max_steps`` (AlreadyFinished: nothing to do). Checked before Hydra
     rewrites ``.hydra/*.yaml``: a refused resume changes nothing."""
-    saved = saved_config(run_dir)
+    saved = saved_config(run_dir, hydra_subdir)
     given = OmegaConf.to_container(cfg, resolve=False)
     given.pop("hydra", None)
     if saved is not None:
@@ -224,8 +225,52 @@ class RunDirGuard(Callback):
                                 "for a new directory")
             for job_dir in jobs:  # resume=<step> must exist in every job that is there already
                 check_run_dir(job_dir, resume, "hydra.sweep.dir")
+            # Hydra rewrites a job's .hydra/*.yaml before the job starts, and only the job knows its composed
+            # config: the saved one is kept aside for check_sweep_job_resume (which puts it back on a refusal)
+            for job_dir in jobs:
+                kept = job_dir / SAVED_BEFORE_RESUME
+                if (job_dir / ".hydra").is_dir() and not kept.exists():  # an earlier attempt's copy is the original
+                    shutil.copytree(job_dir / ".hydra", kept)
 
         _refuse_on_error(check)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # a kept config still there belongs to a job directory no job of this sweep got past its check in (another
+        # setting's directory, or a job that died first): what describes the run there is the kept one
+        sweep_dir = Path(config.hydra.sweep.dir)
+        for kept in sweep_dir.glob(f"*/{SAVED_BEFORE_RESUME}") if sweep_dir.is_dir() else []:
+            _put_back(kept)
+
+
+def _put_back(kept: Path) -> None:
+    shutil.rmtree(kept.parent / ".hydra", ignore_errors=True)
+    kept.rename(kept.parent / ".hydra")
+
+
+# where on_multirun_start keeps a sweep job's saved config while the job checks its resume
+SAVED_BEFORE_RESUME = ".hydra.before_resume"
+
+
+def check_sweep_job_resume(cfg: DictConfig) -> bool:
+    """In a ``--multirun resume=...`` job that continues a job directory: check_resume against the config saved
+    before this sweep (RunDirGuard.on_multirun_start kept it aside). Refused (UserError) or already finished
+    (returns False: nothing to train): the saved ``.hydra/`` is put back, so the job directory is as it was.
+    True: train (the copy is dropped)."""
+    job_dir = Path(cfg.output_dir)
+    kept = job_dir / SAVED_BEFORE_RESUME
+    if not resume_requested(cfg.get("resume")) or not kept.is_dir():
+        return True
+    try:
+        check_resume(job_dir, cfg.resume, cfg, hydra_subdir=SAVED_BEFORE_RESUME)
+    except (UserError, AlreadyFinished) as exc:
+        _put_back(kept)
+        if isinstance(exc, UserError):
+            raise
+        log.info("%s", exc)
+        print(exc)
+        return False
+    shutil.rmtree(kept)
+    return True
 
 
 def _refuse_on_error(check) -> None:

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from tests.helpers.common import run_cli
+from tests.helpers.common import demo_data_slice, run_cli
 from tests.helpers.runs import tree_hashes
 from tests.recipe.test_run_states import error_line, mlflow_runs
 
@@ -103,3 +103,41 @@ def test_resume_falls_back_from_a_truncated_checkpoint_to_the_same_final_loss(tm
     final = [json.loads((d / "result.json").read_text())["train"]["loss"] for d in (whole, broken)]
     assert final[1] == pytest.approx(final[0], abs=1e-5)
     assert tree_hashes(broken / "checkpoints").keys() == tree_hashes(whole / "checkpoints").keys()  # no staging left
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_sweep(tmp_path):
+    """``--multirun resume=auto`` over a finished sweep: each job checks its own composed config against the one it
+    saved (Hydra rewrites .hydra/*.yaml before a job starts; the saved one is put back on a refusal), so finished
+    jobs are left as they were and a changed setting is refused in one line."""
+    sweep_dir = tmp_path / "sweep"
+    args = ["--multirun", *BASE, "tracking=none", "train.max_steps=2", "seed=1,2", f"hydra.sweep.dir={sweep_dir}"]
+    first = run_cli(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    jobs = sorted(p for p in sweep_dir.iterdir() if (p / "result.json").is_file())
+    assert len(jobs) == 2
+
+    def job_bytes() -> list[dict]:  # the job's log file aside: Hydra appends to it
+        return [{k: v for k, v in tree_hashes(job).items() if not k.endswith(".log")} for job in jobs]
+
+    before = job_bytes()
+    done = run_cli([*args, "resume=auto"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for job in jobs:
+        assert (f"run already finished at step 2: {job} (nothing to do; train.max_steps=<more than 2> trains on)"
+                in done.stdout), done.stdout[-3000:]
+    assert job_bytes() == before
+
+    # a path is not part of a job directory's name: the same directories, another config
+    train_file, _ = demo_data_slice(tmp_path)
+    refused = run_cli([*args, "resume=auto", f"data.train_file={train_file}"], tmp_path)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    line = error_line(refused)
+    assert line.startswith("error: cannot resume ") and f"-> {train_file}" in line, line
+    assert job_bytes() == before  # .hydra/*.yaml put back: the jobs still describe the LoRA runs they hold
+
+    # more steps is another job name (steps3): new job directories; the finished ones stay as they were
+    more = run_cli([*args[:-2], "train.max_steps=3", *args[-2:], "resume=auto"], tmp_path)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert len(list(sweep_dir.glob("*steps3*/result.json"))) == 2
+    assert job_bytes() == before  # no kept copy left behind in the directories this sweep did not use
