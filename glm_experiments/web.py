@@ -100,10 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    from glm_experiments.inference.flags import check_device
+    from glm_experiments.inference.flags import check_device, check_generation_length
 
     check_device(args.device)
     engines = find_engines(args)
+    for engine in engines:  # a reply within each model's positions (the prompt box is limited to what is left)
+        check_generation_length(engine.cfg.model, args.max_new_tokens)
     comparison = Comparison.prepare(engines[0], engines[1], args) if len(engines) > 1 else None
     _gradio()  # a missing extra, a taken port: one line before anything loads
     _check_port(args.host, args.port)

@@ -2,6 +2,7 @@
 wrong (``CorruptFileError``, a UserError: exit 2), never a traceback, and a pickle is never unpickled.
 
 * ``read_json`` / ``read_json_object``: method.json, adapter_config.json, trainer_state.json, result.json;
+  ``check_tokenizer_files``: tokenizer.json, tokenizer_config.json and the other tokenizer JSON files;
 * ``safetensors_header``: the header of a safetensors file checked against the file's size (truncated,
   random or empty files are caught before safetensors or torch touch them), without importing torch;
   ``load_safetensors``: the checked header, then the tensors;
@@ -64,6 +65,18 @@ def read_json_object(path: Path, required: tuple[str, ...] = ()) -> dict:
     if missing:
         raise _corrupt(Path(path), f"no {', '.join(repr(k) for k in missing)} in it")
     return payload
+
+
+# the JSON files of a tokenizer in transformers' format (tokenizer.model files are parsed by models/tokenizers.py)
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def check_tokenizer_files(directory: Path) -> None:
+    """Each tokenizer JSON file in ``directory`` is a readable JSON object: a damaged one is named, instead of
+    the tokenizers library's message about the directory."""
+    for name in TOKENIZER_JSON:
+        if (Path(directory) / name).is_file():
+            read_json_object(Path(directory) / name)
 
 
 # ----------------------------------------------------------------------------- safetensors

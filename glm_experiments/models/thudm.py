@@ -160,6 +160,9 @@ def _load_thudm(path: Path, family: str, dtype: torch.dtype | None, attn_impleme
 def _load_native(path: Path, family: str, dtype: torch.dtype | None, **kwargs):
     from transformers import AutoTokenizer
 
+    from glm_experiments.models.checked_files import check_tokenizer_files
+
+    check_tokenizer_files(path)  # a damaged file named, before the tokenizers library reports the directory
     try:  # the tokenizer first: a missing one is found before the weights load
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as err:  # a native model dir that kept THUDM's tokenizer files only

@@ -352,6 +352,15 @@ def test_cli_missing_tokenizer(native_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_damaged_tokenizer_file(native_dir, tmp_path):
+    d = _copy(native_dir, tmp_path)
+    tokenizer = d / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[: tokenizer.stat().st_size // 2])  # a copy cut short
+    _fail(["model.family=hf", "model.template=chatglm3", f"model.path={d}", "tracking=none"], tmp_path,
+          f"{tokenizer}: not valid JSON (", exact=False)
+
+
+@pytest.mark.slow
 def test_cli_data_is_validated_before_the_model_loads(native_dir, tmp_path):
     # a broken record and unreadable weights: the data error comes first (the model is never loaded)
     d = _copy(native_dir, tmp_path)

@@ -67,3 +67,13 @@ def test_chat_flags(flags, line, small_run, capsys, monkeypatch):
     code, said = call_cli(main, ["--run", str(small_run), *flags], capsys)
     assert code == 2 and said == line, said
     assert tree_hashes(small_run) == before
+
+
+def test_web_max_new_tokens_within_the_models_positions(small_run, capsys):
+    from glm_experiments.web import main
+
+    before = tree_hashes(small_run)
+    code, said = call_cli(main, ["--run", str(small_run), "--max-new-tokens", "100000"], capsys)
+    assert code == 2 and said.startswith("error: --max-new-tokens 100000: ") and "exceeds the model's 2048 positions" \
+        " (model.tiny.max_position_embeddings)" in said, said
+    assert tree_hashes(small_run) == before

@@ -10,6 +10,7 @@ key mapping under test.
 from __future__ import annotations
 
 import json
+import re
 import math
 import shutil
 from pathlib import Path
@@ -432,6 +433,17 @@ def test_error_shape_mismatch(bases, tmp_path, capsys):
     adapter = _lora_dir(bases, tmp_path, mutate=mutate, fmt="bin")
     err = _convert_error(bases["chatglm3"], "chatglm3", adapter, tmp_path, capsys)
     assert "adapter_model.bin: key base_model.model.transformer.encoder.layers.1.self_attention.query_key_value.lora_B.weight has shape (112, 4), expected (128, r)" in err
+
+
+def test_error_lora_made_for_a_wider_model(bases, tmp_path, capsys):
+    """Every lora_A twice as wide as this base's hidden size (a LoRA of another model size): refused, nothing written."""
+    def mutate(w):
+        return {k: torch.cat([v, v], dim=1) if "lora_A" in k else v for k, v in w.items()}
+
+    adapter = _lora_dir(bases, tmp_path, mutate=mutate)
+    err = _convert_error(bases["chatglm3"], "chatglm3", adapter, tmp_path, capsys)
+    assert re.search(r"adapter_model.safetensors: key \S+lora_A.weight has shape \(4, (\d+)\), expected \(r, \d+\) "
+                     "for this base", err), err
 
 
 def test_error_wrong_family(bases, tmp_path, capsys):
