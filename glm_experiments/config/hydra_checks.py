@@ -3,6 +3,8 @@
 * an output directory that cannot be created (a Hydra callback): Hydra creates ``hydra.run.dir``
   (``hydra.sweep.dir``) itself, before the task function runs, so a path under a file or in a read-only place
   would end in Hydra's traceback; checked here, before it tries;
+* an optimising sweeper's ``optimize_metric`` that its trials do not compute (a Hydra callback, before the first
+  trial trains);
 * a group option that does not exist (``method=lorra``): Hydra lists every option of the group, the schema
   nodes ``base_*`` that are no options among them; checked on the command line before Hydra starts;
 * every other error Hydra raises while composing (:func:`composition_error`): a value of the wrong type
@@ -91,6 +93,31 @@ class OutputDirCheck(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check("hydra.sweep.dir", config.hydra.sweep.dir)
+
+
+def check_objective(config: DictConfig) -> None:
+    """A sweeper that optimises (one with a ``direction``: hparams_search=optuna) is handed ``optimize_metric`` of
+    each trial: a metric the jobs do not compute would give it None after the first trial's training."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.select(config, "hydra.sweeper.direction") is None:
+        return
+    metric, data = config.optimize_metric, config.data
+    computed = list(data.metrics) if data.dev_file else []
+    if metric not in computed:
+        have = (f"with data={data.name} they compute {', '.join(computed)}" if computed else
+                "data.dev_file is null: they compute no metric")
+        raise UserError(f"optimize_metric={metric}: the search's trials do not compute it ({have}); "
+                        "the sweeper would get None")
+
+
+class ObjectiveCheck(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_objective(config)
+        except UserError as exc:
+            print(one_line(exc), file=sys.stderr)
+            raise SystemExit(EXIT_BAD_INPUT) from None
 
 
 # ------------------------------------------------------------------------- composition errors

@@ -451,3 +451,24 @@ def test_torchrun_store_listens_on_loopback_only(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     listening = [line.split(" ", 1)[1] for line in result.stdout.splitlines() if line.startswith("LISTEN ")]
     assert listening == ["0100007F"], result.stdout  # 127.0.0.1, and no 0.0.0.0 / :: listener
+
+
+def test_an_optimising_sweeper_needs_an_objective_the_trials_compute():
+    """hparams_search=optuna needs its extra; the check reads only hydra.sweeper.direction, set here by hand."""
+    from glm_experiments.compose import compose as compose_config
+    from glm_experiments.config.hydra_checks import check_objective
+
+    def composed(*overrides: str):
+        cfg = compose_config(list(overrides), return_hydra_config=True)
+        OmegaConf.update(cfg, "hydra.sweeper.direction", "maximize", force_add=True)
+        return cfg
+
+    check_objective(composed())  # rouge-l on the demo data
+    check_objective(compose_config(["optimize_metric=banana"], return_hydra_config=True))  # a sweeper that does not optimise
+    with pytest.raises(UserError) as bad:
+        check_objective(composed("optimize_metric=rouge-l", "data=spo_demo"))
+    assert str(bad.value) == ("optimize_metric=rouge-l: the search's trials do not compute it (with data=spo_demo they "
+                              "compute triple_f1); the sweeper would get None")
+    with pytest.raises(UserError) as none:
+        check_objective(composed("data.dev_file=null"))
+    assert "data.dev_file is null: they compute no metric" in str(none.value)
