@@ -219,11 +219,28 @@ def composition_error(exc: BaseException, overrides: list[str]) -> UserError | N
             return CompositionError(f"{ambiguous.group(1)}: a list is written [a,b], a string with commas quoted "
                                     "('a,b'), and a sweep needs --multirun")
         return CompositionError(_first_line(exc) + (f": {_first_line(cause)}" if cause is not None else ""))
+    if isinstance(exc, AssertionError) and "Unexpected type for root" in text:  # OmegaConf.update under a null
+        line = _override_being_applied(exc)
+        if line is not None:
+            parent = _key(line).rpartition(".")[0]
+            return CompositionError(f"{line}: {parent} is null in this config, so it has no keys to set; give "
+                                    f"{parent} a value (or choose a config group option that has one)")
     if isinstance(exc, InterpolationResolutionError) or (isinstance(exc, OmegaConfBaseException) and exc.full_key):
         key = exc.full_key or ""
         where = _override_for(key, overrides) if key else ""
         reason = _first_line(exc)
         return CompositionError(f"{where}: {reason[:1].lower()}{reason[1:]}" if where else reason)
+    return None
+
+
+def _override_being_applied(exc: BaseException) -> str | None:
+    """The override Hydra was applying when ``exc`` was raised (its ``_apply_overrides_to_config`` frame holds it):
+    OmegaConf's assertion does not name the key."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_apply_overrides_to_config" and "override" in tb.tb_frame.f_locals:
+            return str(tb.tb_frame.f_locals["override"].input_line)
+        tb = tb.tb_next
     return None
 
 

@@ -94,6 +94,9 @@ NOT_COMPOSING = [
                  "eval, seed, output_dir, resume, sanity_print, optimize_metric)"),
     (["method=ptuning", "method.r=4"], ("method.r=4: no such setting (method has name, pre_seq_len, "
                                        "prefix_projection, prefix_hidden_size, prefix_dropout, init_from)")),
+    (["deepspeed.config.stage=2"], "deepspeed.config.stage=2: deepspeed.config is null in this config, so it has no "
+                                   "keys to set; give deepspeed.config a value (or choose a config group option that "
+                                   "has one)"),
     (["train.max_steps==3"], f"train.max_steps==3: extraneous input '=' {GRAMMAR}"),
     (["train.max_steps=[1,2"], f"train.max_steps=[1,2: no viable alternative at input '[1,2' {GRAMMAR}"),
     (["train.learning_rate=1e-3,,2e-3"], f"train.learning_rate=1e-3,,2e-3: extraneous input ',' {GRAMMAR}"),
