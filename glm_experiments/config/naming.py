@@ -42,8 +42,10 @@ def job_label(overrides: Iterable[str], fallback: str = "") -> str:
 
 # ------------------------------------------------------------------------------- the display name of a run
 # One name per run, read by people: the MLflow run name, the web page's run labels and compare's row labels.
-# The swept values come first (MLflow's runs table shows only the first ~20 characters of a name), then "smoke"
-# for a debug=smoke run, then the method and model: ``src=1024 tgt=256 · smoke · full · tiny``.
+# MLflow's runs table shows only the start of a name (3.17, Chromium at 1440x900: 122 px, about 20 characters, of
+# a parent run; 98 px, about 15, of a child run under it). So "smoke" comes first for a debug=smoke run (a wiring
+# check is never read as a result), then the swept values, the method and the model:
+# ``smoke · src=1024 tgt=256 · full · tiny``; a real run starts with what its study varies.
 SEPARATOR = " · "
 SMOKE = "smoke"
 # set by the sweep callback for its jobs: the keys the sweep varies (``lengths,method.r``); a job's other
@@ -93,9 +95,9 @@ def varied_values(overrides: Iterable[str], swept_keys: Iterable[str] | None = N
 
 
 def display_name(values: Iterable[str], method: str | None, model: str | None, smoke: bool = False) -> str:
-    """``src=1024 tgt=256 · smoke · full · tiny``: what varies first, then smoke, the method and the model."""
+    """``smoke · src=1024 tgt=256 · full · tiny``: smoke (if it is), what varies, the method and the model."""
     head = " ".join(v for v in values if v)
-    return SEPARATOR.join(p for p in (head, SMOKE if smoke else "", method or "", model or "") if p)
+    return SEPARATOR.join(p for p in (SMOKE if smoke else "", head, method or "", model or "") if p)
 
 
 def swept_keys_from_env() -> list[str] | None:

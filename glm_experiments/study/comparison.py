@@ -213,7 +213,7 @@ def collect(tracking_uri: str | None = None, experiment: str | None = None, pare
     columns = [param_label(k) for k in shown] + ([] if varied else ["run name"])
     columns += [label for _, label, _ in metric_columns] + (["status"] if show_status else []) + ["run"]
 
-    # each run by its display name (its MLflow run name: what varies · smoke · method · model) when every run has
+    # each run by its display name (its MLflow run name: smoke · what varies · method · model) when every run has
     # one and they tell the runs apart; else one made the same way from the params that differ here
     display_names = [run.data.tags.get(DISPLAY_NAME_TAG) for run in runs]
     use_names = all(display_names) and len(set(display_names)) == len(display_names)

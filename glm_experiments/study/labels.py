@@ -8,7 +8,7 @@ from glm_experiments.tracking.mlflow_tracker import SMOKE_TAG
 
 # a group whose choice varies: its other params follow from the choice, show only the choice
 GROUPS = ("method", "model", "data", "deepspeed")
-LABEL_WIDTH = 40  # a display name: src=1024 tgt=256 · smoke · full · tiny
+LABEL_WIDTH = 40  # a display name: smoke · src=1024 tgt=256 · full · tiny
 
 
 def param_label(key: str) -> str:
@@ -58,7 +58,7 @@ def short_run_label(label: str, width: int = LABEL_WIDTH) -> str:
 
 
 def distinct_labels(labels: list[str]) -> list[str]:
-    """The labels without the parts every one of them shares (``src=512 tgt=128 · smoke · full · tiny`` ->
+    """The labels without the parts every one of them shares (``smoke · src=512 tgt=128 · full · tiny`` ->
     ``src=512 tgt=128`` when all runs are smoke full tiny runs): what tells them apart, for prose."""
     split = [label.split(SEPARATOR) for label in labels]
     if len(split) < 2:

@@ -69,7 +69,7 @@ SMOKE_TAG = "glm_experiments.smoke"  # set on debug=smoke runs: a wiring check, 
 
 
 def run_name(cfg, overrides: list[str], smoke: bool = False, swept_keys: list[str] | None = None) -> str:
-    """The run's display name (config/naming.py), e.g. ``src=1024 tgt=256 · smoke · full · tiny``: the values the
+    """The run's display name (config/naming.py), e.g. ``smoke · src=1024 tgt=256 · full · tiny``: the values the
     sweep varies (``swept_keys``, by default what the sweep callback put in the environment; outside a sweep every
     override that changes the experiment), "smoke" for ``debug=smoke``, then the method and the model.
     ``tracking.run_name`` replaces it."""

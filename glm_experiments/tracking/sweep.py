@@ -44,7 +44,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 import glm_experiments.config.resolvers  # noqa: F401  (configs may use ${mul:...}; registered before any job resolves)
-from glm_experiments.config.naming import SWEPT_KEYS_ENV, override_key
+from glm_experiments.config.naming import SEPARATOR, SMOKE, SWEPT_KEYS_ENV, override_key
 from glm_experiments.tracking.mlflow_tracker import PARENT_RUN_ENV, ROLE_TAG, SMOKE_TAG, git_commit
 from glm_experiments.tracking.store import open_experiment
 
@@ -82,8 +82,8 @@ def parent_name(config: DictConfig, swept: list[str]) -> str:
     study = choices.get("experiment") or choices.get("hparams_search")
     body = " ".join(swept) or "(no swept params)"
     name = f"{study}: {body}" if study else f"sweep: {body}"
-    if choices.get("debug") == "smoke":  # first: MLflow's runs table shows only the start of a name
-        name = f"smoke · {name}"
+    if choices.get("debug") == "smoke":  # first, as in a job's name (config/naming.py)
+        name = f"{SMOKE}{SEPARATOR}{name}"
     return name if len(name) <= MAX_NAME else name[: MAX_NAME - 3] + "..."
 
 

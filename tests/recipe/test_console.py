@@ -34,9 +34,9 @@ def test_job_labels_name_what_was_varied():
     assert job_label(["tracking=none"], "lora_tiny") == "lora_tiny"
 
 
-def test_display_names_put_the_swept_values_first():
-    """One name per run (MLflow run name, web page label, compare label): what the sweep varies first, short enough
-    for MLflow's runs table to show the difference, then smoke, the method and the model."""
+def test_display_names_put_smoke_then_the_swept_values_first():
+    """One name per run (MLflow run name, web page label, compare label): smoke first (MLflow's runs table shows
+    about 15 characters of a child run's name), then what the sweep varies, the method and the model."""
     from omegaconf import OmegaConf
 
     from glm_experiments.config.naming import SWEPT_KEYS_ENV, display_name, varied_values
@@ -45,8 +45,9 @@ def test_display_names_put_the_swept_values_first():
     job = ["experiment=source_length_ablation", "debug=smoke", "lengths=src1024_tgt256", "train.max_steps=50",
            "tracking.tracking_uri=sqlite:///x.db"]
     cfg = OmegaConf.create({"tracking": {"run_name": None}, "method": {"name": "full"}, "model": {"name": "tiny"}})
-    assert run_name(cfg, job, smoke=True, swept_keys=["lengths"]) == "src=1024 tgt=256 · smoke · full · tiny"
-    assert run_name(cfg, job, swept_keys=["lengths"])[:16] == "src=1024 tgt=256"  # what the runs table shows
+    assert run_name(cfg, job, smoke=True, swept_keys=["lengths"]) == "smoke · src=1024 tgt=256 · full · tiny"
+    assert run_name(cfg, job, smoke=True, swept_keys=["lengths"])[:15] == "smoke · src=102"  # what the runs table shows
+    assert run_name(cfg, job, swept_keys=["lengths"])[:15] == "src=1024 tgt=25"
     # outside a sweep: every override that changes the experiment
     assert run_name(cfg, job, swept_keys=None) == "src=1024 tgt=256 steps=50 · full · tiny"
     assert varied_values(["method=lora", "method.r=16", "train.learning_rate=1e-3"], ["method", "method.r"]) == ["r=16"]

@@ -426,28 +426,28 @@ def test_compare_names_runs_by_their_display_names_and_marks_smoke_runs(tmp_path
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("source_length_ablation", artifact_location=(tmp_path / "art").as_uri())
     for src, tgt, score in (("512", "128", 10.5), ("1024", "256", 12.0)):
-        name = f"src={src} tgt={tgt} · smoke · full · tiny"
+        name = f"smoke · src={src} tgt={tgt} · full · tiny"
         run_id = _make_run(client, exp, None, {"data.max_source_length": src, "data.max_target_length": tgt,
                                                "method.name": "full", "model.name": "tiny", "train.max_steps": "10"},
                            {"eval/rouge-l": [(10, score)]}, name=name)
         client.set_tag(run_id, "glm_experiments.display_name", name)
         client.set_tag(run_id, "glm_experiments.smoke", "debug=smoke: 10 steps, a wiring check, not a result")
     comparison = collect(uri, experiment="source_length_ablation")
-    assert [row["label"] for row in comparison.rows] == ["src=512 tgt=128 · smoke · full · tiny",
-                                                         "src=1024 tgt=256 · smoke · full · tiny"]
+    assert [row["label"] for row in comparison.rows] == ["smoke · src=512 tgt=128 · full · tiny",
+                                                         "smoke · src=1024 tgt=256 · full · tiny"]
     note = "smoke runs (10 steps): wiring check, not a result"
     assert comparison.smoke_note == note
     console = Console(width=100, record=True, color_system=None)
     print_table(comparison, console)
     text = console.export_text()
-    assert text.index(note) < text.index("ROUGE-L") and "src=1024 tgt=256 · smoke · full · tiny" in text
+    assert text.index(note) < text.index("ROUGE-L") and "smoke · src=1024 tgt=256 · full · tiny" in text
     report = markdown_report(comparison, {})
     assert report.index(note) < report.index("## Scores")
     assert note in html_report(comparison, tmp_path, {})
     # without display names (older runs): the same form, made from the params that differ
     for run in comparison.runs:
         client.delete_tag(run.info.run_id, "glm_experiments.display_name")
-    assert collect(uri, experiment="source_length_ablation").rows[1]["label"] == "src=1024 tgt=256 · smoke · full · tiny"
+    assert collect(uri, experiment="source_length_ablation").rows[1]["label"] == "smoke · src=1024 tgt=256 · full · tiny"
 
 
 def test_report_lists_the_samples_two_runs_differ_most_on():
