@@ -168,3 +168,26 @@ def test_refusals_are_one_line():
     all_4bit, _ = _load(_cfg("method=lora", "model.quantization=4bit"))
     with pytest.raises(UserError, match="method=freeze: model.layers.0.mlp.down_proj.weight is quantized"):
         get_method("freeze").apply(all_4bit, cfg.method)
+
+
+def test_without_a_usable_bitsandbytes_one_line_says_what_to_install(monkeypatch):
+    import importlib.metadata
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    with pytest.raises(UserError) as missing:
+        check(_cfg("method=qlora"))
+    assert str(missing.value) == ("model.quantization=4bit needs bitsandbytes, which is not installed "
+                                  "(pip install -e '.[qlora]'), or use model.quantization=null")
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.45.5" if name == "bitsandbytes" else real_version(name))
+    with pytest.raises(UserError) as old:
+        check(_cfg("method=ptuning", "model.quantization=8bit"))
+    assert str(old.value) == ("model.quantization=8bit: no CUDA GPU here and bitsandbytes 0.45.5 has no CPU path "
+                              "(>= 0.50 runs 4-bit and 8-bit layers on the CPU): pip install -U bitsandbytes, or use "
+                              "model.quantization=null")
