@@ -231,6 +231,7 @@ def load_checked_adapter(load, model, run_dir: Path, cfg: DictConfig, method: st
 
     adapter = Path(run_dir) / ADAPTER_DIR
     check_adapter_dir(adapter, model)
+    _say_saved_step(adapter, run_dir)
     try:
         return load(model, adapter, method_settings(cfg, method))
     except CorruptFileError:
@@ -242,6 +243,17 @@ def load_checked_adapter(load, model, run_dir: Path, cfg: DictConfig, method: st
         detail = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else "")
         raise UserError(f"cannot load the adapter of {run_dir}: its tensors do not fit the base model ({detail}"
                         f"{f'; {len(lines) - 2} more' if len(lines) > 2 else ''})") from None
+
+
+def _say_saved_step(adapter: Path, run_dir: Path) -> None:
+    """One line on stderr: which step's weights the adapter holds (train.keep_best: the best evaluation's)."""
+    import sys
+
+    from glm_experiments.recipe.best_checkpoint import saved_step_line
+
+    line = saved_step_line(adapter)
+    if line:
+        print(f"{run_dir.name}: {line}", file=sys.stderr)
 
 
 def add_run_arguments(parser, required: bool = True) -> None:

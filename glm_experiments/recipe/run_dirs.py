@@ -79,7 +79,8 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path, deep: bool = True, 
 # trains (train.max_steps); anything else would continue the run as another run, or make its saved config lie
 # (predict, merge and chat rebuild the run from .hydra/config.yaml)
 RESUME_MAY_CHANGE = ("resume", "output_dir", "train.max_steps", "train.save_steps", "train.save_total_limit",
-                     "train.logging_steps", "train.eval_steps", "train.dataloader_num_workers", "eval.", "tracking.",
+                     "train.logging_steps", "train.eval_steps", "train.dataloader_num_workers", "train.early_stopping.patience",
+                     "train.early_stopping.min_delta", "eval.", "tracking.",
                      "launcher.", "sanity_print", "optimize_metric")
 
 
