@@ -274,3 +274,19 @@ def test_a_run_killed_in_the_middle_keeps_its_best_and_its_patience_counter(tmp_
     run = _mlflow_run(uri, "killed")
     assert run.data.tags["early_stopping.stopped_at"] == "4" and run.data.tags["best.step"] == "1"
     assert "after (step 1 of 4, best rouge-l)" in resumed.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_each_job_of_a_sweep_stops_on_its_own(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli(["--multirun", "method=lora", *SMALL, "tracking=none", "train.max_steps=4", "train.eval_steps=1",
+                    "train.save_steps=0", FROZEN, "train.early_stopping.patience=1,2", f"hydra.sweep.dir={sweep_dir}"],
+                   tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [job for job in sweep_dir.iterdir() if (job / "result.json").is_file()]
+    results = {OmegaConf.load(job / ".hydra" / "config.yaml").train.early_stopping.patience:
+               json.loads((job / "result.json").read_text()) for job in jobs}
+    # patience 1: the second evaluation (step 2) stops it; patience 2: the third (step 3); step 1 the best of both
+    assert {p: r["train"]["global_step"] for p, r in results.items()} == {1: 2, 2: 3}
+    assert all(r["saved_step"]["step"] == 1 for r in results.values())
