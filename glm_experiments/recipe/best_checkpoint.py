@@ -49,14 +49,17 @@ def best_settings(cfg) -> BestSettings | None:
     if not keep and stopping.patience is None:
         return None
     asked = f"train.early_stopping.patience={stopping.patience}" if stopping.patience else "train.keep_best=true"
+    implicit = t.keep_best is None and stopping.patience is None  # only keep_best's default (eval_steps > 0)
     if not t.eval_steps:
         raise UserError(f"{asked} needs train.eval_steps > 0: the evaluations during training it watches")
     if not cfg.data.dev_file:
+        if implicit:  # no evaluation to keep the best of
+            return None
         raise UserError(f"{asked} needs data.dev_file: the evaluations it watches are on the dev set")
     metric = stopping.metric or cfg.optimize_metric
     if metric != LOSS and metric not in cfg.data.metrics:
         key = "train.early_stopping.metric" if stopping.metric else "optimize_metric"
-        if t.keep_best is None and stopping.patience is None:  # only the default keep_best: the last step, said once
+        if implicit:  # the last step's adapter, said once
             log.warning("%s=%s is not in data.metrics (%s): no best evaluation to keep, the adapter is the last step's",
                         key, metric, ", ".join(cfg.data.metrics))
             return None

@@ -3,6 +3,7 @@ run's ``Evaluator`` (before, every train.eval_steps, after; the forgetting probe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -11,7 +12,14 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 from glm_experiments.distributed import is_main, zero3_partitioned
@@ -28,7 +36,7 @@ class EvalSet:
     cuts: list[int] | None = None  # source tokens max_source_length cut from each prompt
 
     @classmethod
-    def of(cls, samples, tokenizer, template, data_cfg) -> "EvalSet":
+    def of(cls, samples, tokenizer, template, data_cfg) -> EvalSet:
         from glm_experiments.data.dataset import eval_prompts
 
         cuts: list[int] = []
@@ -109,10 +117,8 @@ def evaluate_generation(model, tokenizer, template, eval_set: EvalSet, eval_cfg,
         out["prompt_seen"] = tokenizer.decode(eval_set.prompts[i], skip_special_tokens=False)
         return out
 
-    stream = None
     if stream_to is not None:
         Path(stream_to).parent.mkdir(parents=True, exist_ok=True)
-        stream = open(stream_to, "w", encoding="utf-8")
 
     def write_batch(indices: list[int], replies: list[str]) -> None:
         _, scores = compute_metrics(replies, [eval_set.references[i] for i in indices], metrics, convention=convention)
@@ -121,12 +127,9 @@ def evaluate_generation(model, tokenizer, template, eval_set: EvalSet, eval_cfg,
         stream.flush()
 
     start = time.perf_counter()
-    try:
+    with open(stream_to, "w", encoding="utf-8") if stream_to is not None else contextlib.nullcontext() as stream:
         predictions = generate(model, tokenizer, template, eval_set.prompts, eval_cfg, show_progress,
                                on_batch=write_batch if stream else None)
-    finally:
-        if stream:
-            stream.close()
     seconds = time.perf_counter() - start
     means, per_sample = compute_metrics(predictions, eval_set.references, metrics, convention=convention)
     rows = [row(i, p, s) for i, (p, s) in enumerate(zip(predictions, per_sample))]

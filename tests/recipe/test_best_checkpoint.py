@@ -80,8 +80,8 @@ def test_loss_is_minimised_and_the_counter_comes_back_from_the_checkpoint_state(
     (["train.early_stopping.patience=2"],
      "train.early_stopping.patience=2 needs train.eval_steps > 0: the evaluations during training it watches"),
     (["train.eval_steps=2", "train.early_stopping.patience=2", "train.early_stopping.metric=bleu"],
-     "train.early_stopping.metric=bleu: not computed by this run (data.metrics: bleu-4, rouge-1, rouge-2, rouge-l; "
-     "or loss); train.early_stopping.patience=2 watches it"),
+     ("train.early_stopping.metric=bleu: not computed by this run (data.metrics: bleu-4, rouge-1, rouge-2, rouge-l; "
+      "or loss); train.early_stopping.patience=2 watches it")),
     (["train.eval_steps=2", "train.keep_best=true", "data.dev_file=null"],
      "train.keep_best=true needs data.dev_file: the evaluations it watches are on the dev set"),
 ])
@@ -98,6 +98,8 @@ def test_defaults():
     from glm_experiments.recipe.best_checkpoint import BestSettings, best_settings
 
     assert best_settings(compose([])) is None  # eval_steps 0: nothing to watch
+    assert best_settings(compose(["train.eval_steps=5", "data.dev_file=null"])) is None  # no evaluation: not asked for
+    assert best_settings(compose(["train.eval_steps=5", "data=spo_demo"])) is None  # optimize_metric rouge-l not computed
     assert best_settings(compose(["train.eval_steps=5"])) == BestSettings("rouge-l", "max", True, None, 0.0)
     assert best_settings(compose(["train.eval_steps=5", "train.early_stopping.metric=loss",
                                   "train.early_stopping.patience=2"])) == BestSettings("loss", "min", True, 2, 0.0)
@@ -222,7 +224,7 @@ def test_the_peak_steps_adapter_is_saved(peaked):
     best = load_file(run_dir / "checkpoints" / "checkpoint-4" / "trainable.safetensors")
     adapter = {k: v for f in (run_dir / "adapter").glob("*.safetensors") for k, v in load_file(f).items()}
     last = {k: v for f in (run_dir / "adapter_last").glob("*.safetensors") for k, v in load_file(f).items()}
-    lora_b = sorted(k for k in best if "lora_B" in k)[0]
+    lora_b = min(k for k in best if "lora_B" in k)
     saved_b = next(v for k, v in adapter.items() if "lora_B" in k and k.split("lora_B")[0] in lora_b)
     assert saved_b.equal(best[lora_b].to(saved_b.dtype))
     assert not saved_b.equal(next(v for k, v in last.items() if "lora_B" in k and k.split("lora_B")[0] in lora_b))
