@@ -245,6 +245,8 @@ def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracke
         tokens_per_s=sum(n for n, _ in per_rank) / train_seconds,
         global_step=trainer.state.global_step,  # where a finished run ended (resume=auto of it: run_dirs.check_resume)
     )
+    if best is not None and best.stopped_at is not None:  # a resume=auto of it has nothing to do (run_dirs.py)
+        result.train_metrics["early_stopped_at"] = best.stopped_at
     if trainer.skipped_steps:  # train.on_nonfinite=skip_step
         result.train_metrics["skipped_steps"] = trainer.skipped_steps
     tracker.log_metrics({"perf/train_seconds": train_seconds, "perf/tokens_per_s": result.train_metrics["tokens_per_s"],

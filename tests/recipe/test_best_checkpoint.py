@@ -282,9 +282,9 @@ def test_a_run_killed_in_the_middle_keeps_its_best_and_its_patience_counter(tmp_
 @pytest.mark.timeout(400)
 def test_each_job_of_a_sweep_stops_on_its_own(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    proc = run_cli(["--multirun", "method=lora", *SMALL, "tracking=none", "train.max_steps=4", "train.eval_steps=1",
-                    "train.save_steps=0", FROZEN, "train.early_stopping.patience=1,2", f"hydra.sweep.dir={sweep_dir}"],
-                   tmp_path)
+    args = ["--multirun", "method=lora", *SMALL, "tracking=none", "train.max_steps=4", "train.eval_steps=1",
+            "train.save_steps=0", FROZEN, "train.early_stopping.patience=1,2", f"hydra.sweep.dir={sweep_dir}"]
+    proc = run_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = [job for job in sweep_dir.iterdir() if (job / "result.json").is_file()]
     results = {OmegaConf.load(job / ".hydra" / "config.yaml").train.early_stopping.patience:
@@ -292,3 +292,8 @@ def test_each_job_of_a_sweep_stops_on_its_own(tmp_path):
     # patience 1: the second evaluation (step 2) stops it; patience 2: the third (step 3); step 1 the best of both
     assert {p: r["train"]["global_step"] for p, r in results.items()} == {1: 2, 2: 3}
     assert all(r["saved_step"]["step"] == 1 for r in results.values())
+    # the sweep resumed: an early-stopped job is finished (no checkpoint of its last step to go on from is needed)
+    again = run_cli([*args, "resume=auto"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for step in (2, 3):
+        assert f"run already finished at step {step} (train.early_stopping): " in again.stdout, again.stdout[-3000:]
