@@ -74,6 +74,9 @@ def _find_run_dir(run: str | os.PathLike, tracking_uri: str | None = None) -> Pa
         if _is_run_dir(path):
             return path.resolve()
         if (path / METHOD_FILE).is_file() and _is_run_dir(path.parent):  # the run's adapter/ dir
+            if path.name != ADAPTER_DIR:  # adapter_last/ (train.keep_best): not what would load
+                raise UserError(f"{path}: the commands load {path.parent / ADAPTER_DIR} (the best evaluation's step); "
+                                f"to use {path.name}/ give it the name {ADAPTER_DIR} (swap the two directories)")
             return path.parent.resolve()
         raise UserError(f"run not found: {path} has no {CONFIG_FILE} (not a glm_experiments run directory)")
     if RUN_ID_RE.match(text):

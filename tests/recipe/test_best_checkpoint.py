@@ -297,3 +297,21 @@ def test_each_job_of_a_sweep_stops_on_its_own(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     for step in (2, 3):
         assert f"run already finished at step {step} (train.early_stopping): " in again.stdout, again.stdout[-3000:]
+
+
+def test_adapter_last_is_not_silently_taken_for_adapter(tmp_path):
+    from glm_experiments.errors import UserError
+    from glm_experiments.inference.run_loading import find_run_dir
+
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("{}\n")
+    for name in ("adapter", "adapter_last"):
+        (run_dir / name).mkdir()
+        (run_dir / name / "method.json").write_text('{"method": "lora"}')
+    assert find_run_dir(run_dir / "adapter") == run_dir.resolve()
+    with pytest.raises(UserError) as info:
+        find_run_dir(run_dir / "adapter_last")
+    assert str(info.value) == (f"{run_dir / 'adapter_last'}: the commands load {run_dir / 'adapter'} (the best "
+                               "evaluation's step); to use adapter_last/ give it the name adapter (swap the two "
+                               "directories)")
