@@ -106,7 +106,8 @@ class BestCheckpointCallback(TrainerCallback, ExportableState):
                 state.best_global_step = step
                 control.should_save = True  # its checkpoint, whatever train.save_steps
         self.bad_evaluations = 0 if gain > s.min_delta else self.bad_evaluations + 1
-        if s.patience is not None and self.bad_evaluations >= s.patience:
+        # at the last step training ends anyway: not an early stop
+        if s.patience is not None and self.bad_evaluations >= s.patience and step < state.max_steps:
             control.should_training_stop = True
             self.stopped_at = step
             self.reason = (f"{s.metric} not improved by more than {s.min_delta:g} in {self.bad_evaluations} "

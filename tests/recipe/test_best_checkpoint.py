@@ -48,7 +48,7 @@ def _jsonl(path) -> list[dict]:
 def _callback(**settings):
     from glm_experiments.recipe.best_checkpoint import BestCheckpointCallback
 
-    state = SimpleNamespace(best_metric=None, best_global_step=0, stateful_callbacks={})
+    state = SimpleNamespace(best_metric=None, best_global_step=0, stateful_callbacks={}, max_steps=100)
     control = SimpleNamespace(should_save=False, should_training_stop=False)
     return BestCheckpointCallback(**{"metric": "rouge-l", "mode": "max", **settings}), state, control
 
@@ -61,6 +61,9 @@ def test_patience_counts_evaluations_without_an_improvement_above_min_delta():
     # 10.5 is the best (any gain) and saved, but not an improvement above min_delta: two in a row stop training
     assert (state.best_metric, state.best_global_step, callback.bad_evaluations) == (10.5, 4, 2)
     assert control.should_training_stop and callback.stopped_at == 6
+    control.should_training_stop = False
+    callback.observe(state, control, 100, {"rouge-l": 1.0})  # the last step: training ends there anyway
+    assert not control.should_training_stop and callback.stopped_at == 6
     assert callback.reason == "rouge-l not improved by more than 1 in 2 evaluation(s) (best 10.5000)"
 
 
