@@ -297,6 +297,7 @@ def log_best(cfg: DictConfig, tracker: Tracker, result: RunResult) -> None:
 def evaluate_after(cfg: DictConfig, pieces: Pieces, trainer: GlmTrainer, evaluator: Evaluator, forgetting_before: dict,
                    tracker: Tracker, result: RunResult) -> None:
     final_step = result.saved_step["step"]  # the step of the model's weights (train.keep_best: the best's)
+    tracker.set_tags({"after.step": str(final_step)})
     if pieces.dev_set is not None:
         loss, samples = dev_loss(cfg, pieces, trainer)
         # the loss is over these samples (data.max_dev_samples bounds them), not necessarily the whole dev file

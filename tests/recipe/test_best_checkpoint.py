@@ -217,6 +217,7 @@ def test_the_peak_steps_adapter_is_saved(peaked):
     run = _mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
     assert run.info.status == "FINISHED" and run.data.tags["early_stopping.stopped_at"] == "8"
     assert run.data.tags["best.step"] == "4" and run.data.metrics["best/rouge-l"] == 30.0
+    assert run.data.tags["after.step"] == "4"  # the "after" evaluation is of the kept step's model
     # the sweeper's objective (__main__ returns metrics_after[optimize_metric]) is the best, not the last (5)
     assert result.metrics_after["rouge-l"] == 30.0
     assert result.saved_step == {"step": 4, "last_step": 8, "best_metric": "rouge-l", "best_value": 30.0,
