@@ -266,6 +266,10 @@ def test_a_run_killed_in_the_middle_keeps_its_best_and_its_patience_counter(tmp_
             "tracking.experiment_name=killed", f"hydra.run.dir={run_dir}"]
     code, _ = signal_after_checkpoint(args, run_dir, tmp_path, step=3)
     assert code != 0
+    for path in (run_dir / "predictions").glob("*.jsonl"):  # SIGKILL, maybe mid-evaluation: only complete lines
+        text = path.read_text(encoding="utf-8")
+        assert not text or text.endswith("\n"), path
+        assert all(json.loads(line)["prediction"] is not None for line in text.splitlines())
     state = json.loads((run_dir / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["best_global_step"] == 1 and state["best_model_checkpoint"] == str(run_dir / "checkpoints" / "checkpoint-1")
     assert state["stateful_callbacks"]["BestCheckpointCallback"]["attributes"] == {"bad_evaluations": 2}
