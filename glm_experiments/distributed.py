@@ -64,6 +64,15 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     return out
 
 
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's ``obj`` (picklable) on every rank. Collective: all ranks call it."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def zero3_partitioned(model: torch.nn.Module) -> bool:
     """True once DeepSpeed ZeRO-3 has split the parameters across ranks: every forward is then collective."""
     return any(hasattr(p, "ds_id") for p in model.parameters())

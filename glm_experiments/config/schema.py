@@ -104,6 +104,22 @@ class DataConfig:
 
 # --------------------------------------------------------------------------- train
 @dataclass
+class EarlyStoppingConfig:
+    """``train.early_stopping``: training ends (FINISHED) once ``patience`` evaluations in a row (every
+    train.eval_steps) brought no improvement larger than ``min_delta`` (recipe/best_checkpoint.py). Always a node
+    (OmegaConf cannot set ``train.early_stopping.patience=3`` into a null one): patience null = off."""
+
+    # a metric of data.metrics, or loss (the dev loss, then computed at every evaluation); null = optimize_metric.
+    # Also the metric train.keep_best picks the best evaluation by
+    metric: Optional[str] = None
+    # max | min; null = min for loss, max for the others
+    mode: Optional[str] = one_of(None, "max", "min")
+    # evaluations in a row without such an improvement that end training; null = no early stopping
+    patience: Optional[int] = ranged(None, **AT_LEAST_1)
+    min_delta: float = ranged(0.0, min=0)
+
+
+@dataclass
 class TrainConfig:
     # training length in optimizer steps ...
     max_steps: int = ranged(300, **AT_LEAST_1)
@@ -137,6 +153,12 @@ class TrainConfig:
     # not saved, the last good one kept for resume=auto) | skip_step (that batch's update left out, counted as
     # train/skipped_steps) | continue (train on, as transformers does)
     on_nonfinite: str = one_of("stop", "stop", "skip_step", "continue")
+    # off until train.early_stopping.patience is set
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    # the best evaluation's step (by early_stopping.metric, else optimize_metric) is checkpointed, protected from
+    # save_total_limit, and its weights are the run's adapter/ (the last step's: adapter_last/); null = on when
+    # eval_steps > 0
+    keep_best: Optional[bool] = None
 
 
 @dataclass

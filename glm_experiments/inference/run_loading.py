@@ -74,6 +74,9 @@ def _find_run_dir(run: str | os.PathLike, tracking_uri: str | None = None) -> Pa
         if _is_run_dir(path):
             return path.resolve()
         if (path / METHOD_FILE).is_file() and _is_run_dir(path.parent):  # the run's adapter/ dir
+            if path.name != ADAPTER_DIR:  # adapter_last/ (train.keep_best): not what would load
+                raise UserError(f"{path}: the commands load {path.parent / ADAPTER_DIR} (the best evaluation's step); "
+                                f"to use {path.name}/ give it the name {ADAPTER_DIR} (swap the two directories)")
             return path.parent.resolve()
         raise UserError(f"run not found: {path} has no {CONFIG_FILE} (not a glm_experiments run directory)")
     if RUN_ID_RE.match(text):
@@ -231,6 +234,7 @@ def load_checked_adapter(load, model, run_dir: Path, cfg: DictConfig, method: st
 
     adapter = Path(run_dir) / ADAPTER_DIR
     check_adapter_dir(adapter, model)
+    _say_saved_step(adapter, run_dir)
     try:
         return load(model, adapter, method_settings(cfg, method))
     except CorruptFileError:
@@ -242,6 +246,17 @@ def load_checked_adapter(load, model, run_dir: Path, cfg: DictConfig, method: st
         detail = next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else "")
         raise UserError(f"cannot load the adapter of {run_dir}: its tensors do not fit the base model ({detail}"
                         f"{f'; {len(lines) - 2} more' if len(lines) > 2 else ''})") from None
+
+
+def _say_saved_step(adapter: Path, run_dir: Path) -> None:
+    """One line on stderr: which step's weights the adapter holds (train.keep_best: the best evaluation's)."""
+    import sys
+
+    from glm_experiments.recipe.best_checkpoint import saved_step_line
+
+    line = saved_step_line(adapter)
+    if line:
+        print(f"{run_dir.name}: {line}", file=sys.stderr)
 
 
 def add_run_arguments(parser, required: bool = True) -> None:

@@ -79,7 +79,8 @@ def resolve_resume(resume: str | None, checkpoint_dir: Path, deep: bool = True, 
 # trains (train.max_steps); anything else would continue the run as another run, or make its saved config lie
 # (predict, merge and chat rebuild the run from .hydra/config.yaml)
 RESUME_MAY_CHANGE = ("resume", "output_dir", "train.max_steps", "train.save_steps", "train.save_total_limit",
-                     "train.logging_steps", "train.eval_steps", "train.dataloader_num_workers", "eval.", "tracking.",
+                     "train.logging_steps", "train.eval_steps", "train.dataloader_num_workers", "train.early_stopping.patience",
+                     "train.early_stopping.min_delta", "eval.", "tracking.",
                      "launcher.", "sanity_print", "optimize_metric")
 
 
@@ -139,6 +140,13 @@ def finished_step(run_dir: Path, saved: dict | None) -> int | None:
     return int(step) if step is not None else None
 
 
+def _stopped_early(run_dir: Path) -> bool:
+    try:
+        return "early_stopped_at" in json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8"))["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def _step(checkpoint: str | Path) -> int:
     return int(Path(checkpoint).name[len("checkpoint-"):])
 
@@ -161,6 +169,9 @@ def check_resume(run_dir: Path, resume: Any, cfg: DictConfig, hydra_subdir: str 
     max_steps = int(cfg.train.max_steps)
     checkpoint = resolve_resume(resume, Path(run_dir) / "checkpoints", deep=False, quiet=True)
     finished = finished_step(run_dir, saved)
+    if finished is not None and _stopped_early(run_dir):  # train.early_stopping ended it: nothing left to train
+        raise AlreadyFinished(f"run already finished at step {finished} (train.early_stopping): {run_dir} "
+                              "(nothing to do)")
     # a finished run trained on and interrupted has checkpoints beyond the step its result.json records
     if finished is not None and (checkpoint is None or _step(checkpoint) <= finished):
         if checkpoint is None or _step(checkpoint) != finished:

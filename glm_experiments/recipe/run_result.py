@@ -25,6 +25,8 @@ class RunResult:
     metrics_after: dict = field(default_factory=dict)
     train_metrics: dict = field(default_factory=dict)
     trainable: dict = field(default_factory=dict)
+    # the step of the saved adapter's weights, the last step, and (train.keep_best) the best's metric
+    saved_step: dict = field(default_factory=dict)
 
     def write(self) -> Path:
         from glm_experiments.recipe.outputs import atomic_write_text
@@ -33,7 +35,8 @@ class RunResult:
         return atomic_write_text(path, json.dumps({"run_id": self.run_id, "name": self.name,
                                                    "metrics_before": self.metrics_before,
                                                    "metrics_after": self.metrics_after, "train": self.train_metrics,
-                                                   "trainable": self.trainable}, indent=2, default=float))
+                                                   "trainable": self.trainable, "saved_step": self.saved_step},
+                                                  indent=2, default=float))
 
     @classmethod
     def read(cls, run_dir: Path) -> RunResult:
@@ -49,7 +52,7 @@ class RunResult:
         return cls(run_dir=Path(run_dir), run_id=saved.get("run_id"), name=saved.get("name"),
                    metrics_before=saved.get("metrics_before", {}),
                    metrics_after=saved.get("metrics_after", {}), train_metrics=saved.get("train", {}),
-                   trainable=saved.get("trainable", {}))
+                   trainable=saved.get("trainable", {}), saved_step=saved.get("saved_step", {}))
 
 
 def hydra_tags() -> tuple[dict[str, str], list[str]]:

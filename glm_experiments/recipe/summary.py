@@ -6,6 +6,15 @@ from rich.console import Console
 from rich.table import Table
 
 
+def after_label(saved_step: dict) -> str:
+    """The "after" column: which step's model it is (train.keep_best: the best evaluation's, not the last step's)."""
+    if "step" not in saved_step:
+        return "after"
+    best = f", best {saved_step['best_metric']}" if "best_metric" in saved_step else ""
+    last = f" of {saved_step['last_step']}" if saved_step["step"] != saved_step.get("last_step") else ""
+    return f"after (step {saved_step['step']}{last}{best})"
+
+
 def print_summary(cfg, result) -> None:
     console = Console()
     from glm_experiments.config.naming import job_label
@@ -18,7 +27,7 @@ def print_summary(cfg, result) -> None:
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
+    table.add_column(after_label(getattr(result, "saved_step", None) or {}), justify="right")
     # rows named as the MLflow metrics are: eval/<metric> on the dev set; eval/loss its cross-entropy
     for name in list(cfg.data.metrics) + ["loss"]:
         before, after = result.metrics_before.get(name), result.metrics_after.get(name)
@@ -41,6 +50,10 @@ def print_summary(cfg, result) -> None:
     )
     if tags.get("hydra.choices.debug") == "smoke":
         console.print(f"[bold yellow]smoke run ({cfg.train.max_steps} steps): wiring check, not a result[/]")
+    saved = getattr(result, "saved_step", None) or {}
+    if saved.get("last_step_adapter"):
+        console.print(f"adapter/: step {saved['step']}'s weights (best {saved['best_metric']}); the last step "
+                      f"{saved['last_step']}'s: {saved['last_step_adapter']}/")
     console.print(f"outputs: {result.run_dir}")
     if result.run_id:
         console.print(f"MLflow run {result.run_id} in {cfg.tracking.tracking_uri} (experiment '{cfg.tracking.experiment_name}')")

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,17 @@ from glm_experiments.metrics import definitions as metric_definitions
 from glm_experiments.migration import thudm_adapters
 from glm_experiments.models.loading import check_lengths, load_model_and_tokenizer, max_positions, template_for
 from glm_experiments.recipe.console import quiet_library_bars, quiet_trainer
-from glm_experiments.recipe.evaluation import (
-    EvalSet,
-    eval_sets_at,
-    evaluate_generation,
-    generation_kwargs,
-    load_eval_set,
-    write_predictions,
+from glm_experiments.recipe.best_checkpoint import (
+    ADAPTER_LAST,
+    LOSS,
+    BestCheckpointCallback,
+    best_settings,
+    best_step_to_restore,
+    saved_step_record,
+    write_saved_step,
 )
+from glm_experiments.recipe.callbacks import peak_memory_mib, reset_peak_memory
+from glm_experiments.recipe.evaluation import EvalSet, Evaluator, eval_sets_at, generation_kwargs
 from glm_experiments.recipe.interrupts import STOP, sigterm_as_interrupt, stop_at_step_callback
 from glm_experiments.recipe.run_dirs import resolve_resume
 from glm_experiments.recipe.run_result import RESULT_FILE, RunResult, hydra_tags
@@ -47,8 +50,6 @@ from glm_experiments.recipe.trainer import (  # noqa: F401  (GlmTrainer, TRAINAB
     TRAINABLE_FILE,
     GlmTrainer,
     TrackingCallback,
-    peak_memory_mib,
-    reset_peak_memory,
     training_arguments,
 )
 from glm_experiments.tracking.mlflow_tracker import DISPLAY_NAME_TAG, SMOKE_TAG, Tracker, flatten_config, git_commit, run_name
@@ -71,6 +72,7 @@ def preflight(cfg: DictConfig) -> None:
     check_lengths(cfg)
     check_named_settings(cfg)
     check_device_precision(cfg)
+    best_settings(cfg)  # train.early_stopping / keep_best: what they watch is evaluated
     limit, where = max_positions(cfg.model)
     virtual = cfg.method.num_virtual_tokens if cfg.method.name == "prompt_tuning" else 0
     for name, lengths in at_lengths(cfg).items():  # eval.at_lengths: names known, prompt + reply fit the positions
@@ -116,7 +118,9 @@ def run(cfg: DictConfig) -> RunResult:
             if cfg.eval.before_training and not resume_from:
                 result.metrics_before = evaluator(0, "before")
             trainer = train(cfg, pieces, evaluator, tracker, result, checkpoint_dir, resume_from)
+            result.saved_step = restore_best(cfg, method, pieces, trainer, tracker)
             evaluate_after(cfg, pieces, trainer, evaluator, forgetting_before, tracker, result)
+            log_best(cfg, tracker, result)
             save_and_log(cfg, method, pieces, trainer, evaluator.predictions_dir, tracker, result)
     except BaseException as exc:
         tracker.set_tags({"error": f"{type(exc).__name__}: {exc}", **getattr(exc, "tags", {})})
@@ -209,69 +213,23 @@ def setup(cfg: DictConfig, method: Method, tracker: Tracker, result: RunResult, 
     return Pieces(model, tokenizer, template, train_set, dev_set, eval_set, sets_at)
 
 
-class Evaluator:
-    """Generation metrics on the dev prompts (before, every train.eval_steps, after), and the forgetting probe."""
-
-    def __init__(self, cfg: DictConfig, pieces: Pieces, tracker: Tracker, predictions_dir: Path, resume_from):
-        self.cfg, self.pieces, self.tracker, self.predictions_dir = cfg, pieces, tracker, predictions_dir
-        self.forgetting_set = None
-        # rank 0 alone (under ZeRO-3 generation needs every rank: not supported); not measurable after a resume
-        if cfg.eval.forgetting_file and is_main() and not zero3_partitioned(pieces.model) and not resume_from:
-            self.forgetting_set = load_eval_set(cfg.eval.forgetting_file, cfg.eval.forgetting_format, pieces.tokenizer,
-                                                pieces.template, cfg.data.max_source_length, cfg.eval.max_samples)
-
-    def __call__(self, step: int, tag: str | None = None) -> dict:
-        cfg, p = self.cfg, self.pieces
-        # rank 0 generates alone, except under ZeRO-3 where every forward needs all ranks (generate syncs them)
-        if p.eval_set is None or not (is_main() or zero3_partitioned(p.model)):
-            return {}
-        means, rows = evaluate_generation(p.model, p.tokenizer, p.template, p.eval_set, cfg.eval, list(cfg.data.metrics))
-        if not is_main():
-            return means
-        name = tag or f"step{step}"
-        write_predictions(rows, self.predictions_dir / f"{name}.jsonl")
-        self.tracker.log_table(rows, f"predictions/{name}.json")
-        self.tracker.log_metrics({f"eval/{k}": v for k, v in means.items()}, step=step)
-        log.info("eval @ step %d: %s", step, ", ".join(f"{k} {v:.2f}" for k, v in means.items() if k in cfg.data.metrics))
-        return means
-
-    def at_lengths(self, step: int) -> dict:
-        """eval.at_lengths: the model again on the dev prompts cut at each option's source length (rank 0 only;
-        not under ZeRO-3): ``eval/<name>/<metric>``, ``predictions/<name>/after.json``. Returns {name: means}."""
-        cfg, p = self.cfg, self.pieces
-        if not p.eval_sets_at or not is_main() or zero3_partitioned(p.model):
-            return {}
-        out = {}
-        for name, (eval_set, _) in p.eval_sets_at.items():
-            means, rows = evaluate_generation(p.model, p.tokenizer, p.template, eval_set, cfg.eval, list(cfg.data.metrics))
-            write_predictions(rows, self.predictions_dir / name / "after.jsonl")
-            self.tracker.log_table(rows, f"predictions/{name}/after.json")
-            self.tracker.log_metrics({f"eval/{name}/{k}": v for k, v in means.items()}, step=step)
-            log.info("eval at %s @ step %d: %s", name, step,
-                     ", ".join(f"{k} {v:.2f}" for k, v in means.items() if k in cfg.data.metrics))
-            out[name] = means
-        return out
-
-    def forgetting(self) -> dict:
-        if self.forgetting_set is None:
-            return {}
-        p, metrics = self.pieces, list(self.cfg.eval.forgetting_metrics)
-        means, _ = evaluate_generation(p.model, p.tokenizer, p.template, self.forgetting_set, self.cfg.eval, metrics)
-        return {m: means[m] for m in metrics}
-
-
 def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracker, result: RunResult,
           checkpoint_dir: Path, resume_from: str | None) -> GlmTrainer:
+    settings = best_settings(cfg)  # train.keep_best / early_stopping: None when neither is on
+    best = BestCheckpointCallback(**asdict(settings)) if settings else None
+    tracking = TrackingCallback(tracker, evaluator, cfg.train.eval_steps, best=best)
     trainer = GlmTrainer(
         model=pieces.model,
         args=training_arguments(cfg, checkpoint_dir),
         train_dataset=pieces.train_set,
         data_collator=make_collator(cfg.train, pieces.tokenizer.pad_token_id),
-        callbacks=[TrackingCallback(tracker, evaluator, cfg.train.eval_steps), stop_at_step_callback()],
+        callbacks=[tracking, stop_at_step_callback(), *([best] if best else [])],
         method_cfg=cfg.method,
         loss_chunk_size=cfg.train.loss_chunk_size,
         on_nonfinite=cfg.train.on_nonfinite,
     )
+    if settings and settings.metric == LOSS:  # the dev loss at every evaluation, as the run's end computes it
+        tracking.loss_fn = lambda: dev_loss(cfg, pieces, trainer)[0]
     quiet_trainer(trainer)
     train_start = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=resume_from)
@@ -287,6 +245,8 @@ def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracke
         tokens_per_s=sum(n for n, _ in per_rank) / train_seconds,
         global_step=trainer.state.global_step,  # where a finished run ended (resume=auto of it: run_dirs.check_resume)
     )
+    if best is not None and best.stopped_at is not None:  # a resume=auto of it has nothing to do (run_dirs.py)
+        result.train_metrics["early_stopped_at"] = best.stopped_at
     if trainer.skipped_steps:  # train.on_nonfinite=skip_step
         result.train_metrics["skipped_steps"] = trainer.skipped_steps
     tracker.log_metrics({"perf/train_seconds": train_seconds, "perf/tokens_per_s": result.train_metrics["tokens_per_s"],
@@ -295,18 +255,55 @@ def train(cfg: DictConfig, pieces: Pieces, evaluator: Evaluator, tracker: Tracke
     return trainer
 
 
+def dev_loss(cfg: DictConfig, pieces: Pieces, trainer: GlmTrainer) -> tuple[float, int]:
+    """The model's loss on the dev set's first data.max_dev_samples samples (collective: every rank calls it)."""
+    dev_set = pieces.dev_set
+    if cfg.data.max_dev_samples and cfg.data.max_dev_samples < len(dev_set):
+        dev_set = dev_set.select(range(cfg.data.max_dev_samples))
+    return trainer.evaluate(dev_set)["eval_loss"], len(dev_set)
+
+
+def restore_best(cfg: DictConfig, method: Method, pieces: Pieces, trainer: GlmTrainer, tracker: Tracker) -> dict:
+    """train.keep_best: the best evaluation's weights back into the model when they are not the last step's (those
+    saved first as run_dir/adapter_last); early stopping's tags. Returns adapter/saved_step.json's record."""
+    state = trainer.state
+    best = next((c for c in trainer.callback_handler.callbacks if isinstance(c, BestCheckpointCallback)), None)
+    if best is not None and best.stopped_at is not None:
+        tracker.set_tags({"early_stopping.stopped_at": str(best.stopped_at), "early_stopping.reason": best.reason})
+    checkpoint = best_step_to_restore(state, best)
+    if checkpoint is not None and zero3_partitioned(pieces.model):
+        log.warning("keep_best: under ZeRO-3 the adapter is the last step's; the best step's weights are in %s", checkpoint)
+        checkpoint = None
+    if checkpoint is not None:
+        save_method(method, pieces.model, Path(cfg.output_dir) / ADAPTER_LAST, cfg.method, trainer)
+        trainer._load_from_checkpoint(str(checkpoint))  # the trainable tensors, bit-exact (trainer.py)
+        log.info("keep_best: the model is step %d's again (best %s %.4f); the last step %d's weights are in %s/",
+                 state.best_global_step, best.settings.metric, state.best_metric, state.global_step, ADAPTER_LAST)
+    return saved_step_record(state, best, state.best_global_step if checkpoint is not None else state.global_step)
+
+
+def log_best(cfg: DictConfig, tracker: Tracker, result: RunResult) -> None:
+    """MLflow ``best.step`` and ``best/<metric>``: the kept evaluation's figures (its "after" evaluation's)."""
+    record = result.saved_step
+    if "best_metric" not in record:
+        return
+    names = [*cfg.data.metrics, LOSS]
+    figures = {f"best/{k}": v for k, v in result.metrics_after.items() if k in names}
+    figures[f"best/{record['best_metric']}"] = record["best_value"]
+    tracker.set_tags({"best.step": str(record["step"])})
+    tracker.log_metrics(figures, step=record["step"])
+
+
 def evaluate_after(cfg: DictConfig, pieces: Pieces, trainer: GlmTrainer, evaluator: Evaluator, forgetting_before: dict,
                    tracker: Tracker, result: RunResult) -> None:
-    final_step = trainer.state.global_step
+    final_step = result.saved_step["step"]  # the step of the model's weights (train.keep_best: the best's)
+    tracker.set_tags({"after.step": str(final_step)})
     if pieces.dev_set is not None:
-        dev_set = pieces.dev_set
-        if cfg.data.max_dev_samples and cfg.data.max_dev_samples < len(dev_set):
-            dev_set = dev_set.select(range(cfg.data.max_dev_samples))
-        loss = trainer.evaluate(dev_set)["eval_loss"]
+        loss, samples = dev_loss(cfg, pieces, trainer)
         # the loss is over these samples (data.max_dev_samples bounds them), not necessarily the whole dev file
         tracker.log_metrics({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50)),
-                             "eval/loss_samples": len(dev_set)}, step=final_step)
-        result.metrics_after.update(loss=loss, loss_samples=len(dev_set))
+                             "eval/loss_samples": samples}, step=final_step)
+        result.metrics_after.update(loss=loss, loss_samples=samples)
     result.metrics_after.update(evaluator(final_step, "after"))
     for name, means in evaluator.at_lengths(final_step).items():
         result.metrics_after.update({f"{name}/{k}": v for k, v in means.items()})
@@ -326,6 +323,7 @@ def save_and_log(cfg: DictConfig, method: Method, pieces: Pieces, trainer: GlmTr
     if not is_main():
         return
     pieces.tokenizer.save_pretrained(adapter_dir)
+    write_saved_step(adapter_dir, result.saved_step)  # predict, merge, chat, web, compare say which step it is
     result_file = result.write()
     tracker.log_artifacts(run_dir / ".hydra", "hydra")
     tracker.log_artifacts(predictions_dir, "predictions_jsonl")

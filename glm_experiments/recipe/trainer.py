@@ -1,25 +1,24 @@
-"""The training loop's pieces: transformers' Trainer with our additions, its arguments from the config, the
-MLflow callback, and the memory figures every run reports. train.py puts them together."""
+"""The training loop's pieces: transformers' Trainer with our additions and its arguments from the config (the MLflow
+callback and memory figures: callbacks.py). train.py puts them together."""
 
 from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from glm_experiments.constants import IGNORE_INDEX
 from glm_experiments.models.checked_files import load_safetensors
 from glm_experiments.errors import UserError
+from glm_experiments.recipe.callbacks import TrackingCallback  # noqa: F401  (tests and bench import it from here)
 from glm_experiments.recipe.losses import chunked_loss
-from glm_experiments.tracking.mlflow_tracker import Tracker
 
 TRAINABLE_FILE = "trainable.safetensors"
 log = logging.getLogger(__name__)
@@ -32,16 +31,6 @@ class NonFiniteTraining(UserError):
     def __init__(self, message: str, tags: dict[str, str]):
         super().__init__(message)
         self.tags = tags
-
-
-# ----------------------------------------------------------------------------- memory
-def peak_memory_mib() -> dict[str, float]:
-    """Peak figures, not means: CPU RSS high-water mark, and CUDA max allocated/reserved where there is a GPU."""
-    out = {"perf/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        out["perf/cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        out["perf/cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
-    return out
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -224,6 +213,7 @@ class GlmTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             staged, final = run_dir / f".staging-{name}" / name, run_dir / name
+            self._point_at_best(run_dir, staged)
             replaced = run_dir / f".replaced-{name}"
             if final.exists():
                 os.rename(final, replaced)
@@ -235,6 +225,18 @@ class GlmTrainer(Trainer):
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+    def _point_at_best(self, run_dir: Path, staged: Path) -> None:
+        """transformers set ``best_model_checkpoint`` to the staging path when this step is the best (train.keep_best):
+        the final one instead, in the staged trainer_state.json too (resume=auto reads it; rotation spares it)."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        if not self.state.best_global_step:
+            return
+        best = f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}"
+        kept = best == staged.name or (run_dir / best).is_dir()
+        self.state.best_model_checkpoint = str(run_dir / best) if kept else None
+        self.state.save_to_json(str(staged / "trainer_state.json"))
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         if not self.args.should_save:  # Trainer calls this on every rank
@@ -316,33 +318,6 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name[11:]), default=None)
 
 
-# one name per meaning: the Trainer's "loss" is the mean over the last logging window (train.logging_steps steps),
-# its end-of-training "train_loss" the mean over the whole run (a different, higher number while the loss falls)
-LOSS_NAMES = {"loss": "train/loss", "train_loss": "train/loss_run_mean"}
-
-
-class TrackingCallback(TrainerCallback):
-    """Trainer logs -> MLflow (train/*), plus generation-based evaluation every eval_steps."""
-
-    def __init__(self, tracker: Tracker, evaluate_fn, eval_steps: int):
-        self.tracker, self.evaluate_fn, self.eval_steps = tracker, evaluate_fn, eval_steps
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        metrics = {}
-        for key, value in logs.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                name = LOSS_NAMES.get(key) or ("eval/" if key.startswith("eval_") else "train/") + key.removeprefix("eval_")
-                metrics[name] = value
-        metrics.update(peak_memory_mib())
-        self.tracker.log_metrics(metrics, step=state.global_step)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.eval_steps and state.global_step % self.eval_steps == 0 and state.global_step < state.max_steps:
-            self.evaluate_fn(state.global_step)
-
-
 # ---------------------------------------------------------------------------- arguments
 def training_arguments(cfg: DictConfig, checkpoint_dir: Path) -> TrainingArguments:
     t = cfg.train
@@ -384,13 +359,3 @@ def training_arguments(cfg: DictConfig, checkpoint_dir: Path) -> TrainingArgumen
         # on a CPU-only machine accelerate sees the torchrun ranks (gloo) only with use_cpu, DeepSpeed included
         use_cpu=not torch.cuda.is_available(),
     )
-
-
-def reset_peak_memory() -> None:
-    """Sweep jobs share one process: without a reset each job would report the peak of all before it."""
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    try:  # Linux: "5" resets the RSS high-water mark that ru_maxrss reports
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass

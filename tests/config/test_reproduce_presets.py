@@ -24,7 +24,7 @@ THUDM_PTUNING = {"method.name": "ptuning", "method.pre_seq_len": 128, "method.pr
 CHATGLM3_FINETUNE = {"model.name": "chatglm3", "model.quantization": None, "data.max_source_length": 256,
                      "data.max_target_length": 512, "train.learning_rate": 5e-5, "train.per_device_train_batch_size": 4,
                      "train.gradient_accumulation_steps": 1, "train.max_steps": 3000, "train.save_steps": 500,
-                     "train.eval_steps": 500, "train.logging_steps": 10, "eval.max_new_tokens": 512,
+                     "train.eval_steps": 500, "train.keep_best": False, "train.logging_steps": 10, "eval.max_new_tokens": 512,
                      "eval.batch_size": 16, "eval.do_sample": False, "eval.max_samples": 50,
                      "eval.metric_convention": "chatglm3_finetune"}
 LIUCONGG = {"model.name": "chatglm", "data.name": "spo", "data.max_source_length": 1024, "data.max_target_length": 533,
