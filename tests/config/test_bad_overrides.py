@@ -133,7 +133,8 @@ REFUSED_BEFORE_TRAINING = [
     (["+train.nope=3"], "+train.nope=3: no such setting (train has max_steps, num_train_epochs, per_device_train_batch_size, "
                         "gradient_accumulation_steps, learning_rate, lr_scheduler_type, warmup_ratio, weight_decay, "
                         "max_grad_norm, logging_steps, eval_steps, save_steps, save_total_limit, gradient_checkpointing, "
-                        "group_by_length, packing, loss_chunk_size, dataloader_num_workers, precision, on_nonfinite)"),
+                        "group_by_length, packing, loss_chunk_size, dataloader_num_workers, precision, on_nonfinite, "
+                        "early_stopping, keep_best)"),
     (["+train.max_stepz=3"], "+train.max_stepz=3: no such setting (did you mean train.max_steps?)"),
     (["+nope=3"], "+nope=3: no such setting (the config has model, method, data, deepspeed, launcher, tracking, "
                   "train, eval, seed, output_dir, resume, sanity_print, optimize_metric)"),

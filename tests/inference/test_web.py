@@ -164,6 +164,8 @@ def test_chat_streams_in_the_run_template(browser, sweep, tmp_path):  # browser 
         max_new = tab.locator("#chat-max-new input[type=number]")
         max_new.fill("24")
         max_new.press("Tab")
+        # the slider took it (its range input follows the number box): a message sent earlier would get 8 tokens
+        expect(tab.locator("#chat-max-new input[type=range]")).to_have_value("24")
         tab.evaluate(RECORD_BOT_TEXT)
 
         def send(text: str, turns: int) -> str:

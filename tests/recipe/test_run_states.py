@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers.common import run_cli, signal_after_checkpoint
+from tests.helpers.common import checkout_env, run_cli, signal_after_checkpoint
 
 # the shortest run that writes checkpoints: 1-sample batches, no evaluation
 QUICK = ["train.per_device_train_batch_size=1", "data.max_train_samples=8", "train.logging_steps=1",
@@ -63,7 +63,7 @@ def test_run_and_sweep_dir_names_are_sub_second_and_per_process():
 @pytest.mark.timeout(600)
 def test_two_runs_started_together_on_a_fresh_store(tmp_path):
     """Default run dirs and the default ./mlflow.db: each run its own directory, config and MLflow run."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = checkout_env({**os.environ, "PYTHONUNBUFFERED": "1"})
     env.pop("MLFLOW_TRACKING_URI", None)
     procs = {lr: subprocess.Popen([sys.executable, "-m", "glm_experiments", *QUICK, "train.max_steps=1",
                                    "train.save_steps=0", f"train.learning_rate={lr}"],
