@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 from transformers import GlmConfig, GlmForCausalLM
@@ -11,7 +9,6 @@ from transformers import GlmConfig, GlmForCausalLM
 from glm_experiments.methods import get_method
 from glm_experiments.methods.full import FullMethodConfig
 from glm_experiments.methods.lora import LoraMethodConfig
-from tests.helpers.common import ROOT
 
 from memory_trace import MIB, trace_training_step  # bench/, on pytest's pythonpath
 
