@@ -125,26 +125,20 @@ def config_changes(saved: dict, given: dict) -> list[str]:
     return changes
 
 
-def finished_step(run_dir: Path, saved: dict | None) -> int | None:
+def finished_step(run_dir: Path, saved: dict | None) -> tuple[int | None, bool]:
     """The step a finished run ended at (its result.json; before result.json recorded it, the saved
-    train.max_steps), None when the run has not finished."""
+    train.max_steps), None when the run has not finished; and whether train.early_stopping ended it."""
     path = Path(run_dir) / "result.json"
     if not path.is_file():
-        return None
+        return None, False
     try:
-        step = json.loads(path.read_text(encoding="utf-8")).get("train", {}).get("global_step")
-    except (OSError, ValueError, AttributeError):
-        step = None
+        train = json.loads(path.read_text(encoding="utf-8")).get("train", {})
+        step, stopped_early = train.get("global_step"), "early_stopped_at" in train
+    except (OSError, ValueError, AttributeError, TypeError):
+        step, stopped_early = None, False
     if step is None:
         step = _flat(saved or {}).get("train.max_steps")
-    return int(step) if step is not None else None
-
-
-def _stopped_early(run_dir: Path) -> bool:
-    try:
-        return "early_stopped_at" in json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8"))["train"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return (int(step) if step is not None else None), stopped_early
 
 
 def _step(checkpoint: str | Path) -> int:
@@ -168,8 +162,8 @@ def check_resume(run_dir: Path, resume: Any, cfg: DictConfig, hydra_subdir: str 
                             "train.save_*/logging_steps/eval_steps, eval.*, tracking.* and launcher.* may change)")
     max_steps = int(cfg.train.max_steps)
     checkpoint = resolve_resume(resume, Path(run_dir) / "checkpoints", deep=False, quiet=True)
-    finished = finished_step(run_dir, saved)
-    if finished is not None and _stopped_early(run_dir):  # train.early_stopping ended it: nothing left to train
+    finished, stopped_early = finished_step(run_dir, saved)
+    if finished is not None and stopped_early:  # train.early_stopping ended it: nothing left to train
         raise AlreadyFinished(f"run already finished at step {finished} (train.early_stopping): {run_dir} "
                               "(nothing to do)")
     # a finished run trained on and interrupted has checkpoints beyond the step its result.json records

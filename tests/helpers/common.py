@@ -103,3 +103,15 @@ def signal_after_checkpoint(args: list[str], run_dir: Path, cwd: Path, step: int
             os.kill(proc.pid, sig)
         proc.wait(timeout=120)
     return proc.returncode, err.read_text()
+
+
+def sweep_store(tmp: Path, parent_name: str, **parent_tags: str):
+    """A fresh SQLite MLflow store in ``tmp`` with a ``source_length_ablation`` experiment and an open sweep parent
+    run: (uri, client, experiment id, parent run id), for tests that log the children by hand."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("source_length_ablation", artifact_location=(tmp / "art").as_uri())
+    tags = {"glm_experiments.role": "sweep_parent", **parent_tags}
+    return uri, client, exp, client.create_run(exp, run_name=parent_name, tags=tags).info.run_id

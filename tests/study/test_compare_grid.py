@@ -8,19 +8,15 @@ import json
 import numpy as np
 import pytest
 
+from tests.helpers.common import sweep_store
+
 N = 30
 AT = ("src512_tgt128", "src1024_tgt256")
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    from mlflow import MlflowClient
-
-    tmp = tmp_path_factory.mktemp("grid_store")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("source_length_ablation", artifact_location=(tmp / "art").as_uri())
-    parent = client.create_run(exp, run_name="sweep", tags={"glm_experiments.role": "sweep_parent"}).info.run_id
+    uri, client, exp, parent = sweep_store(tmp_path_factory.mktemp("grid_store"), "sweep")
     inputs = [f"q{i}" for i in range(N)]
     for src, tgt, shift in (("512", "128", 0.0), ("1024", "256", 8.0)):
         for seed in ("1", "2"):

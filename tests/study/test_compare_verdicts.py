@@ -8,6 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from tests.helpers.common import sweep_store
+
 from glm_experiments.study.paired import PREDICTIONS_TABLE, VERDICTS_START
 
 N = 150
@@ -16,16 +18,9 @@ METRICS = ("bleu-4", "rouge-1", "rouge-2", "rouge-l")
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    from mlflow import MlflowClient
-
-    tmp = tmp_path_factory.mktemp("verdict_store")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.create_experiment("source_length_ablation", artifact_location=(tmp / "art").as_uri())
-    parent = client.create_run(exp, run_name="sweep: data.max_source_length=512,1024 seed=1,2",
-                               tags={"glm_experiments.role": "sweep_parent",
-                                     "mlflow.note.content": "Sweep parent: each job of this --multirun is a child run."})
-    parent_id = parent.info.run_id
+    uri, client, exp, parent_id = sweep_store(
+        tmp_path_factory.mktemp("verdict_store"), "sweep: data.max_source_length=512,1024 seed=1,2",
+        **{"mlflow.note.content": "Sweep parent: each job of this --multirun is a child run."})
     inputs = [f"类型#裙*颜色#{i}" for i in range(N)]
     difficulty = np.linspace(5, 60, N)
     for src, shift in (("512", 0.0), ("1024", 8.0)):
