@@ -71,22 +71,24 @@ def check_group_choices(argv: list[str], conf_dir: Path) -> None:
                 raise UserError(f"{group}={option}: no such option (conf/{group}/ has {', '.join(options)})")
 
 
-def exit_on_unknown_group_options(argv: list[str], conf_dir: Path) -> None:
-    """:func:`check_group_choices`, as the CLI reports it: one line, exit 2."""
+def _exit_on_user_error(check, *args: Any) -> None:
+    """``check(*args)``, its UserError as the CLI reports one: one line, exit 2 (Hydra would print a traceback for
+    an exception raised by a callback; SystemExit passes through)."""
     try:
-        check_group_choices(argv, conf_dir)
+        check(*args)
     except UserError as exc:
         print(one_line(exc), file=sys.stderr)
         raise SystemExit(EXIT_BAD_INPUT) from None
 
 
+def exit_on_unknown_group_options(argv: list[str], conf_dir: Path) -> None:
+    """:func:`check_group_choices`, as the CLI reports it: one line, exit 2."""
+    _exit_on_user_error(check_group_choices, argv, conf_dir)
+
+
 class OutputDirCheck(Callback):
     def _check(self, setting: str, directory: Any) -> None:
-        try:
-            check_creatable(setting, str(directory))
-        except UserError as exc:
-            print(one_line(exc), file=sys.stderr)
-            raise SystemExit(EXIT_BAD_INPUT) from None
+        _exit_on_user_error(check_creatable, setting, str(directory))
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check("hydra.run.dir", config.hydra.run.dir)
@@ -113,11 +115,7 @@ def check_objective(config: DictConfig) -> None:
 
 class ObjectiveCheck(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        try:
-            check_objective(config)
-        except UserError as exc:
-            print(one_line(exc), file=sys.stderr)
-            raise SystemExit(EXIT_BAD_INPUT) from None
+        _exit_on_user_error(check_objective, config)
 
 
 # ------------------------------------------------------------------------- composition errors
